@@ -1,0 +1,38 @@
+"""estimax: objectives as programs, compiled to unbiased gradient estimators.
+
+    >>> import jax, numpyro.distributions as dist, estimax as ex
+    >>> @ex.expectation
+    ... def objective(theta):
+    ...     z = ex.sample(dist.Normal(theta, 1.0), name="z")
+    ...     return z ** 2
+    >>> float(ex.grad(objective)(jax.random.PRNGKey(0), 1.0)) != 0.0
+    True
+"""
+
+from ._errors import EstimaxError as EstimaxError
+from ._errors import NoKeyError as NoKeyError
+from ._errors import ProgramError as ProgramError
+from ._errors import StrategyError as StrategyError
+from ._errors import UnsupportedError as UnsupportedError
+from .dsl._primitives import expect as expect
+from .dsl._primitives import sample as sample
+from .dsl._program import Expectation as Expectation
+from .dsl._program import expectation as expectation
+from .dsl._program import grad as grad
+from .dsl._program import value_and_grad as value_and_grad
+from .transforms._certify import Certificate as Certificate
+from .transforms._certify import Plan as Plan
+from .transforms._certify import SitePlan as SitePlan
+from .transforms._certify import explain as explain
+from .transforms.estimators import MVD as MVD
+from .transforms.estimators import Enum as Enum
+from .transforms.estimators import Reinforce as Reinforce
+from .transforms.estimators import Reparam as Reparam
+from .transforms.estimators import Strategy as Strategy
+from .transforms.estimators import enum as enum
+from .transforms.estimators import mvd as mvd
+from .transforms.estimators import register_mvd as register_mvd
+from .transforms.estimators import reinforce as reinforce
+from .transforms.estimators import reparam as reparam
+
+__version__ = "0.1.0"

@@ -1,0 +1,23 @@
+"""Errors estimax raises for user mistakes. Each names the site or argument at fault."""
+
+from __future__ import annotations
+
+
+class EstimaxError(Exception):
+    """Base class of every error estimax raises about a user's program or arguments."""
+
+
+class StrategyError(EstimaxError, ValueError):
+    """A gradient strategy cannot apply to a site's distribution."""
+
+
+class ProgramError(EstimaxError, TypeError):
+    """A program has the wrong shape for what was asked of it (e.g. a non-scalar to grad)."""
+
+
+class UnsupportedError(EstimaxError, NotImplementedError):
+    """A construct that a pass refuses, with the reason and the alternative."""
+
+
+class NoKeyError(EstimaxError, RuntimeError):
+    """A random choice was evaluated outside an estimator, where there is no key."""

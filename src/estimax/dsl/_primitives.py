@@ -1,0 +1,305 @@
+"""The language's primitives: ``sample`` and ``expect``.
+
+Both bind JAX primitives so that a program stages to an ordinary jaxpr with estimax
+equations in it. Neither primitive has an implementation, a lowering or a JVP rule of its
+own: a random choice only has a meaning inside an estimator pass, which supplies the key and
+the gradient strategy. Evaluating one anywhere else is an error that says what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpyro.distributions as dist
+
+from .._errors import EstimaxError, NoKeyError, ProgramError, StrategyError
+from ..runtime import _jax_compat as compat
+from ..transforms.estimators._base import Strategy
+from ._site import SiteDist, SiteSpec, family_name
+
+# --- naming scopes ------------------------------------------------------------------------
+_local = threading.local()
+
+
+class _NameScope:
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+
+    def derive(self, d) -> str:
+        base = family_name(d).lower()
+        i = self.counts.get(base, 0)
+        self.counts[base] = i + 1
+        return f"{base}_{i}"
+
+
+@contextlib.contextmanager
+def name_scope():
+    """Fresh derived-name counters while a program is staged."""
+    stack = getattr(_local, "scopes", None)
+    if stack is None:
+        stack = _local.scopes = []
+    stack.append(_NameScope())
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _current_scope() -> _NameScope:
+    stack = getattr(_local, "scopes", None)
+    return stack[-1] if stack else _NameScope()
+
+
+def _caller_location() -> str | None:
+    import traceback
+
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        f = frame.filename
+        if "/estimax/" in f.replace("\\", "/") and "/estimax/tests/" not in f:
+            continue
+        if "/jax/" in f or "/numpyro/" in f:
+            continue
+        return f"{frame.filename}:{frame.lineno}"
+    return None
+
+
+# --- sample --------------------------------------------------------------------------------
+sample_p = compat.Primitive("estimax_sample")
+
+
+def _no_key_error(*, spec: SiteSpec, **_):
+    return NoKeyError(
+        f"ex.sample site {spec.name!r} was evaluated outside an estimator, where there is no "
+        "random key. Random choices get their keys from the estimator: call "
+        "`objective.estimate(key, *args)`, `ex.grad(objective)(key, *args)` or "
+        "`ex.value_and_grad(objective)(key, *args)` instead of calling the program directly."
+    )
+
+
+def _sample_impl(*leaves, spec):
+    raise _no_key_error(spec=spec)
+
+
+def _sample_abstract_eval(*avals, spec):
+    out = jax.eval_shape(lambda *l: SiteDist(spec, l).sample(jax.random.PRNGKey(0)), *avals)
+    return compat.core_shaped(out)
+
+
+def _sample_batch(args, dims, *, spec):
+    size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
+    return sample_p.bind(*args, spec=spec.with_level(dims, size)), 0
+
+
+def _sample_jvp(primals, tangents, *, spec):
+    del primals, tangents
+    raise EstimaxError(
+        f"JAX tried to differentiate the random choice {spec.name!r} directly (jax.grad or "
+        "jax.jvp of the raw program). A random choice has no derivative; the derivative of "
+        "its *expectation* is what an estimator computes: use `ex.grad(objective)(key, ...)`, "
+        "`jax.grad(objective.estimate, argnums=1)(key, ...)` or `ex.value_and_grad`."
+    )
+
+
+compat.register_rules(
+    sample_p,
+    impl=_sample_impl,
+    abstract_eval=_sample_abstract_eval,
+    batching_rule=_sample_batch,
+    jvp_rule=_sample_jvp,
+    lowering_error=_no_key_error,
+)
+
+
+def sample(d: dist.Distribution, estimator: Strategy | None = None, name: str | None = None):
+    """A random choice ``x ~ d``, named ``name``, differentiated with ``estimator``.
+
+    **Arguments:**
+
+    - ``d``: a ``numpyro.distributions.Distribution``.
+    - ``estimator``: a strategy (``ex.reparam``, ``ex.reinforce``, ``ex.enum``, ``ex.mvd``,
+      ...) or ``None`` for the default: reparam when ``d`` has a reparameterized sampler,
+      enumeration for a small finite support, REINFORCE otherwise.
+    - ``name``: the site's name (unique in the program); derived from the family if omitted.
+
+    Only meaningful inside a program run by an estimator::
+
+        @ex.expectation
+        def objective(mu):
+            z = ex.sample(dist.Normal(mu, 1.0), name="z")
+            return z ** 2
+
+        objective.estimate(jax.random.PRNGKey(0), 0.5)
+    """
+    if name is not None and not isinstance(name, str):
+        raise ProgramError(f"ex.sample(name=...) expects a string; got {type(name).__name__} {name!r}.")
+    if not isinstance(d, dist.Distribution):
+        what = f"site {name!r}" if name else "ex.sample"
+        hint = ""
+        if isinstance(d, type) or callable(d):
+            hint = " Did you pass the class or function instead of an instance, e.g. dist.Normal instead of dist.Normal(0.0, 1.0)?"
+        raise ProgramError(
+            f"{what}: expected a numpyro.distributions.Distribution as the first argument; "
+            f"got {type(d).__name__}.{hint}"
+        )
+    if name is None:
+        name = _current_scope().derive(d)
+        user_named = False
+    else:
+        user_named = True
+    if estimator is not None:
+        if isinstance(estimator, type) and issubclass(estimator, Strategy):
+            raise StrategyError(
+                f"site {name!r}: estimator={estimator.__name__} is a class; pass an instance "
+                "such as ex.reinforce or ex.reinforce(baseline=0.5)."
+            )
+        if not isinstance(estimator, Strategy):
+            raise StrategyError(
+                f"site {name!r}: estimator must be an estimax strategy (ex.reparam, "
+                f"ex.reinforce, ex.enum, ex.mvd, ...); got {type(estimator).__name__} {estimator!r}."
+            )
+        estimator.check(d, name)
+    leaves, treedef = jax.tree_util.tree_flatten(d)
+    leaves = [jnp.asarray(x) for x in leaves]
+    spec = SiteSpec(
+        name=name, treedef=treedef, strategy=estimator, user_named=user_named, location=_caller_location()
+    )
+    return sample_p.bind(*leaves, spec=spec)
+
+
+# --- expect --------------------------------------------------------------------------------
+expect_p = compat.Primitive("estimax_expect")
+expect_p.multiple_results = True
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ExpectSpec:
+    """A nested expectation: the inner program (consts first) and the sample count."""
+
+    jaxpr: Any  # a Jaxpr whose constvars are bound from the first ``n_consts`` operands
+    n_consts: int
+    in_tree: Any
+    out_tree: Any
+    n: int
+    name: str
+    location: str | None
+    cache: dict = dataclasses.field(default_factory=dict)
+
+
+def _expect_no_key(*, spec: ExpectSpec, **_):
+    return NoKeyError(
+        f"ex.expect({spec.name!r}) was evaluated outside an estimator, where there is no random "
+        "key. Use it inside a program and run that program with `.estimate(key, ...)`, or call "
+        "`ex.expectation(fn).estimate(key, ...)` directly."
+    )
+
+
+def _expect_impl(*args, spec):
+    raise _expect_no_key(spec=spec)
+
+
+def _expect_abstract_eval(*avals, spec):
+    return [v.aval for v in spec.jaxpr.outvars]
+
+
+def _expect_batch(args, dims, *, spec: ExpectSpec):
+    nc = spec.n_consts
+
+    def per_lane(*ops):
+        return compat.eval_jaxpr(spec.jaxpr, ops[:nc], *ops[nc:])
+
+    structs = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+    with name_scope():
+        closed = jax.make_jaxpr(jax.vmap(per_lane, in_axes=tuple(dims)))(*structs)
+    new = dataclasses.replace(spec, jaxpr=closed.jaxpr, n_consts=len(closed.consts), cache={})
+    outs = expect_p.bind(*closed.consts, *args, spec=new)
+    return outs, [0] * len(outs)
+
+
+def _expect_jvp(primals, tangents, *, spec):
+    del primals, tangents
+    raise EstimaxError(
+        f"JAX tried to differentiate ex.expect({spec.name!r}) directly. Differentiate the "
+        "enclosing program with ex.grad / ex.value_and_grad instead."
+    )
+
+
+compat.register_rules(
+    expect_p,
+    impl=_expect_impl,
+    abstract_eval=_expect_abstract_eval,
+    batching_rule=_expect_batch,
+    jvp_rule=_expect_jvp,
+    lowering_error=_expect_no_key,
+)
+
+
+def stage(fn: Callable, args: tuple, what: str):
+    """Trace ``fn(*args)`` to a jaxpr in a fresh naming scope.
+
+    Returns ``(closed_jaxpr, in_tree, out_tree)``; ``args`` may hold arrays or
+    ``ShapeDtypeStruct``s.
+    """
+    flat, in_tree = jax.tree_util.tree_flatten(args)
+
+    def flat_fn(*flat_args):
+        out = fn(*jax.tree_util.tree_unflatten(in_tree, flat_args))
+        leaves, out_tree = jax.tree_util.tree_flatten(out)
+        flat_fn.out_tree = out_tree
+        return leaves
+
+    structs = []
+    for i, x in enumerate(flat):
+        try:
+            aval = compat.aval_of(x) if not isinstance(x, jax.ShapeDtypeStruct) else x
+            structs.append(jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=getattr(aval, "weak_type", False)))
+        except TypeError as e:
+            raise ProgramError(
+                f"{what}: argument leaf {i} is a {type(x).__name__}, not an array; program "
+                "arguments must be pytrees of arrays and numbers."
+            ) from e
+    with name_scope():
+        closed = jax.make_jaxpr(flat_fn)(*structs)
+    for v in closed.jaxpr.outvars:
+        if not compat.is_float_dtype(v.aval.dtype):
+            raise ProgramError(
+                f"{what} returns a value of dtype {v.aval.dtype}; an expectation's value must be "
+                "floating point. Convert it, e.g. `return jnp.asarray(b, jnp.float32)`."
+            )
+    return closed, in_tree, flat_fn.out_tree
+
+
+def expect(program: Callable, *, n: int = 1, name: str | None = None) -> Callable:
+    """The expectation of ``program`` as a value inside another program.
+
+    ``ex.expect(g)(*args)`` is an unbiased estimate of ``E[g(*args)]`` (the mean of ``n``
+    independent estimates by ``g``'s own estimator), with a gradient estimate from ``g``'s
+    sites. Used *linearly* by the enclosing program the result stays unbiased; a nonlinear
+    function of it is a plug-in estimate and ``explain`` certifies the program as biased.
+    """
+    fn = getattr(program, "fn", program)
+    label = name or getattr(fn, "__name__", "expect")
+    if not isinstance(n, int) or n < 1:
+        raise ProgramError(f"ex.expect({label!r}, n=...) expects a positive integer; got {n!r}.")
+    location = _caller_location()
+
+    def call(*args):
+        closed, in_tree, out_tree = stage(fn, args, f"ex.expect({label!r})")
+        flat = jax.tree_util.tree_leaves(args)
+        spec = ExpectSpec(
+            jaxpr=closed.jaxpr,
+            n_consts=len(closed.consts),
+            in_tree=in_tree,
+            out_tree=out_tree,
+            n=n,
+            name=label,
+            location=location,
+        )
+        outs = expect_p.bind(*closed.consts, *[jnp.asarray(x) for x in flat], spec=spec)
+        return jax.tree_util.tree_unflatten(out_tree, outs)
+
+    return call

@@ -1,0 +1,167 @@
+"""Programs: ``@expectation``, and the estimators built from them."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._errors import ProgramError
+from ..runtime import _jax_compat as compat
+from ._primitives import stage
+
+
+def _check_key(key, where: str):
+    try:
+        aval = compat.aval_of(key)
+    except TypeError:
+        aval = None
+    ok = False
+    if aval is not None:
+        if jax.dtypes.issubdtype(aval.dtype, jax.dtypes.prng_key):
+            ok = aval.shape == ()
+        else:
+            ok = aval.dtype == jnp.uint32 and aval.shape == (2,)
+    if not ok:
+        got = f"{aval.dtype}{list(aval.shape)}" if aval is not None else type(key).__name__
+        raise ProgramError(
+            f"{where}: the first argument must be a PRNG key (jax.random.key(0) or "
+            f"jax.random.PRNGKey(0)); got {got}. Every estimator takes the key first: "
+            f"{where.split('(')[0]}(key, *args)."
+        )
+
+
+class Expectation:
+    """A program whose value is a random variable; built by :func:`expectation`.
+
+    Calling it inside another program inlines it (its sites become that program's sites).
+    ``.estimate(key, *args)`` is an unbiased estimate of its expected value; ``jax.grad`` of
+    ``.estimate`` (or :func:`estimax.grad`) is an estimate of the expectation's gradient.
+    """
+
+    def __init__(self, fn: Callable, name: str | None = None):
+        if not callable(fn):
+            raise ProgramError(f"ex.expectation expects a function; got {type(fn).__name__}.")
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "program")
+        functools.update_wrapper(self, fn)
+        self.estimate = jax.jit(self._estimate)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<estimax program {self.name}>"
+
+    # -- staging -------------------------------------------------------------------------
+    def stage(self, args: Sequence):
+        """The staged program for ``args``: ``(closed_jaxpr, in_tree, out_tree)``."""
+        return stage(self.fn, tuple(args), f"program {self.name!r}")
+
+    def _estimator(self, args):
+        from ..transforms._adev import build_estimator
+        from ..transforms._certify import collect_sites
+
+        closed, in_tree, out_tree = self.stage(args)
+        collect_sites(closed.jaxpr)  # validates names
+        est = build_estimator(closed.jaxpr, len(closed.consts))
+        consts = list(closed.consts)
+
+        def flat_est(key, *flat_args):
+            return jax.tree_util.tree_unflatten(out_tree, est(key, *consts, *flat_args))
+
+        return flat_est, in_tree, out_tree
+
+    def _estimate(self, key, *args):
+        """An unbiased estimate of ``E[program(*args)]`` (same pytree as the program's value).
+
+        Differentiable: ``jax.grad(objective.estimate, argnums=1)(key, theta)`` is the
+        estimator pass's gradient estimate.
+        """
+        _check_key(key, f"{self.name}.estimate(key, ...)")
+        flat_est, in_tree, _ = self._estimator(args)
+        return flat_est(key, *jax.tree_util.tree_leaves(args))
+
+
+def expectation(fn: Callable | None = None, *, name: str | None = None):
+    """Declare a program whose value is a random variable.
+
+    **Example:**
+
+        >>> import jax, numpyro.distributions as dist, estimax as ex
+        >>> @ex.expectation
+        ... def objective(mu):
+        ...     z = ex.sample(dist.Normal(mu, 1.0), name="z")
+        ...     return (z - 1.0) ** 2
+        >>> g = ex.grad(objective)(jax.random.PRNGKey(0), 0.0)   # estimates d/dmu E[(z-1)^2] = -2
+    """
+    if fn is None:
+        return lambda f: Expectation(f, name=name)
+    if isinstance(fn, Expectation):
+        return fn
+    return Expectation(fn, name=name)
+
+
+def _as_program(objective, where: str) -> Expectation:
+    if isinstance(objective, Expectation):
+        return objective
+    if callable(objective):
+        return Expectation(objective)
+    raise ProgramError(f"{where} expects a program (an @ex.expectation function); got {type(objective).__name__}.")
+
+
+def _normalize_argnums(argnums, nargs: int, where: str):
+    single = isinstance(argnums, int)
+    nums = (argnums,) if single else tuple(argnums)
+    for a in nums:
+        if not isinstance(a, int) or not -nargs <= a < nargs:
+            raise ProgramError(
+                f"{where}: argnums={argnums!r} is out of range for a program called with "
+                f"{nargs} argument(s) (argnums counts the program's own arguments; the key is "
+                "not one of them)."
+            )
+    return single, tuple(a % nargs for a in nums)
+
+
+def _scalar_check(program: Expectation, args, where: str):
+    closed, _, _ = program.stage(args)
+    outs = closed.jaxpr.outvars
+    if len(outs) != 1 or outs[0].aval.shape != ():
+        shown = ", ".join(str(v.aval) for v in outs) or "nothing"
+        raise ProgramError(
+            f"{where}: the program {program.name!r} returns {shown}; gradient estimation needs a "
+            "single scalar. Reduce it in the program (e.g. `return jnp.sum(loss)` or "
+            f"`jnp.mean`), or use {program.name}.estimate for vector values."
+        )
+
+
+def value_and_grad(objective, argnums: int | Sequence[int] = 0):
+    """``f(key, *args) -> (estimate, gradient estimate)``; ``argnums`` as in ``jax.grad``.
+
+    The gradient is an unbiased estimate of ``∇ E[objective(*args)]`` when ``explain``
+    certifies the program ``unbiased``. With a tuple ``argnums`` the gradient is a tuple.
+    """
+    program = _as_program(objective, "ex.value_and_grad")
+    where = f"ex.value_and_grad({program.name})"
+
+    @jax.jit
+    def f(key, *args):
+        _check_key(key, where + "(key, ...)")
+        single, nums = _normalize_argnums(argnums, len(args), where)
+        _scalar_check(program, args, where)
+        shifted = nums[0] + 1 if single else tuple(a + 1 for a in nums)
+        return jax.value_and_grad(program._estimate, argnums=shifted)(key, *args)
+
+    return f
+
+
+def grad(objective, argnums: int | Sequence[int] = 0):
+    """``g(key, *args) -> gradient estimate`` of ``E[objective(*args)]``; see :func:`value_and_grad`."""
+    vg = value_and_grad(objective, argnums)
+    return jax.jit(lambda key, *args: vg(key, *args)[1])
+
+
+__all__ = ["Expectation", "expectation", "grad", "value_and_grad", "np"]

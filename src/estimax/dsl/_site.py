@@ -1,0 +1,168 @@
+"""What a random choice is: its static description and its distribution, lifted over vmap.
+
+A site's distribution is a NumPyro distribution carried through the staged program as its
+pytree leaves (operands of ``sample_p``) and its tree structure (a static parameter). When a
+program maps a site with ``jax.vmap``, the site records the mapped axes as a *level*; the
+per-lane distribution is never rebuilt with new shapes (NumPyro keeps ``batch_shape`` as
+static data), every operation is ``jax.vmap``-ed over the levels instead. So the value of a
+site with levels ``(B2, B1)`` has shape ``(B2, B1, *per_lane_shape)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpyro.distributions as dist
+
+Level = tuple[tuple[Any, ...], int]  # (in_axes per leaf, mapped size)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SiteSpec:
+    """The static part of a ``sample`` site (hashable by identity)."""
+
+    name: str
+    treedef: Any
+    strategy: Any  # a Strategy, or None for the default
+    user_named: bool
+    location: str | None
+    levels: tuple[Level, ...] = ()
+
+    def with_level(self, axes, size) -> "SiteSpec":
+        return dataclasses.replace(self, levels=self.levels + ((tuple(axes), int(size)),))
+
+
+def unwrap(d: dist.Distribution) -> dist.Distribution:
+    """The innermost distribution under ``Independent`` and ``ExpandedDistribution``."""
+    while isinstance(d, (dist.Independent, dist.ExpandedDistribution)):
+        d = d.base_dist
+    return d
+
+
+def family_name(d: dist.Distribution) -> str:
+    name = type(unwrap(d)).__name__
+    for suffix in ("Probs", "Logits"):
+        if name.endswith(suffix) and name != suffix:
+            return name[: -len(suffix)]
+    return name
+
+
+def describe(d: dist.Distribution, levels=()) -> str:
+    shape = tuple(size for _, size in reversed(levels)) + tuple(d.batch_shape)
+    text = family_name(d)
+    parts = []
+    if shape:
+        parts.append(f"batch={shape}")
+    if d.event_shape:
+        parts.append(f"event={tuple(d.event_shape)}")
+    return f"{text}({', '.join(parts)})" if parts else text
+
+
+class SiteDist:
+    """A site's distribution at given leaves, with every operation lifted over its levels."""
+
+    def __init__(self, spec: SiteSpec, leaves):
+        self.spec = spec
+        self.leaves = tuple(leaves)
+
+    # -- the per-lane distribution ---------------------------------------------------------
+    def base(self, leaves=None) -> dist.Distribution:
+        return jax.tree_util.tree_unflatten(self.spec.treedef, leaves if leaves is not None else self.leaves)
+
+    @property
+    def lane(self) -> dist.Distribution:
+        return self.base()
+
+    @property
+    def lane_sizes(self) -> tuple[int, ...]:
+        """Mapped sizes, outermost first (the leading axes of the value)."""
+        return tuple(size for _, size in reversed(self.spec.levels))
+
+    @property
+    def value_shape(self) -> tuple[int, ...]:
+        d = self.lane
+        return self.lane_sizes + tuple(d.batch_shape) + tuple(d.event_shape)
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return self.lane_sizes + tuple(self.lane.batch_shape)
+
+    @property
+    def num_coordinates(self) -> int:
+        return math.prod(self.batch_shape)
+
+    # -- lifting -------------------------------------------------------------------------
+    def lift(self, fn: Callable, *, out_axes=0, split_key=False) -> Callable:
+        """``fn(dist, *extra)`` lifted over the levels: ``lifted(leaves, *extra)``.
+
+        ``extra`` arguments are mapped along their leading axis at each level, except a key
+        (``split_key=True``, first extra argument) which is split per lane.
+        """
+
+        def at_level(k):
+            if k < 0:
+                return lambda leaves, *extra: fn(self.base(leaves), *extra)
+            axes, size = self.spec.levels[k]
+            inner = at_level(k - 1)
+            if split_key:
+
+                def f(leaves, key, *extra):
+                    keys = jax.random.split(key, size)
+                    return jax.vmap(inner, in_axes=(axes, 0) + (0,) * len(extra), out_axes=out_axes)(
+                        leaves, keys, *extra
+                    )
+
+                return f
+            return lambda leaves, *extra: jax.vmap(
+                inner, in_axes=(axes,) + (0,) * len(extra), out_axes=out_axes
+            )(leaves, *extra)
+
+        return at_level(len(self.spec.levels) - 1)
+
+    # -- operations ----------------------------------------------------------------------
+    def sample(self, key, leaves=None):
+        leaves = self.leaves if leaves is None else tuple(leaves)
+        return self.lift(lambda d, k: d.sample(k), split_key=True)(leaves, key)
+
+    def log_prob(self, x, leaves=None):
+        """Total log density of ``x`` (summed over every batch, event and mapped axis)."""
+        leaves = self.leaves if leaves is None else tuple(leaves)
+        return jnp.sum(self.lift(lambda d, v: d.log_prob(v))(leaves, x))
+
+    def coordinate_support(self):
+        """Support values per coordinate: shape ``(K, *batch_shape, *event_shape)``."""
+        return self.lift(lambda d: d.enumerate_support(expand=True), out_axes=1)(self.leaves)
+
+    def joint_support_size(self) -> int:
+        k = _support_size(self.lane)
+        return k ** self.num_coordinates
+
+    def joint_support(self):
+        """Every joint configuration: shape ``(K**n, *value_shape)``."""
+        support = self.coordinate_support()
+        k = support.shape[0]
+        n = self.num_coordinates
+        event = tuple(self.lane.event_shape)
+        flat = support.reshape((k, n) + event)
+        idx = jnp.stack(jnp.meshgrid(*[jnp.arange(k)] * n, indexing="ij"), -1).reshape(-1, n) if n else jnp.zeros((1, 0), int)
+        values = flat[idx, jnp.arange(n)]  # (C, n, *event)
+        return values.reshape((values.shape[0],) + self.value_shape)
+
+
+def _support_size(d: dist.Distribution) -> int:
+    """Number of support points of one coordinate of ``d``, from static shapes only."""
+    support = jax.eval_shape(lambda: d.enumerate_support(expand=False))
+    return int(support.shape[0])
+
+
+def support_size_or_none(d: dist.Distribution) -> int | None:
+    if not getattr(d, "has_enumerate_support", False):
+        return None
+    try:
+        return _support_size(d)
+    except Exception:  # e.g. a total_count that is not static
+        return None

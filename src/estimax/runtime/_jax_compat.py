@@ -1,0 +1,153 @@
+"""Every touch of JAX internals lives here, each with the JAX versions it serves.
+
+The tested range is pinned in ``pyproject.toml`` (``jax>=0.6.2,<0.11``). Anything that
+reads a jaxpr's representation or registers primitive rules goes through this module, so
+that a JAX upgrade is a change to one file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.extend as jex
+import numpy as np
+from jax.interpreters import ad, batching, mlir
+
+# --- core objects (public since 0.4.30 through ``jax.extend.core``) -----------------------
+Primitive = jex.core.Primitive
+Literal = jex.core.Literal
+Jaxpr = jex.core.Jaxpr
+ClosedJaxpr = jex.core.ClosedJaxpr
+jaxpr_as_fun = jex.core.jaxpr_as_fun
+
+_P = jex.core.primitives
+cond_p = _P.cond_p
+scan_p = _P.scan_p
+while_p = _P.while_p
+# 0.7.0 renamed ``pjit_p`` to ``jit_p``.
+jit_p = getattr(_P, "jit_p", None) or getattr(_P, "pjit_p")
+closed_call_p = _P.closed_call_p
+custom_jvp_call_p = _P.custom_jvp_call_p
+custom_vjp_call_p = _P.custom_vjp_call_p
+remat_p = getattr(_P, "remat_p", None)
+
+float0 = jax.dtypes.float0
+
+# ``SymbolicZero`` is the tangent ``custom_jvp(..., symbolic_zeros=True)`` rules receive for
+# inputs that are not being differentiated (public name since 0.4.14).
+from jax.custom_derivatives import SymbolicZero  # noqa: E402
+
+
+def is_symbolic_zero(t: Any) -> bool:
+    return isinstance(t, SymbolicZero)
+
+
+def bind_params(eqn) -> tuple[tuple, dict]:
+    """``(subfuns, params)`` to re-bind ``eqn``.
+
+    Before 0.9.2 ``get_bind_params`` returned ``(subfuns, params)``; from 0.9.2 on it
+    returns ``params`` only.
+    """
+    out = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
+        return tuple(out[0]), out[1]
+    return (), out
+
+
+def rebind(eqn, invals):
+    """Apply ``eqn``'s primitive to ``invals``; always returns a list of outputs."""
+    subfuns, params = bind_params(eqn)
+    out = eqn.primitive.bind(*subfuns, *invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def aval_of(x):
+    """Abstract value of ``x`` (``jax.typeof`` from 0.6; ``get_aval`` deprecated in 0.8.2)."""
+    typeof = getattr(jax, "typeof", None)
+    if typeof is not None:
+        return typeof(x)
+    return jax.core.get_aval(x)  # pragma: no cover - JAX < 0.6
+
+
+def is_float_dtype(dtype) -> bool:
+    return bool(np.issubdtype(np.dtype(dtype), np.inexact))
+
+
+def zero_tangent(aval):
+    """A dense zero tangent for a value of ``aval`` (``float0`` for ints, bools, keys)."""
+    if is_float_dtype(aval.dtype):
+        return jax.numpy.zeros(aval.shape, aval.dtype)
+    return np.zeros(aval.shape, dtype=float0)
+
+
+def source_context(eqn):
+    """A context manager that re-enters the user's source location of ``eqn``.
+
+    Errors raised while an interpreter evaluates ``eqn`` then point at the user's line.
+    Uses ``jax._src.source_info_util`` (stable since 0.4); falls back to a no-op.
+    """
+    try:
+        from jax._src import source_info_util
+
+        return source_info_util.user_context(eqn.source_info.traceback)
+    except Exception:  # pragma: no cover - layout change in a future JAX
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def user_frame(eqn) -> str | None:
+    """``file:line`` of the user's code that created ``eqn``, if JAX recorded it."""
+    try:
+        from jax._src import source_info_util
+
+        frame = source_info_util.user_frame(eqn.source_info.traceback)
+        if frame is None:
+            return None
+        return f"{frame.file_name}:{frame.start_line}"
+    except Exception:  # pragma: no cover
+        return None
+
+
+def register_rules(prim, *, impl, abstract_eval, batching_rule, jvp_rule, lowering_error):
+    """Register the rules of an estimax primitive."""
+    prim.def_impl(impl)
+    prim.def_abstract_eval(abstract_eval)
+    batching.primitive_batchers[prim] = batching_rule
+    ad.primitive_jvps[prim] = jvp_rule
+
+    def _lower(ctx, *args, **params):
+        del ctx, args
+        raise lowering_error(**params)
+
+    mlir.register_lowering(prim, _lower)
+
+
+not_mapped = None  # ``batching.not_mapped`` is ``None`` in current JAX.
+
+
+def subjaxprs_of(eqn):
+    """The jaxprs nested in ``eqn``'s params, as (open) ``Jaxpr`` objects."""
+    out = []
+    for v in eqn.params.values():
+        vals = v if isinstance(v, (tuple, list)) else (v,)
+        for u in vals:
+            if isinstance(u, ClosedJaxpr):
+                out.append(u.jaxpr)
+            elif isinstance(u, Jaxpr):
+                out.append(u)
+    return out
+
+
+def core_shaped(struct):
+    """A ``ShapedArray`` for a ``ShapeDtypeStruct`` (what abstract-eval rules return)."""
+    return jax.core.ShapedArray(struct.shape, struct.dtype, weak_type=getattr(struct, "weak_type", False))
+
+
+def eval_jaxpr(jaxpr, consts, *args):
+    """Evaluate an open ``Jaxpr`` whose constvars are bound to ``consts``."""
+    return jaxpr_as_fun(ClosedJaxpr(jaxpr, list(consts)))(*args)
+
+
+DropVar = jex.core.DropVar

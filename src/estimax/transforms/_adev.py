@@ -1,0 +1,441 @@
+"""The estimator pass: forward-mode automatic differentiation of expected values.
+
+An interpreter walks the staged program carrying dual numbers ``(primal, tangent)``.
+Deterministic equations get their tangents from ``jax.jvp``; each random choice hands its
+continuation (the rest of the program, as a function of the choice's value) to the site's
+strategy, which returns the program's value and an unbiased estimate of its tangent. The
+resulting forward-mode estimator is linear in the input tangents, so wrapping it in
+``jax.custom_jvp`` gives reverse mode (``jax.grad``) by JAX's own transposition.
+
+Strategies that need no continuation (reparam, REINFORCE) are handled in the loop: a
+REINFORCE site records a score ``(∇log p, b∇log p)`` that is multiplied by the program's
+final value at the end. Strategies that do (enum, MVD) are called with a continuation
+object; conditionals are turned into ``lax.switch`` over "branch, then the rest".
+
+Sharp edges:
+
+- ``lax.scan``/``fori_loop``/``while_loop`` bodies: reparam and REINFORCE sites work (they
+  need no continuation); enum and MVD sites are refused when their parameters carry a
+  derivative. A ``while_loop`` can be differentiated in forward mode only (as in JAX).
+- Random choices inside ``custom_jvp``/``custom_vjp`` functions are refused.
+- The gradient estimate is unbiased for first derivatives. Differentiating it again
+  (``jax.hessian`` of ``estimate``) is *not* an unbiased Hessian estimator.
+- A nested ``ex.expect`` is estimated by its own estimator with an independent key; used
+  nonlinearly, the plug-in is biased (``explain`` says so).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from .._errors import EstimaxError, UnsupportedError
+from ..dsl._primitives import ExpectSpec, expect_p, sample_p
+from ..dsl._site import SiteDist
+from ..runtime import _jax_compat as compat
+from .estimators._base import ContinuationStrategy, LocalStrategy, SiteContext
+from .estimators._defaults import resolve
+
+Literal = compat.Literal
+
+
+class Thread(NamedTuple):
+    """State threaded through a run: the key for what is left, and pending score terms."""
+
+    key: Any
+    scores: tuple = ()
+
+
+# --- static questions about jaxprs ---------------------------------------------------------
+_RANDOM_CACHE: dict[int, tuple[Any, bool]] = {}
+
+
+def contains_random(jaxpr) -> bool:
+    """Whether ``jaxpr`` (or any jaxpr nested in it) binds ``sample`` or ``expect``."""
+    hit = _RANDOM_CACHE.get(id(jaxpr))
+    if hit is not None and hit[0] is jaxpr:
+        return hit[1]
+    out = False
+    for eqn in jaxpr.eqns:
+        if eqn.primitive is sample_p or eqn.primitive is expect_p:
+            out = True
+            break
+        if any(contains_random(sub) for sub in compat.subjaxprs_of(eqn)):
+            out = True
+            break
+    _RANDOM_CACHE[id(jaxpr)] = (jaxpr, out)
+    return out
+
+
+def _eqn_is_random(eqn) -> bool:
+    return any(contains_random(sub) for sub in compat.subjaxprs_of(eqn))
+
+
+def continuation_sites(jaxpr, leaves_of=None):
+    """Names of sites in ``jaxpr`` whose (resolved) strategy needs a continuation."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive is sample_p:
+            strategy, _ = resolve(eqn.params["spec"], [v.aval for v in eqn.invars])
+            if isinstance(strategy, ContinuationStrategy):
+                out.append((eqn.params["spec"].name, strategy))
+        elif eqn.primitive is not expect_p:
+            for sub in compat.subjaxprs_of(eqn):
+                out.extend(continuation_sites(sub))
+    return out
+
+
+# --- helpers -------------------------------------------------------------------------------
+def _read(env, v, mode):
+    if isinstance(v, Literal):
+        return v.val, None
+    p, t = env[v]
+    return p, (t if mode else None)
+
+
+def _write(env, outvars, duals):
+    for v, d in zip(outvars, duals, strict=True):
+        if not isinstance(v, compat.DropVar):
+            env[v] = d
+
+
+def _inst(p, t):
+    return compat.zero_tangent(compat.aval_of(p)) if t is None else t
+
+
+def _clean_tangent(t):
+    """``None`` for non-float (float0) tangents."""
+    if t is None or not compat.is_float_dtype(t.dtype):
+        return None
+    return t
+
+
+def jvp_eqn(eqn, duals, mode):
+    """Apply a deterministic equation to dual numbers."""
+    primals = [p for p, _ in duals]
+    tangents = [t for _, t in duals]
+    if not mode or all(t is None for t in tangents):
+        return [(o, None) for o in compat.rebind(eqn, primals)]
+    ts = [_inst(p, t) for p, t in zip(primals, tangents, strict=True)]
+    outs, touts = jax.jvp(lambda *a: compat.rebind(eqn, a), primals, ts)
+    return [(o, _clean_tangent(t)) for o, t in zip(outs, touts, strict=True)]
+
+
+def _split(key):
+    k1, k2 = jax.random.split(key)
+    return k1, k2
+
+
+def _finish(outs, thread, mode):
+    """The last continuation: instantiate tangents and add pending score terms."""
+    primals = [p for p, _ in outs]
+    if not mode:
+        return primals, None
+    tangents = [_inst(p, t) for p, t in outs]
+    for s, o in thread.scores:
+        new = []
+        for p, t in zip(primals, tangents, strict=True):
+            term = p * s.astype(p.dtype)
+            if o is not None:
+                term = term - o.astype(p.dtype)
+            new.append(t + term)
+        tangents = new
+    return primals, tangents
+
+
+# --- the continuation object ---------------------------------------------------------------
+class _Cont:
+    __slots__ = ("run", "jaxpr", "env", "i", "outvar", "thread", "k", "mode")
+
+    def __init__(self, run, jaxpr, env, i, outvar, thread, k, mode):
+        self.run, self.jaxpr, self.env, self.i = run, jaxpr, env, i
+        self.outvar, self.thread, self.k, self.mode = outvar, thread, k, mode
+
+    def __call__(self, value, tangent=None, *, mode=None):
+        mode = self.mode if mode is None else mode
+        env = dict(self.env)
+        _write(env, [self.outvar], [(value, tangent if mode else None)])
+        return self.run(self.jaxpr, env, self.i, self.thread, self.k, mode)
+
+    def with_score(self, score, offset):
+        thread = self.thread._replace(scores=self.thread.scores + ((score, offset),))
+        return _Cont(self.run, self.jaxpr, self.env, self.i, self.outvar, thread, self.k, self.mode)
+
+
+# --- the interpreter -----------------------------------------------------------------------
+def run_jaxpr(jaxpr, consts, in_duals, thread, k, mode):
+    env = {}
+    _write(env, jaxpr.constvars, [(c, None) for c in consts])
+    _write(env, jaxpr.invars, in_duals)
+    return run_eqns(jaxpr, env, 0, thread, k, mode)
+
+
+def run_eqns(jaxpr, env, i, thread: Thread, k: Callable, mode: bool):
+    eqns = jaxpr.eqns
+    while i < len(eqns):
+        eqn = eqns[i]
+        prim = eqn.primitive
+        if prim is sample_p:
+            spec = eqn.params["spec"]
+            duals = [_read(env, v, mode) for v in eqn.invars]
+            site = SiteDist(spec, [p for p, _ in duals])
+            strategy, _ = resolve(spec, site.leaves)
+            key, k_site = _split(thread.key)
+            thread = thread._replace(key=key)
+            ctx = SiteContext(spec.name, site, tuple(t for _, t in duals), k_site, mode)
+            if isinstance(strategy, LocalStrategy):
+                with compat.source_context(eqn):
+                    x, x_dot, score = strategy.forward(ctx)
+                _write(env, eqn.outvars, [(x, _clean_tangent(x_dot) if mode else None)])
+                if score is not None and mode:
+                    thread = thread._replace(scores=thread.scores + (score,))
+            else:
+                cont = _Cont(run_eqns, jaxpr, env, i + 1, eqn.outvars[0], thread, k, mode)
+                with compat.source_context(eqn):
+                    return strategy.estimate(ctx, cont)
+        elif prim is expect_p:
+            key, k_sub = _split(thread.key)
+            thread = thread._replace(key=key)
+            duals = [_read(env, v, mode) for v in eqn.invars]
+            _write(env, eqn.outvars, _apply_keyed(expect_estimator(eqn.params["spec"]), k_sub, duals, mode))
+        elif _eqn_is_random(eqn):
+            if prim is compat.jit_p or prim is compat.closed_call_p:
+                return _inline(jaxpr, env, i, thread, k, mode)
+            if prim is compat.cond_p:
+                return _cond(jaxpr, env, i, thread, k, mode)
+            if prim is compat.scan_p or prim is compat.while_p:
+                thread = _loop(eqn, env, thread, mode)
+            else:
+                raise UnsupportedError(
+                    f"the estimator pass does not support random choices inside "
+                    f"`{prim.name}` (at {compat.user_frame(eqn) or 'an unknown location'}). "
+                    "Move ex.sample out of the custom_jvp/custom_vjp/checkpoint function."
+                )
+        else:
+            _write(env, eqn.outvars, jvp_eqn(eqn, [_read(env, v, mode) for v in eqn.invars], mode))
+        i += 1
+    return k([_read(env, v, mode) for v in jaxpr.outvars], thread, mode)
+
+
+def _after(jaxpr, env, i, k):
+    eqn = jaxpr.eqns[i]
+
+    def after(outs, thread, mode):
+        env2 = dict(env)
+        _write(env2, eqn.outvars, outs)
+        return run_eqns(jaxpr, env2, i + 1, thread, k, mode)
+
+    return after
+
+
+def _inline(jaxpr, env, i, thread, k, mode):
+    eqn = jaxpr.eqns[i]
+    closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+    duals = [_read(env, v, mode) for v in eqn.invars]
+    return run_jaxpr(closed.jaxpr, closed.consts, duals, thread, _after(jaxpr, env, i, k), mode)
+
+
+def _cond(jaxpr, env, i, thread, k, mode):
+    eqn = jaxpr.eqns[i]
+    index, _ = _read(env, eqn.invars[0], mode)
+    duals = [_read(env, v, mode) for v in eqn.invars[1:]]
+    after = _after(jaxpr, env, i, k)
+
+    def branch(closed):
+        def run(thread_, primals, tangents):
+            return run_jaxpr(closed.jaxpr, closed.consts, list(zip(primals, tangents, strict=True)), thread_, after, mode)
+
+        return run
+
+    primals = [p for p, _ in duals]
+    tangents = [t for _, t in duals]
+    return jax.lax.switch(index, [branch(b) for b in eqn.params["branches"]], thread, primals, tangents)
+
+
+def _apply_keyed(fn, key, duals, mode):
+    """Apply ``fn(key, *primals) -> outs`` to dual numbers (JAX differentiates ``fn``)."""
+    primals = [p for p, _ in duals]
+    if not mode or all(t is None for _, t in duals):
+        return [(o, None) for o in fn(key, *primals)]
+    ts = [_inst(p, t) for p, t in duals]
+    outs, touts = jax.jvp(lambda *a: fn(key, *a), primals, ts)
+    return [(o, _clean_tangent(t)) for o, t in zip(outs, touts, strict=True)]
+
+
+def _loop(eqn, env, thread, mode):
+    duals = [_read(env, v, mode) for v in eqn.invars]
+    key, k_loop = _split(thread.key)
+    thread = thread._replace(key=key)
+    differentiated = mode and any(t is not None for _, t in duals)
+    body = eqn.params["jaxpr"] if eqn.primitive is compat.scan_p else eqn.params["body_jaxpr"]
+    if eqn.primitive is compat.while_p and contains_random(eqn.params["cond_jaxpr"].jaxpr):
+        raise UnsupportedError(
+            f"a random choice in the condition of a lax.while_loop (at "
+            f"{compat.user_frame(eqn) or 'an unknown location'}) is not supported; sample in "
+            "the body and carry the value into the condition."
+        )
+    if differentiated:
+        bad = continuation_sites(body.jaxpr)
+        if bad:
+            name, strategy = bad[0]
+            raise UnsupportedError(
+                f"site {name!r} uses ex.{strategy.name} inside a lax.{'scan' if eqn.primitive is compat.scan_p else 'while_loop'} "
+                f"body (fori_loop lowers to these). ex.{strategy.name} evaluates the rest of the "
+                "program at other values of the site, and that continuation cannot cross a loop "
+                "boundary. Use estimator=ex.reinforce (or ex.reparam for a reparameterizable "
+                "distribution), unroll the loop with a Python for-loop, or wrap the randomness "
+                "in ex.expect(...) and use its value linearly."
+            )
+    outs = _apply_keyed(lambda kk, *ops: _loop_pathwise(eqn, kk, ops), k_loop, duals, mode)
+    *outs, (s, s_dot), (o, o_dot) = outs
+    _write(env, eqn.outvars, outs)
+    if differentiated and s_dot is not None:
+        thread = thread._replace(scores=thread.scores + ((s_dot, o_dot),))
+    return thread
+
+
+# --- pathwise evaluation (inside loop bodies, where JAX differentiates) -----------------
+def _zero_scalar():
+    return jnp.zeros((), jnp.result_type(float))
+
+
+def eval_pathwise(jaxpr, consts, args, key):
+    """Evaluate ``jaxpr`` with local strategies only: ``(outs, s, o)`` with DiCE surrogates."""
+    env = {}
+    _write(env, jaxpr.constvars, list(consts))
+    _write(env, jaxpr.invars, list(args))
+    s_total, o_total = _zero_scalar(), _zero_scalar()
+    read = lambda v: v.val if isinstance(v, Literal) else env[v]
+    for idx, eqn in enumerate(jaxpr.eqns):
+        prim = eqn.primitive
+        k_eqn = jax.random.fold_in(key, idx)
+        ins = [read(v) for v in eqn.invars]
+        if prim is sample_p:
+            spec = eqn.params["spec"]
+            site = SiteDist(spec, ins)
+            strategy, _ = resolve(spec, ins)
+            ctx = SiteContext(spec.name, site, (None,) * len(ins), k_eqn, False)
+            if isinstance(strategy, LocalStrategy):
+                x, s, o = strategy.pathwise(ctx)
+            else:  # reached only where no derivative flows (checked by the caller)
+                x, s, o = jax.lax.stop_gradient(site.sample(k_eqn)), None, None
+            outs = [x]
+            if s is not None:
+                s_total = s_total + s.astype(s_total.dtype)
+            if o is not None:
+                o_total = o_total + o.astype(o_total.dtype)
+        elif prim is expect_p:
+            outs = list(expect_estimator(eqn.params["spec"])(k_eqn, *ins))
+        elif _eqn_is_random(eqn):
+            if prim is compat.jit_p or prim is compat.closed_call_p:
+                closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+                outs, s, o = eval_pathwise(closed.jaxpr, closed.consts, ins, k_eqn)
+            elif prim is compat.cond_p:
+                branches = [
+                    (lambda c: lambda kk, ops: eval_pathwise(c.jaxpr, c.consts, ops, kk))(c)
+                    for c in eqn.params["branches"]
+                ]
+                outs, s, o = jax.lax.switch(ins[0], branches, k_eqn, ins[1:])
+            elif prim is compat.scan_p or prim is compat.while_p:
+                *outs, s, o = _loop_pathwise(eqn, k_eqn, ins)
+            else:
+                raise UnsupportedError(
+                    f"random choices inside `{prim.name}` are not supported (at "
+                    f"{compat.user_frame(eqn) or 'an unknown location'})."
+                )
+            s_total, o_total = s_total + s, o_total + o
+        else:
+            outs = compat.rebind(eqn, ins)
+        _write(env, eqn.outvars, outs)
+    return [read(v) for v in jaxpr.outvars], s_total, o_total
+
+
+def _loop_pathwise(eqn, key, ops):
+    """A ``scan``/``while`` equation with random choices: ``[*outs, s, o]``."""
+    p = eqn.params
+    zero = _zero_scalar()
+    if eqn.primitive is compat.scan_p:
+        nc, ncar, body = p["num_consts"], p["num_carry"], p["jaxpr"]
+        consts, init, xs = ops[:nc], list(ops[nc : nc + ncar]), list(ops[nc + ncar :])
+
+        def step(carry, x):
+            kk, s, o, c = carry
+            kk, sub = _split(kk)
+            outs, ds, do = eval_pathwise(body.jaxpr, body.consts, [*consts, *c, *x], sub)
+            return (kk, s + ds, o + do, outs[:ncar]), outs[ncar:]
+
+        (_, s, o, carry), ys = jax.lax.scan(
+            step, (key, zero, zero, init), xs, length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
+        )
+        return [*carry, *ys, s, o]
+    cn, bn, cond, body = p["cond_nconsts"], p["body_nconsts"], p["cond_jaxpr"], p["body_jaxpr"]
+    cconsts, bconsts, init = ops[:cn], ops[cn : cn + bn], list(ops[cn + bn :])
+
+    def cond_fn(carry):
+        return compat.eval_jaxpr(cond.jaxpr, cond.consts, *cconsts, *carry[3])[0]
+
+    def body_fn(carry):
+        kk, s, o, c = carry
+        kk, sub = _split(kk)
+        outs, ds, do = eval_pathwise(body.jaxpr, body.consts, [*bconsts, *c], sub)
+        return kk, s + ds, o + do, outs
+
+    _, s, o, carry = jax.lax.while_loop(cond_fn, body_fn, (key, zero, zero, init))
+    return [*carry, s, o]
+
+
+# --- estimators as functions -------------------------------------------------------------
+def build_estimator(jaxpr, n_consts: int) -> Callable:
+    """``est(key, *inputs) -> tuple(outputs)``: the unbiased estimator of ``jaxpr``.
+
+    ``inputs`` binds the jaxpr's constvars (the first ``n_consts``) then its invars. The
+    primal is one simulation of the program (enumerated sites summed exactly); the JVP is
+    the estimator pass; ``jax.grad`` works by transposing it.
+    """
+
+    def run(key, inputs, tangents, mode):
+        consts = inputs[:n_consts]
+        duals = list(zip(inputs[n_consts:], tangents[n_consts:], strict=True))
+        const_duals = list(zip(consts, tangents[:n_consts], strict=True))
+        env = {}
+        _write(env, jaxpr.constvars, const_duals)
+        _write(env, jaxpr.invars, duals)
+        return run_eqns(jaxpr, env, 0, Thread(key), _finish, mode)
+
+    @jax.custom_jvp
+    def est(key, *inputs):
+        outs, _ = run(key, inputs, [None] * len(inputs), False)
+        return tuple(outs)
+
+    def est_jvp(primals, tangents):
+        key, *inputs = primals
+        _, *tin = tangents
+        tin = [None if compat.is_symbolic_zero(t) else _clean_tangent(t) for t in tin]
+        outs, touts = run(key, inputs, tin, True)
+        return tuple(outs), tuple(touts)
+
+    est.defjvp(est_jvp, symbolic_zeros=True)
+    return est
+
+
+def expect_estimator(spec: ExpectSpec) -> Callable:
+    """The estimator of a nested ``expect``: the mean of ``spec.n`` independent estimates."""
+    est = spec.cache.get("est")
+    if est is None:
+        single = build_estimator(spec.jaxpr, spec.n_consts)
+        if spec.n == 1:
+            est = single
+        else:
+
+            def est(key, *inputs):
+                outs = jax.vmap(lambda kk: single(kk, *inputs))(jax.random.split(key, spec.n))
+                return tuple(jnp.mean(o, axis=0) for o in outs)
+
+        spec.cache["est"] = est
+    return est
+
+
+__all__ = ["build_estimator", "expect_estimator", "contains_random", "EstimaxError"]

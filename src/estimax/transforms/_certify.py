@@ -1,0 +1,253 @@
+"""The plan and the certificate: what the estimator pass will do, and what it guarantees.
+
+``collect_sites`` walks a staged program (through ``jit``, ``cond`` branches, loop bodies
+and nested expectations) and records every random choice with its resolved strategy.
+``certify`` combines the strategies' certificates with a dataflow check: a nested
+expectation's estimate used nonlinearly (``log``, a product of two estimates, a branch on
+it, a distribution parameter) is a plug-in estimate, so the program is ``biased``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from .._errors import ProgramError
+from ..dsl._primitives import expect_p, sample_p
+from ..dsl._site import SiteDist, describe
+from ..runtime import _jax_compat as compat
+from .estimators._base import ContinuationStrategy
+from .estimators._defaults import resolve
+
+_RANK = {"exact": 0, "unbiased": 1, "consistent": 2, "biased": 3}
+
+
+@dataclasses.dataclass(frozen=True)
+class SitePlan:
+    name: str
+    distribution: str
+    strategy: Any
+    reason: str
+    context: str
+    location: str | None
+
+    @property
+    def certificate(self) -> str:
+        return self.strategy.certificate
+
+
+@dataclasses.dataclass(frozen=True)
+class Certificate:
+    kind: str  # "unbiased", "consistent" or "biased"
+    reasons: tuple[str, ...]
+
+    def __str__(self) -> str:
+        if not self.reasons:
+            return self.kind
+        return self.kind + "\n" + "\n".join(f"  - {r}" for r in self.reasons)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What ``explain`` returns: the per-site plan and the estimator's certificate."""
+
+    program: str
+    sites: tuple[SitePlan, ...]
+    certificate: Certificate
+
+    def site(self, name: str) -> SitePlan:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(f"no site named {name!r}; sites: {[s.name for s in self.sites]}")
+
+    def __str__(self) -> str:
+        header = ("site", "distribution", "strategy", "why", "where")
+        rows = [
+            (s.name, s.distribution, s.strategy.describe(), s.reason, s.context) for s in self.sites
+        ]
+        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        lines = [f"estimator plan for {self.program}", fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*r) for r in rows] or ["(no random choices)"]
+        lines.append(f"certificate: {self.certificate}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def collect_sites(jaxpr, prefix: str = "", context: str = "program") -> list[SitePlan]:
+    """Every site of ``jaxpr`` in program order; raises on duplicate names."""
+    out: list[SitePlan] = []
+    seen: dict[str, Any] = {}
+    _walk(jaxpr, prefix, context, out, seen)
+    return out
+
+
+def _add(out, seen, plan, spec):
+    prev = seen.get(plan.name)
+    if prev is not None and prev[0] is not spec and not _exclusive(prev[1], plan.context):
+        raise ProgramError(
+            f"two random choices are named {plan.name!r} (at {prev[2] or '?'} and "
+            f"{plan.location or '?'}); site names must be unique in a program. Rename one "
+            "with ex.sample(..., name=...)."
+        )
+    if prev is None:
+        seen[plan.name] = (spec, plan.context, plan.location)
+        out.append(plan)
+
+
+def _exclusive(ctx_a: str, ctx_b: str) -> bool:
+    # Sites in different branches of the same cond are never both executed.
+    return ctx_a != ctx_b and ctx_a.startswith("cond#") and ctx_b.startswith("cond#") and ctx_a.split("/")[0] == ctx_b.split("/")[0]
+
+
+def _walk(jaxpr, prefix, context, out, seen):
+    for n, eqn in enumerate(jaxpr.eqns):
+        prim = eqn.primitive
+        if prim is sample_p:
+            spec = eqn.params["spec"]
+            avals = [v.aval for v in eqn.invars]
+            strategy, reason = resolve(spec, avals)
+            lane = jax.tree_util.tree_unflatten(spec.treedef, avals)
+            plan = SitePlan(
+                name=prefix + spec.name,
+                distribution=describe(lane, spec.levels),
+                strategy=strategy,
+                reason=reason,
+                context=context,
+                location=spec.location,
+            )
+            _add(out, seen, plan, spec)
+        elif prim is expect_p:
+            spec = eqn.params["spec"]
+            _walk(spec.jaxpr, f"{prefix}{spec.name}/", f"expect {spec.name!r} (n={spec.n})", out, seen)
+        elif prim is compat.cond_p:
+            for b, br in enumerate(eqn.params["branches"]):
+                _walk(br.jaxpr, prefix, f"cond#{id(eqn)}/branch {b}", out, seen)
+        elif prim is compat.scan_p:
+            _walk(eqn.params["jaxpr"].jaxpr, prefix, "scan body", out, seen)
+        elif prim is compat.while_p:
+            _walk(eqn.params["body_jaxpr"].jaxpr, prefix, "while body", out, seen)
+        else:
+            for sub in compat.subjaxprs_of(eqn):
+                _walk(sub, prefix, context, out, seen)
+
+
+def _context_label(ctx: str) -> str:
+    if ctx.startswith("cond#"):
+        return "cond " + ctx.split("/", 1)[1]
+    return ctx
+
+
+# --- linearity of nested expectations -----------------------------------------------------
+_LINEAR_ANY = {
+    "add", "sub", "neg", "reduce_sum", "broadcast_in_dim", "reshape", "squeeze", "expand_dims",
+    "transpose", "convert_element_type", "slice", "concatenate", "copy", "copy_p", "rev", "cumsum",
+    "add_any", "reduce_precision", "real", "pjit", "jit",
+}
+_LINEAR_FIRST = {"div"}  # linear in the first operand only
+_LINEAR_ONE = {"mul", "dot_general"}  # linear when exactly one operand carries an estimate
+_INDEXING = {"dynamic_slice", "gather", "dynamic_update_slice", "select_n", "pad"}
+
+
+def _nonlinear_uses(jaxpr, flagged_in: list[bool], prefix="") -> tuple[list[bool], list[str]]:
+    """Propagate 'carries a nested expectation estimate' flags; list nonlinear uses."""
+    flags: dict[Any, bool] = {}
+    for v, f in zip(jaxpr.invars, flagged_in, strict=True):
+        flags[v] = f
+    get = lambda v: False if isinstance(v, compat.Literal) else flags.get(v, False)
+    problems: list[str] = []
+    for eqn in jaxpr.eqns:
+        ins = [get(v) for v in eqn.invars]
+        name = eqn.primitive.name
+        where = compat.user_frame(eqn) or "?"
+        out_flag = any(ins)
+        if eqn.primitive is expect_p:
+            spec = eqn.params["spec"]
+            if any(ins):
+                problems.append(f"the parameters of ex.expect({spec.name!r}) depend on another expectation's estimate (at {where})")
+            out_flag = True
+        elif eqn.primitive is sample_p:
+            if any(ins):
+                problems.append(f"the distribution of site {eqn.params['spec'].name!r} depends on an expectation's estimate (at {where})")
+            out_flag = False
+        elif not any(ins):
+            # walk nested jaxprs for expectations used inside them; conservatively treat
+            # the equation's outputs as carrying their estimates
+            out_flag = False
+            for sub in compat.subjaxprs_of(eqn):
+                if contains_expect(sub):
+                    _, p = _nonlinear_uses(sub, [False] * len(sub.invars))
+                    problems += p
+                    out_flag = True
+        elif name in _LINEAR_ANY and name not in ("pjit", "jit"):
+            pass
+        elif name in _LINEAR_FIRST:
+            if ins[1]:
+                problems.append(f"`{name}` by an expectation's estimate (at {where})")
+        elif name in _LINEAR_ONE:
+            if sum(ins) > 1:
+                problems.append(f"a product of expectation estimates, `{name}` (at {where})")
+        elif name in _INDEXING:
+            idx_flags = ins[:1] if name == "select_n" else ins[1:] if name in ("dynamic_slice", "gather") else []
+            if any(idx_flags):
+                problems.append(f"`{name}` indexed or selected by an expectation's estimate (at {where})")
+        elif name in ("pjit", "jit", "closed_call"):
+            closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+            outs, p = _nonlinear_uses(closed.jaxpr, ins)
+            problems += p
+            for v, f in zip(eqn.outvars, outs, strict=True):
+                flags[v] = f
+            continue
+        else:
+            problems.append(f"`{name}` applied to an expectation's estimate (at {where})")
+        for v in eqn.outvars:
+            flags[v] = out_flag
+    return [get(v) for v in jaxpr.outvars], problems
+
+
+def contains_expect(jaxpr) -> bool:
+    return any(
+        e.primitive is expect_p or any(contains_expect(s) for s in compat.subjaxprs_of(e)) for e in jaxpr.eqns
+    )
+
+
+def certify(jaxpr, sites: list[SitePlan]) -> Certificate:
+    kind = "unbiased"
+    reasons: list[str] = []
+    for s in sites:
+        c = s.strategy.certificate
+        if _RANK[c] > _RANK[kind]:
+            kind = c
+        if c != "unbiased":
+            reasons.append(f"site {s.name!r} uses {s.strategy.describe()} ({c})")
+        if s.context in ("scan body", "while body") and isinstance(s.strategy, ContinuationStrategy):
+            reasons.append(
+                f"site {s.name!r} uses {s.strategy.describe()} inside a loop body: refused "
+                "when its parameters are differentiated"
+            )
+    _, problems = _nonlinear_uses(jaxpr, [False] * len(jaxpr.invars))
+    if problems:
+        kind = "biased"
+        reasons += [f"plug-in of a nested expectation: {p}" for p in problems]
+    return Certificate(kind, tuple(reasons))
+
+
+def explain(objective, *args) -> Plan:
+    """The per-site plan and the certificate of ``objective``'s estimator at ``args``.
+
+    ``args`` are the program's arguments (no key); only their shapes and dtypes matter.
+    """
+    from ..dsl._program import _as_program
+
+    program = _as_program(objective, "ex.explain")
+    closed, _, _ = program.stage(args)
+    sites = collect_sites(closed.jaxpr)
+    sites = [dataclasses.replace(s, context=_context_label(s.context)) for s in sites]
+    return Plan(program.name, tuple(sites), certify(closed.jaxpr, sites))
+
+
+__all__ = ["Plan", "SitePlan", "Certificate", "collect_sites", "certify", "explain", "SiteDist"]

@@ -1,0 +1,36 @@
+"""The default strategy of a site, and why it was chosen."""
+
+from __future__ import annotations
+
+import jax
+
+from ...dsl._site import SiteDist, SiteSpec, support_size_or_none
+from ._base import Strategy
+from ._enum import DEFAULT_MAX_AUTO, enum
+from ._reinforce import reinforce
+from ._reparam import Reparam, reparam
+
+
+def resolve(spec: SiteSpec, leaves) -> tuple[Strategy, str]:
+    """``(strategy, reason)`` for a site; ``leaves`` may be arrays, tracers or avals."""
+    d = jax.tree_util.tree_unflatten(spec.treedef, list(leaves))
+    n = SiteDist(spec, leaves).num_coordinates
+    if spec.strategy is not None:
+        reason = "chosen in the program"
+        if isinstance(spec.strategy, Reparam) and Reparam.is_implicit(d):
+            reason += " (implicit reparameterization through the sampler's derivative)"
+        return spec.strategy, reason
+    if d.has_rsample:
+        if Reparam.is_implicit(d):
+            return reparam, "default: implicit reparameterized sampler (gamma-based)"
+        return reparam, "default: reparameterized sampler"
+    k = support_size_or_none(d)
+    if k is not None:
+        size = k**n
+        if size <= DEFAULT_MAX_AUTO:
+            return enum, f"default: finite support of {size} joint value{'s' if size != 1 else ''}"
+        return reinforce, (
+            f"default: no reparameterized sampler; joint support of {k}^{n} values is too "
+            f"large to enumerate (> {DEFAULT_MAX_AUTO})"
+        )
+    return reinforce, "default: no reparameterized sampler and no finite support"
