@@ -131,7 +131,7 @@ class SiteDist:
     def log_prob(self, x, leaves=None):
         """Total log density of ``x`` (summed over every batch, event and mapped axis)."""
         leaves = self.leaves if leaves is None else tuple(leaves)
-        return jnp.sum(self.lift(lambda d, v: d.log_prob(v))(leaves, x))
+        return jnp.sum(self.lift(log_density)(leaves, x))
 
     def coordinate_support(self):
         """Support values per coordinate: shape ``(K, *batch_shape, *event_shape)``."""
@@ -151,6 +151,32 @@ class SiteDist:
         idx = jnp.stack(jnp.meshgrid(*[jnp.arange(k)] * n, indexing="ij"), -1).reshape(-1, n) if n else jnp.zeros((1, 0), int)
         values = flat[idx, jnp.arange(n)]  # (C, n, *event)
         return values.reshape((values.shape[0],) + self.value_shape)
+
+
+def log_density(d: dist.Distribution, x):
+    """``d.log_prob(x)``, with derivatives that are right at every parameter value.
+
+    NumPyro writes the logits parameterizations of Bernoulli and Binomial through
+    ``max(l, 0) + log1p(exp(-|l|))``, whose JAX derivative at ``l = 0`` is wrong (the two
+    kinks' one-sided choices do not cancel: d/dl log p(1) comes out 1.0 instead of 0.5).
+    Score-function estimators differentiate this density, and ``l = 0`` is a common
+    initialization, so those families use ``softplus`` here.
+    """
+    if isinstance(d, dist.Independent):
+        lp = log_density(d.base_dist, x)
+        n = d.reinterpreted_batch_ndims
+        return jnp.sum(lp, axis=tuple(range(lp.ndim - n, lp.ndim))) if n else lp
+    if isinstance(d, dist.ExpandedDistribution):
+        return jnp.broadcast_to(log_density(d.base_dist, x), jnp.broadcast_shapes(jnp.shape(x)[: jnp.ndim(x) - len(d.event_shape)], d.batch_shape))
+    if isinstance(d, dist.BernoulliLogits):
+        x = jnp.asarray(x, d.logits.dtype)
+        return x * d.logits - jax.nn.softplus(d.logits)
+    if isinstance(d, dist.BinomialLogits):
+        n = jnp.asarray(d.total_count, d.logits.dtype)
+        k = jnp.asarray(x, d.logits.dtype)
+        log_comb = jax.scipy.special.gammaln(n + 1) - jax.scipy.special.gammaln(k + 1) - jax.scipy.special.gammaln(n - k + 1)
+        return log_comb + k * d.logits - n * jax.nn.softplus(d.logits)
+    return d.log_prob(x)
 
 
 def _support_size(d: dist.Distribution) -> int:
