@@ -146,7 +146,7 @@ class MVD(ContinuationStrategy):
             return outs, touts
         names, rule = _RULES[type(unwrap(site.lane))]
         params, pdot = ctx.jvp(lambda leaves: site.lift(lambda d: _natural_params(d, names))(leaves))
-        flat = lambda tree: {k: v.reshape((x.size,) + v.shape[x.ndim :]) for k, v in tree.items()}
+        flat = lambda tree: {k: jnp.reshape(v, (x.size,) + jnp.shape(v)[x.ndim :]) for k, v in tree.items()}
         weights, alts = rule(flat(params), flat(pdot), x.reshape(-1), key_m)
         alts = alts.reshape((alts.shape[0],) + x.shape)
         alt_outs, _ = jax.vmap(lambda v: cont(v, None, mode=False))(alts)

@@ -42,7 +42,7 @@ class Reinforce(LocalStrategy):
                 )
             try:
                 baseline = float(baseline)
-            except TypeError as e:
+            except (TypeError, ValueError) as e:
                 raise StrategyError(
                     f"ex.reinforce(baseline=...) expects a number or a function of the site's "
                     f"distribution; got {type(baseline).__name__}."
