@@ -189,6 +189,9 @@ class ExpectSpec:
     location: str | None
     cache: dict = dataclasses.field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        return f"expect({self.name!r}, n={self.n})"
+
 
 def _expect_no_key(*, spec: ExpectSpec, **_):
     return NoKeyError(

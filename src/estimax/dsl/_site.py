@@ -32,6 +32,11 @@ class SiteSpec:
     location: str | None
     levels: tuple[Level, ...] = ()
 
+    def __repr__(self) -> str:
+        strategy = "default" if self.strategy is None else self.strategy.describe()
+        lanes = "".join(f"[{size}]" for _, size in reversed(self.levels))
+        return f"site({self.name!r}{lanes}, {strategy})"
+
     def with_level(self, axes, size) -> "SiteSpec":
         return dataclasses.replace(self, levels=self.levels + ((tuple(axes), int(size)),))
 

@@ -146,7 +146,7 @@ def _context_label(ctx: str) -> str:
 _LINEAR_ANY = {
     "add", "sub", "neg", "reduce_sum", "broadcast_in_dim", "reshape", "squeeze", "expand_dims",
     "transpose", "convert_element_type", "slice", "concatenate", "copy", "copy_p", "rev", "cumsum",
-    "add_any", "reduce_precision", "real", "pjit", "jit",
+    "add_any", "reduce_precision", "real", "pjit", "jit", "stack", "split", "tile", "imag", "conj",
 }
 _LINEAR_FIRST = {"div"}  # linear in the first operand only
 _LINEAR_ONE = {"mul", "dot_general"}  # linear when exactly one operand carries an estimate

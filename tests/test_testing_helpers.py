@@ -1,0 +1,66 @@
+"""The public testing helpers can fail: a biased estimator is caught."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+
+import estimax as ex
+from estimax.testing import assert_unbiased, key_from, seed_from
+from estimax.testing import strategies as exst
+
+
+def test_seed_from_is_deterministic_and_input_sensitive():
+    assert seed_from("a", 1, {"x": 0.5}) == seed_from("a", 1, {"x": 0.5})
+    assert seed_from("a", 1) != seed_from("a", 2)
+    assert seed_from(jnp.array([1.0, 2.0])) == seed_from(np.array([1.0, 2.0]))
+    assert (key_from("k") == key_from("k")).all()
+
+
+def test_assert_unbiased_accepts_an_unbiased_estimator():
+    est = lambda k, mu: mu + jax.random.normal(k)
+    report = assert_unbiased(est, 0.3, args=(jnp.float32(0.3),), seed="ok", n=4000)
+    assert report.max_abs_z() < 5
+
+
+def test_assert_unbiased_catches_a_small_bias():
+    # bias 0.05 with SE 1/sqrt(40000) = 0.005: 10 standard errors
+    est = lambda k: 0.05 + jax.random.normal(k)
+    with pytest.raises(AssertionError, match=r"(?s)looks biased.*z\| = "):
+        assert_unbiased(est, 0.0, seed="biased", n=40000)
+
+
+def test_assert_unbiased_catches_the_plug_in_bias():
+    """log of a Monte Carlo mean is biased for log of the mean (Jensen)."""
+    est = lambda k: jnp.log(jnp.mean(jnp.exp(jax.random.normal(k, (4,)))))
+    with pytest.raises(AssertionError):
+        assert_unbiased(est, 0.5, seed="jensen", n=20000)
+
+
+def test_assert_unbiased_needs_a_key_or_seed():
+    with pytest.raises(ValueError, match="key= or seed="):
+        assert_unbiased(lambda k: 0.0, 0.0)
+
+
+@given(exst.distributions())
+def test_strategies_build_valid_distributions(case):
+    family, p = case
+    d = exst.build(family, p)
+    x = d.sample(jax.random.PRNGKey(0))
+    assert np.all(np.isfinite(d.log_prob(x)))
+
+
+def test_unbiasedness_test_fails_on_a_wrong_strategy():
+    """A deliberately wrong estimator (score without the value factor) is rejected."""
+    import numpyro.distributions as dist
+
+    @ex.expectation
+    def f(l):
+        return (ex.sample(dist.Bernoulli(logits=l), estimator=ex.reinforce, name="b") + 0.5) ** 2
+
+    wrong = lambda k, l: ex.grad(f)(k, l) * 0.9
+    exact = jax.grad(lambda l: jax.nn.sigmoid(l) * 2.25 + (1 - jax.nn.sigmoid(l)) * 0.25)(0.4)
+    assert_unbiased(ex.grad(f), exact, args=(jnp.float32(0.4),), seed="right", n=20000)
+    with pytest.raises(AssertionError):
+        assert_unbiased(wrong, exact, args=(jnp.float32(0.4),), seed="wrong", n=200000)
