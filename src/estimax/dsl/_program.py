@@ -48,6 +48,7 @@ class Expectation:
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "program")
         functools.update_wrapper(self, fn)
+        self._staged: dict = {}
         self.estimate = jax.jit(self._estimate)
 
     def __call__(self, *args, **kwargs):
@@ -58,8 +59,24 @@ class Expectation:
 
     # -- staging -------------------------------------------------------------------------
     def stage(self, args: Sequence):
-        """The staged program for ``args``: ``(closed_jaxpr, in_tree, out_tree)``."""
-        return stage(self.fn, tuple(args), f"program {self.name!r}")
+        """The staged program for ``args``: ``(closed_jaxpr, in_tree, out_tree)``.
+
+        Cached per argument structure and abstract values, as ``jax.jit`` caches traces.
+        """
+        args = tuple(args)
+        leaves, in_tree = jax.tree_util.tree_flatten(args)
+        try:
+            avals = tuple(compat.aval_of(x) for x in leaves)
+            signature = (in_tree, tuple((a.shape, a.dtype, getattr(a, "weak_type", False)) for a in avals))
+            hit = self._staged.get(signature)
+        except TypeError:  # a leaf that is not an array: let `stage` report it
+            signature, hit = None, None
+        if hit is not None:
+            return hit
+        out = stage(self.fn, args, f"program {self.name!r}")
+        if signature is not None and not any(isinstance(c, jax.core.Tracer) for c in out[0].consts):
+            self._staged[signature] = out
+        return out
 
     def _estimator(self, args):
         from ..transforms._adev import build_estimator
