@@ -44,6 +44,8 @@ def test_enum_on_too_large_joint_support():
 
     with pytest.raises(ex.StrategyError, match=r"site 'bits'.*65536 joint values.*ex\.mvd"):
         ex.grad(f)(KEY, jnp.zeros(16))
+    with pytest.raises(ex.StrategyError, match=r"site 'bits'.*2\^200 joint values"):
+        ex.explain(f, jnp.zeros(200))
 
 
 def test_mvd_on_unsupported_family():

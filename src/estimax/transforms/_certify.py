@@ -19,6 +19,7 @@ from ..dsl._primitives import expect_p, sample_p
 from ..dsl._site import SiteDist, describe
 from ..runtime import _jax_compat as compat
 from .estimators._base import ContinuationStrategy
+from .estimators._enum import Enum
 from .estimators._defaults import resolve
 
 _RANK = {"exact": 0, "unbiased": 1, "consistent": 2, "biased": 3}
@@ -111,6 +112,8 @@ def _walk(jaxpr, prefix, context, out, seen):
             spec = eqn.params["spec"]
             avals = [v.aval for v in eqn.invars]
             strategy, reason = resolve(spec, avals)
+            if isinstance(strategy, Enum):  # a plan that could not run is an error here too
+                strategy.check_size(prefix + spec.name, SiteDist(spec, avals))
             lane = jax.tree_util.tree_unflatten(spec.treedef, avals)
             plan = SitePlan(
                 name=prefix + spec.name,

@@ -7,6 +7,7 @@ import jax
 from ...dsl._site import SiteDist, SiteSpec, support_size_or_none
 from ._base import Strategy
 from ._enum import DEFAULT_MAX_AUTO, enum
+from ._mvd import mvd
 from ._reinforce import reinforce
 from ._reparam import Reparam, reparam
 
@@ -31,6 +32,14 @@ def resolve(spec: SiteSpec, leaves) -> tuple[Strategy, str]:
             return enum, f"default: finite support of {size} joint value{'s' if size != 1 else ''}"
         return reinforce, (
             f"default: no reparameterized sampler; joint support of {k}^{n} values is too "
-            f"large to enumerate (> {DEFAULT_MAX_AUTO})"
+            f"large to enumerate (> {DEFAULT_MAX_AUTO})" + _mvd_hint(d)
         )
-    return reinforce, "default: no reparameterized sampler and no finite support"
+    return reinforce, "default: no reparameterized sampler and no finite support" + _mvd_hint(d)
+
+
+def _mvd_hint(d) -> str:
+    try:
+        mvd.check(d, "")
+    except Exception:
+        return ""
+    return "; ex.mvd applies and usually has far lower variance"

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from ..._errors import StrategyError
-from ...dsl._site import family_name, support_size_or_none
+from ...dsl._site import _support_size, family_name, support_size_or_none
 from ._base import SiteContext, ContinuationStrategy, weighted_sum
 
 #: default: enumerate automatically when the joint support has at most this many values
@@ -43,17 +43,22 @@ class Enum(ContinuationStrategy):
                 "estimator=ex.reparam (if it has a reparameterized sampler), ex.mvd or ex.reinforce."
             )
 
-    def check_size(self, ctx: SiteContext):
-        size = ctx.site.joint_support_size()
+    def check_size(self, name: str, site) -> None:
+        """Raise if the joint support of ``site`` (a :class:`SiteDist`) is over the limit."""
+        size = site.joint_support_size()
         if size > self.max_size:
+            k, n = _support_size(site.lane), site.num_coordinates
+            shown = f"{size}" if size < 10**7 else f"{k}^{n}"
             raise StrategyError(
-                f"site {ctx.name!r}: ex.enum would enumerate {size} joint values "
-                f"({ctx.site.num_coordinates} coordinates); the limit is {self.max_size}. "
-                "Use ex.mvd or ex.reinforce, or raise the limit with ex.enum(max_size=...)."
+                f"site {name!r}: ex.enum would enumerate {shown} joint values "
+                f"({n} coordinates of {k} values each); the limit is {self.max_size}. "
+                "Enumeration is joint over a vector site, so it suits a few discrete "
+                "choices, not one per data point: use ex.mvd (per-coordinate, low variance) "
+                "or ex.reinforce, or raise the limit with ex.enum(max_size=...)."
             )
 
     def estimate(self, ctx: SiteContext, cont):
-        self.check_size(ctx)
+        self.check_size(ctx.name, ctx.site)
         values = ctx.site.joint_support()
         logp_fn = lambda leaves: jax.vmap(lambda v: ctx.site.log_prob(v, leaves))(values)
         if ctx.has_tangent:

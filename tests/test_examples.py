@@ -1,0 +1,31 @@
+"""Every example runs (at smoke size) in CI."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args, tmp_path, timeout=600):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_fit_mixed_latents_quick(tmp_path):
+    out = run([str(ROOT / "examples" / "fit_mixed_latents.py"), "--quick", "--out", str(tmp_path / "o")], tmp_path)
+    assert "certificate: unbiased" in out
+    assert (tmp_path / "o" / "objective.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_bench_core_quick(tmp_path):
+    out = run([str(ROOT / "bench" / "bench_core.py"), "--quick"], tmp_path)
+    assert "estimax" in out and "hand-written" in out
