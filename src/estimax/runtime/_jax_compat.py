@@ -150,4 +150,8 @@ def eval_jaxpr(jaxpr, consts, *args):
     return jaxpr_as_fun(ClosedJaxpr(jaxpr, list(consts)))(*args)
 
 
-DropVar = jex.core.DropVar
+# ``DropVar`` (an outvar whose value is unused) is public in ``jax.extend.core`` from 0.7.
+if hasattr(jex.core, "DropVar"):
+    DropVar = jex.core.DropVar
+else:  # JAX 0.6.x
+    from jax._src.core import DropVar  # noqa: E402
