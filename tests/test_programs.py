@@ -299,3 +299,22 @@ def test_implicit_reparameterization_is_the_default(family):
 
     site = ex.explain(objective).site("x")
     assert site.strategy is ex.reparam and "implicit" in site.reason
+
+
+def test_enumeration_of_a_larger_support_through_a_conditional():
+    """K = 12 > the unroll limit: the continuation is looped over (lax.map) and differentiated."""
+    w = jnp.linspace(-1.0, 1.5, 12)
+
+    @ex.expectation
+    def objective(theta):
+        c = ex.sample(dist.Categorical(logits=theta["logits"]), estimator=ex.enum, name="c")
+        z = ex.sample(dist.Normal(theta["mu"], 1.0), name="z")
+        return jax.lax.cond(c % 2 == 0, lambda: w[c] * z, lambda: w[c] ** 2 + z**2)
+
+    def exact(theta):
+        p = jax.nn.softmax(theta["logits"])
+        even = jnp.arange(12) % 2 == 0
+        return jnp.sum(p * jnp.where(even, w * theta["mu"], w**2 + theta["mu"] ** 2 + 1.0))
+
+    theta = {"logits": jnp.linspace(0.5, -0.5, 12), "mu": jnp.float32(0.4)}
+    assert_unbiased(ex.grad(objective), jax.grad(exact)(theta), args=(theta,), seed="enum-12", n=N)

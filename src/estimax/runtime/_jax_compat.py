@@ -34,6 +34,12 @@ remat_p = getattr(_P, "remat_p", None)
 
 float0 = jax.dtypes.float0
 
+JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
+
+#: Whether reverse mode works through a ``lax.scan`` whose body closes over values that are
+#: linear in the input tangents. JAX 0.6.x asserts against it in its scan transpose rule.
+SCAN_TRANSPOSES_LINEAR_CONSTS = JAX_VERSION >= (0, 7, 0)
+
 # ``SymbolicZero`` is the tangent ``custom_jvp(..., symbolic_zeros=True)`` rules receive for
 # inputs that are not being differentiated (public name since 0.4.14).
 from jax.custom_derivatives import SymbolicZero  # noqa: E402

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 
 from ..._errors import StrategyError
 from ...dsl._site import _support_size, family_name, support_size_or_none
-from ._base import SiteContext, ContinuationStrategy, weighted_sum
+from ...runtime import _jax_compat as compat
+from ._base import ContinuationStrategy, SiteContext, weighted_sum
 
 #: default: enumerate automatically when the joint support has at most this many values
 DEFAULT_MAX_AUTO = 64
@@ -66,10 +67,7 @@ class Enum(ContinuationStrategy):
         else:
             logp, logp_dot = logp_fn(ctx.site.leaves), None
         p = jnp.exp(logp)
-        # Sequential over the support (lax.map), not vmap: under vmap a conditional in the
-        # continuation becomes a select whose untaken operands JAX wraps in stop_gradient,
-        # which cannot be transposed once they carry tangents (reverse mode would fail).
-        outs, touts = jax.lax.map(lambda v: cont(v, None), values)
+        outs, touts = _map_continuation(cont, values)
         value = weighted_sum(p, outs)
         if touts is None:
             return value, None
@@ -77,6 +75,25 @@ class Enum(ContinuationStrategy):
         if logp_dot is not None:
             tangent = [t + s for t, s in zip(tangent, weighted_sum(p * logp_dot, outs), strict=True)]
         return value, tangent
+
+
+#: supports up to this size are unrolled at trace time rather than looped over
+UNROLL_MAX = 8
+
+
+def _map_continuation(cont, values):
+    """``cont`` at every support value, stacked along a new leading axis.
+
+    Not ``vmap``: under vmap a conditional in the continuation becomes a select whose
+    untaken operands JAX wraps in ``stop_gradient``, which cannot be transposed once they
+    carry tangents (reverse mode would fail). Small supports are unrolled; larger ones use
+    ``lax.map``, whose body closes over tangents -- JAX versions whose scan transpose cannot
+    handle linear closed-over values (see ``compat.SCAN_TRANSPOSES_LINEAR_CONSTS``) unroll.
+    """
+    if values.shape[0] <= UNROLL_MAX or not compat.SCAN_TRANSPOSES_LINEAR_CONSTS:
+        results = [cont(values[i], None) for i in range(values.shape[0])]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *results)
+    return jax.lax.map(lambda v: cont(v, None), values)
 
 
 enum = Enum()
