@@ -7,6 +7,7 @@ that a JAX upgrade is a change to one file.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -34,11 +35,31 @@ remat_p = getattr(_P, "remat_p", None)
 
 float0 = jax.dtypes.float0
 
-JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
 
-#: Whether reverse mode works through a ``lax.scan`` whose body closes over values that are
-#: linear in the input tangents. JAX 0.6.x asserts against it in its scan transpose rule.
-SCAN_TRANSPOSES_LINEAR_CONSTS = JAX_VERSION >= (0, 7, 0)
+
+@functools.cache
+def scan_transposes_linear_consts() -> bool:
+    """Whether reverse mode works through a ``lax.scan`` traced inside a ``custom_jvp`` rule
+    whose body closes over the rule's tangents. JAX 0.6.2 and 0.7.0 assert against it in
+    the scan transpose rule; 0.10.2 supports it. Probed once (a few milliseconds), since the
+    version that changed it is not pinned down.
+    """
+
+    @jax.custom_jvp
+    def g(x):
+        return x
+
+    def g_jvp(primals, tangents):
+        (x,), (t,) = primals, tangents
+        return x, jax.lax.map(lambda v: v * t + jax.numpy.sin(x) * v, jax.numpy.arange(2.0)).sum()
+
+    g.defjvp(g_jvp)
+    try:
+        with jax.ensure_compile_time_eval():  # may be first asked while a program is traced
+            jax.grad(g)(1.0)
+    except AssertionError:
+        return False
+    return True
 
 # ``SymbolicZero`` is the tangent ``custom_jvp(..., symbolic_zeros=True)`` rules receive for
 # inputs that are not being differentiated (public name since 0.4.14).

@@ -88,9 +88,9 @@ def _map_continuation(cont, values):
     untaken operands JAX wraps in ``stop_gradient``, which cannot be transposed once they
     carry tangents (reverse mode would fail). Small supports are unrolled; larger ones use
     ``lax.map``, whose body closes over tangents -- JAX versions whose scan transpose cannot
-    handle linear closed-over values (see ``compat.SCAN_TRANSPOSES_LINEAR_CONSTS``) unroll.
+    handle linear closed-over values (``compat.scan_transposes_linear_consts``) unroll.
     """
-    if values.shape[0] <= UNROLL_MAX or not compat.SCAN_TRANSPOSES_LINEAR_CONSTS:
+    if values.shape[0] <= UNROLL_MAX or not compat.scan_transposes_linear_consts():
         results = [cont(values[i], None) for i in range(values.shape[0])]
         return jax.tree.map(lambda *xs: jnp.stack(xs), *results)
     return jax.lax.map(lambda v: cont(v, None), values)
