@@ -318,3 +318,15 @@ def test_enumeration_of_a_larger_support_through_a_conditional():
 
     theta = {"logits": jnp.linspace(0.5, -0.5, 12), "mu": jnp.float32(0.4)}
     assert_unbiased(ex.grad(objective), jax.grad(exact)(theta), args=(theta,), seed="enum-12", n=N)
+
+
+def test_nested_vmap_site():
+    @ex.expectation
+    def objective(m):
+        z = jax.vmap(jax.vmap(lambda mu: ex.sample(dist.Normal(mu, 1.0), estimator=ex.mvd, name="z")))(m)
+        return jnp.sum(z * jnp.arange(6.0).reshape(2, 3))
+
+    m = jnp.arange(6.0).reshape(2, 3) / 10
+    assert ex.explain(objective, m).site("z").distribution == "Normal(batch=(2, 3))"
+    exact = lambda m: jnp.sum(m * jnp.arange(6.0).reshape(2, 3))
+    assert_unbiased(ex.grad(objective), jax.grad(exact)(m), args=(m,), seed="nested-vmap", n=N)

@@ -8,7 +8,7 @@ from the inputs, so a failure reproduces from the printed example.
 import jax
 import jax.numpy as jnp
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import estimax as ex
@@ -93,3 +93,17 @@ def test_gradient_unbiased(strategy_name, family, data):
     grad_est = program_for(strategy_name, family)
     n = 4000 if strategy_name == "enum" else 20000
     assert_unbiased(grad_est, jax.grad(exact)(p), args=(p,), seed=(strategy_name, family, p), n=n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy_name,family", CASES, ids=[f"{s}-{f}" for s, f in CASES])
+@settings(max_examples=10, derandomize=True, deadline=None)
+@given(data=st.data())
+def test_gradient_unbiased_sweep(strategy_name, family, data):
+    """More parameter draws per case (run with -m slow; CI runs it too)."""
+    p = data.draw(exst.params(family), label="params")
+    _, exact = f_and_exact(family)
+    p = {k: jnp.asarray(v, jnp.float32) for k, v in p.items()}
+    assert_unbiased(
+        program_for(strategy_name, family), jax.grad(exact)(p), args=(p,), seed=("sweep", strategy_name, family, p), n=20000
+    )
