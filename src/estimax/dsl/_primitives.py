@@ -20,7 +20,7 @@ import numpyro.distributions as dist
 from .._errors import EstimaxError, NoKeyError, ProgramError, StrategyError
 from ..runtime import _jax_compat as compat
 from ..transforms.estimators._base import Strategy
-from ._site import SiteDist, SiteSpec, family_name
+from ._site import OPERAND, SiteDist, SiteSpec, family_name
 
 # --- naming scopes ------------------------------------------------------------------------
 _local = threading.local()
@@ -164,11 +164,17 @@ def sample(d: dist.Distribution, estimator: Strategy | None = None, name: str | 
             )
         estimator.check(d, name)
     leaves, treedef = jax.tree_util.tree_flatten(d)
-    leaves = [jnp.asarray(x) for x in leaves]
+    statics = tuple(OPERAND if isinstance(x, jax.core.Tracer) else x for x in leaves)
+    operands = [x for x in leaves if isinstance(x, jax.core.Tracer)]
     spec = SiteSpec(
-        name=name, treedef=treedef, strategy=estimator, user_named=user_named, location=_caller_location()
+        name=name,
+        treedef=treedef,
+        strategy=estimator,
+        user_named=user_named,
+        location=_caller_location(),
+        statics=statics,
     )
-    return sample_p.bind(*leaves, spec=spec)
+    return sample_p.bind(*operands, spec=spec)
 
 
 # --- expect --------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .._errors import ProgramError
 from ..runtime import _jax_compat as compat
@@ -181,4 +180,4 @@ def grad(objective, argnums: int | Sequence[int] = 0):
     return jax.jit(lambda key, *args: vg(key, *args)[1])
 
 
-__all__ = ["Expectation", "expectation", "grad", "value_and_grad", "np"]
+__all__ = ["Expectation", "expectation", "grad", "value_and_grad"]

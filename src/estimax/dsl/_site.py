@@ -21,16 +21,47 @@ import numpyro.distributions as dist
 Level = tuple[tuple[Any, ...], int]  # (in_axes per leaf, mapped size)
 
 
+class _Operand:
+    def __repr__(self):
+        return "<operand>"
+
+
+#: marks, in ``SiteSpec.statics``, a leaf that is an operand of ``sample_p``
+OPERAND = _Operand()
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class SiteSpec:
-    """The static part of a ``sample`` site (hashable by identity)."""
+    """The static part of a ``sample`` site (hashable by identity).
+
+    A distribution's leaves that are concrete when the program is staged (Python numbers,
+    NumPy arrays: ``scale=1.0``, a Binomial's ``total_count``) stay here in ``statics``;
+    only traced leaves become operands of ``sample_p``. So static structure stays static
+    (enumerating a Binomial needs a concrete ``total_count``) and constants fold.
+    """
 
     name: str
     treedef: Any
     strategy: Any  # a Strategy, or None for the default
     user_named: bool
     location: str | None
-    levels: tuple[Level, ...] = ()
+    statics: tuple  # per leaf: its concrete value, or OPERAND
+    levels: tuple[Level, ...] = ()  # per level: (in_axes per *operand*, size)
+
+    def merge(self, operands, fill=None) -> tuple:
+        """All leaves: ``operands`` in the OPERAND slots, the statics (or ``fill``) elsewhere."""
+        it = iter(operands)
+        out = tuple(next(it) if s is OPERAND else (s if fill is None else fill(s)) for s in self.statics)
+        if next(it, OPERAND) is not OPERAND:
+            raise ValueError(f"site {self.name!r}: more operands than the distribution has leaves")
+        return out
+
+    def merge_tangents(self, tangents) -> tuple:
+        """Per-leaf tangents: ``tangents`` for operands, ``None`` for the statics."""
+        return self.merge(tangents, fill=lambda s: None)
+
+    def full_axes(self, axes) -> tuple:
+        return self.merge(axes, fill=lambda s: None)
 
     def __repr__(self) -> str:
         strategy = "default" if self.strategy is None else self.strategy.describe()
@@ -70,9 +101,10 @@ def describe(d: dist.Distribution, levels=()) -> str:
 class SiteDist:
     """A site's distribution at given leaves, with every operation lifted over its levels."""
 
-    def __init__(self, spec: SiteSpec, leaves):
+    def __init__(self, spec: SiteSpec, operands):
         self.spec = spec
-        self.leaves = tuple(leaves)
+        self.operands = tuple(operands)
+        self.leaves = spec.merge(self.operands)
 
     # -- the per-lane distribution ---------------------------------------------------------
     def base(self, leaves=None) -> dist.Distribution:
@@ -112,6 +144,7 @@ class SiteDist:
             if k < 0:
                 return lambda leaves, *extra: fn(self.base(leaves), *extra)
             axes, size = self.spec.levels[k]
+            axes = self.spec.full_axes(axes)
             inner = at_level(k - 1)
             if split_key:
 

@@ -26,13 +26,12 @@ Sharp edges:
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from .._errors import EstimaxError, UnsupportedError
+from .._errors import UnsupportedError
 from ..dsl._primitives import ExpectSpec, expect_p, sample_p
 from ..dsl._site import SiteDist
 from ..runtime import _jax_compat as compat
@@ -74,7 +73,7 @@ def _eqn_is_random(eqn) -> bool:
     return any(contains_random(sub) for sub in compat.subjaxprs_of(eqn))
 
 
-def continuation_sites(jaxpr, leaves_of=None):
+def continuation_sites(jaxpr):
     """Names of sites in ``jaxpr`` whose (resolved) strategy needs a continuation."""
     out = []
     for eqn in jaxpr.eqns:
@@ -182,10 +181,10 @@ def run_eqns(jaxpr, env, i, thread: Thread, k: Callable, mode: bool):
             spec = eqn.params["spec"]
             duals = [_read(env, v, mode) for v in eqn.invars]
             site = SiteDist(spec, [p for p, _ in duals])
-            strategy, _ = resolve(spec, site.leaves)
+            strategy, _ = resolve(spec, site.operands)
             key, k_site = _split(thread.key)
             thread = thread._replace(key=key)
-            ctx = SiteContext(spec.name, site, tuple(t for _, t in duals), k_site, mode)
+            ctx = SiteContext(spec.name, site, spec.merge_tangents([t for _, t in duals]), k_site, mode)
             if isinstance(strategy, LocalStrategy):
                 with compat.source_context(eqn):
                     x, x_dot, score = strategy.forward(ctx)
@@ -317,7 +316,7 @@ def eval_pathwise(jaxpr, consts, args, key):
             spec = eqn.params["spec"]
             site = SiteDist(spec, ins)
             strategy, _ = resolve(spec, ins)
-            ctx = SiteContext(spec.name, site, (None,) * len(ins), k_eqn, False)
+            ctx = SiteContext(spec.name, site, (None,) * len(site.leaves), k_eqn, False)
             if isinstance(strategy, LocalStrategy):
                 x, s, o = strategy.pathwise(ctx)
             else:  # reached only where no derivative flows (checked by the caller)
@@ -438,4 +437,4 @@ def expect_estimator(spec: ExpectSpec) -> Callable:
     return est
 
 
-__all__ = ["build_estimator", "expect_estimator", "contains_random", "EstimaxError"]
+__all__ = ["build_estimator", "expect_estimator", "contains_random"]

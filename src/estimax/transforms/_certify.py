@@ -114,7 +114,7 @@ def _walk(jaxpr, prefix, context, out, seen):
             strategy, reason = resolve(spec, avals)
             if isinstance(strategy, Enum):  # a plan that could not run is an error here too
                 strategy.check_size(prefix + spec.name, SiteDist(spec, avals))
-            lane = jax.tree_util.tree_unflatten(spec.treedef, avals)
+            lane = SiteDist(spec, avals).lane
             plan = SitePlan(
                 name=prefix + spec.name,
                 distribution=describe(lane, spec.levels),
@@ -253,4 +253,4 @@ def explain(objective, *args) -> Plan:
     return Plan(program.name, tuple(sites), certify(closed.jaxpr, sites))
 
 
-__all__ = ["Plan", "SitePlan", "Certificate", "collect_sites", "certify", "explain", "SiteDist"]
+__all__ = ["Plan", "SitePlan", "Certificate", "collect_sites", "certify", "explain"]

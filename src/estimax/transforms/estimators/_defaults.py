@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import jax
-
 from ...dsl._site import SiteDist, SiteSpec, support_size_or_none
 from ._base import Strategy
 from ._enum import DEFAULT_MAX_AUTO, enum
@@ -12,10 +10,10 @@ from ._reinforce import reinforce
 from ._reparam import Reparam, reparam
 
 
-def resolve(spec: SiteSpec, leaves) -> tuple[Strategy, str]:
-    """``(strategy, reason)`` for a site; ``leaves`` may be arrays, tracers or avals."""
-    d = jax.tree_util.tree_unflatten(spec.treedef, list(leaves))
-    n = SiteDist(spec, leaves).num_coordinates
+def resolve(spec: SiteSpec, operands) -> tuple[Strategy, str]:
+    """``(strategy, reason)`` for a site; ``operands`` may be arrays, tracers or avals."""
+    site = SiteDist(spec, operands)
+    d, n = site.lane, site.num_coordinates
     if spec.strategy is not None:
         reason = "chosen in the program"
         if isinstance(spec.strategy, Reparam) and Reparam.is_implicit(d):
