@@ -82,6 +82,15 @@ class Strategy(abc.ABC):
     def describe(self) -> str:
         return self.name
 
+    def value_struct(self, d):
+        """The ``jax.ShapeDtypeStruct`` of the site's value, or ``None`` for ``d``'s sample.
+
+        Strategies that relax a discrete site (its value becomes float, or one-hot) say so
+        here; the program is then traced with that value type.
+        """
+        del d
+        return None
+
     def __repr__(self) -> str:
         return f"ex.{self.describe()}"
 
