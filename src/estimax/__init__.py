@@ -16,10 +16,14 @@ from ._errors import StrategyError as StrategyError
 from ._errors import UnsupportedError as UnsupportedError
 from .dsl._primitives import expect as expect
 from .dsl._primitives import sample as sample
+from .dsl._primitives import vmap as vmap
 from .dsl._program import Expectation as Expectation
+from .dsl._trace import Trace as Trace
+from .dsl._trace import trace as trace
 from .dsl._program import expectation as expectation
 from .dsl._program import grad as grad
 from .dsl._program import value_and_grad as value_and_grad
+from . import objectives as objectives
 from .transforms._certify import Certificate as Certificate
 from .transforms._certify import Plan as Plan
 from .transforms._certify import SitePlan as SitePlan

@@ -171,6 +171,7 @@ def sample(d: dist.Distribution, estimator: Strategy | None = None, name: str | 
     leaves, treedef = jax.tree_util.tree_flatten(d)
     statics = tuple(OPERAND if isinstance(x, jax.core.Tracer) else x for x in leaves)
     operands = [x for x in leaves if isinstance(x, jax.core.Tracer)]
+    anchors = list(getattr(_local, "anchors", ()))
     spec = SiteSpec(
         name=name,
         treedef=treedef,
@@ -178,8 +179,61 @@ def sample(d: dist.Distribution, estimator: Strategy | None = None, name: str | 
         user_named=user_named,
         location=_caller_location(),
         statics=statics,
+        n_anchors=len(anchors),
     )
-    return sample_p.bind(*operands, spec=spec)
+    return sample_p.bind(*operands, *anchors, spec=spec)
+
+
+# --- vmap with independent draws per lane ---------------------------------------------------
+@contextlib.contextmanager
+def _anchored(anchor):
+    prev = getattr(_local, "anchors", ())
+    _local.anchors = prev + (anchor,)
+    try:
+        yield
+    finally:
+        _local.anchors = prev
+
+
+def vmap(fn: Callable, in_axes=0, out_axes=0, axis_size: int | None = None) -> Callable:
+    """``jax.vmap`` for programs: every random choice inside is drawn independently per lane.
+
+    Under plain ``jax.vmap`` a site whose distribution does not depend on the mapped values
+    is drawn once and shared by all lanes (JAX calls no batching rule for it). ``ex.vmap``
+    passes a mapped lane index to every site it contains, so each lane gets its own draw --
+    what particles, data-point latents and multi-sample objectives need::
+
+        zs = ex.vmap(lambda: ex.sample(dist.Normal(0.0, 1.0), name="z"), axis_size=8)()
+
+    ``in_axes``/``out_axes``/``axis_size`` are as in ``jax.vmap``; ``axis_size`` is required
+    when no argument is mapped.
+    """
+
+    def mapped(*args):
+        axes = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
+        if len(axes) != len(args):
+            raise ProgramError(
+                f"ex.vmap: in_axes has {len(axes)} entries for {len(args)} arguments."
+            )
+        size = axis_size
+        if size is None:
+            sizes = {
+                jnp.shape(leaf)[ax]
+                for a, ax in zip(args, axes, strict=True)
+                if ax is not None
+                for leaf in jax.tree_util.tree_leaves(a)
+            }
+            if not sizes:
+                raise ProgramError("ex.vmap: no argument is mapped; give axis_size=.")
+            size = sizes.pop()
+
+        def inner(anchor, *a):
+            with _anchored(anchor):
+                return fn(*a)
+
+        return jax.vmap(inner, in_axes=(0, *axes), out_axes=out_axes)(jnp.arange(size), *args)
+
+    return mapped
 
 
 # --- expect --------------------------------------------------------------------------------
@@ -252,8 +306,8 @@ compat.register_rules(
 )
 
 
-def stage(fn: Callable, args: tuple, what: str):
-    """Trace ``fn(*args)`` to a jaxpr in a fresh naming scope.
+def stage(fn: Callable, args: tuple, what: str, *, fresh_names: bool = True, float_outputs: bool = True):
+    """Trace ``fn(*args)`` to a jaxpr (in a fresh naming scope unless ``fresh_names=False``).
 
     Returns ``(closed_jaxpr, in_tree, out_tree)``; ``args`` may hold arrays or
     ``ShapeDtypeStruct``s.
@@ -276,9 +330,9 @@ def stage(fn: Callable, args: tuple, what: str):
                 f"{what}: argument leaf {i} is a {type(x).__name__}, not an array; program "
                 "arguments must be pytrees of arrays and numbers."
             ) from e
-    with name_scope():
+    with name_scope() if fresh_names else contextlib.nullcontext():
         closed = jax.make_jaxpr(flat_fn)(*structs)
-    for v in closed.jaxpr.outvars:
+    for v in closed.jaxpr.outvars if float_outputs else ():
         if not compat.is_float_dtype(v.aval.dtype):
             raise ProgramError(
                 f"{what} returns a value of dtype {v.aval.dtype}; an expectation's value must be "

@@ -47,10 +47,16 @@ class SiteSpec:
     location: str | None
     statics: tuple  # per leaf: its concrete value, or OPERAND
     levels: tuple[Level, ...] = ()  # per level: (in_axes per *operand*, size)
+    #: trailing operands that are not leaves but lane anchors of ``ex.vmap`` (see there)
+    n_anchors: int = 0
 
     def merge(self, operands, fill=None) -> tuple:
-        """All leaves: ``operands`` in the OPERAND slots, the statics (or ``fill``) elsewhere."""
-        it = iter(operands)
+        """All leaves: ``operands`` in the OPERAND slots, the statics (or ``fill``) elsewhere.
+
+        Trailing lane anchors among ``operands`` are dropped.
+        """
+        operands = tuple(operands)
+        it = iter(operands[: len(operands) - self.n_anchors])
         out = tuple(next(it) if s is OPERAND else (s if fill is None else fill(s)) for s in self.statics)
         if next(it, OPERAND) is not OPERAND:
             raise ValueError(f"site {self.name!r}: more operands than the distribution has leaves")

@@ -1,0 +1,8 @@
+"""Objectives written in the estimax language (none is special-cased in a pass)."""
+
+from ._vi import LogJoint as LogJoint
+from ._vi import cubo as cubo
+from ._vi import elbo as elbo
+from ._vi import iwelbo as iwelbo
+from ._vi import log_weight as log_weight
+from ._vi import renyi as renyi

@@ -1,0 +1,579 @@
+"""``fit``: train the parameters of a program with an optax optimizer, in one call.
+
+The loop is fused: each chunk of ``chunk`` steps runs inside one jitted ``lax.scan`` whose
+carry holds the parameters, the optimizer state and the key, so the host sees the device
+once per chunk (to update the progress bar, the running objective and the stopping rule),
+never once per step. The chunk function is compiled once per call of :func:`fit`: a last
+partial chunk runs through the same compiled scan, with the steps past the end skipped
+(``lax.cond``, so they cost no gradient evaluations).
+
+Sharp edges:
+
+- The objective is **minimized**. For an objective to maximize (an ELBO), pass
+  ``maximize=True``; the history is then reported in the objective's own sign.
+- Each :func:`fit` call compiles its chunk function anew (the optimizer and the objective
+  are closed over). To continue a run, call :func:`fit` again with ``params``,
+  ``opt_state`` and ``key`` from the previous :class:`FitResult`; that costs one compile.
+- A non-finite objective, gradient or updated parameter stops the run: the step is not
+  applied, the result holds the last finite parameters, and a ``RuntimeWarning`` names the
+  step. The rest of the chunk in which it happened is skipped on the device.
+- The running objective (progress bar, ``FitResult.averages``, early stopping) is a mean of
+  recent single-sample estimates, so it is noisy; choose ``EarlyStop.min_delta`` above that
+  noise, or raise ``window``.
+- Buffers are not donated: the ``params`` passed in stay valid, at the cost of holding two
+  copies of the parameters and optimizer state during a chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import sys
+import time
+import warnings
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .._errors import ProgramError
+from ..dsl._program import Expectation, value_and_grad
+from . import _jax_compat as compat
+
+# --- public values -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStop:
+    """Stop when the running objective has stopped improving.
+
+    After each chunk, the running objective (the mean of the last ``window`` per-step
+    estimates, see :func:`fit`) is compared with the best seen so far. It counts as an
+    improvement when it is better by more than ``min_delta`` (lower, or higher with
+    ``maximize=True``). The run stops after ``patience`` chunks in a row without one.
+
+    Args:
+        patience: chunks in a row without improvement before stopping (``>= 1``).
+        min_delta: the smallest change that counts as an improvement (``>= 0``), in the
+            objective's units. Single-sample estimates are noisy: set it above the noise of
+            the running objective, or the run may go on (or stop) on noise.
+
+    Example:
+        >>> EarlyStop(patience=3, min_delta=1e-3)
+        EarlyStop(patience=3, min_delta=0.001)
+    """
+
+    patience: int = 5
+    min_delta: float = 0.0
+
+    def __post_init__(self):
+        if isinstance(self.patience, bool) or not isinstance(self.patience, numbers.Integral) or self.patience < 1:
+            raise ValueError(f"EarlyStop: patience must be an integer >= 1 (a number of chunks); got {self.patience!r}.")
+        if isinstance(self.min_delta, bool) or not isinstance(self.min_delta, numbers.Real) or not (
+            np.isfinite(self.min_delta) and self.min_delta >= 0
+        ):
+            raise ValueError(f"EarlyStop: min_delta must be a finite number >= 0; got {self.min_delta!r}.")
+
+
+class FitProgress(NamedTuple):
+    """What a ``callback`` passed to :func:`fit` receives after each chunk.
+
+    Attributes:
+        step: steps run so far.
+        params: the parameters after ``step`` steps.
+        opt_state: the optimizer state after ``step`` steps.
+        average: the running objective (mean of the last ``window`` estimates).
+        estimates: the per-step estimates of the objective in this chunk (NumPy).
+    """
+
+    step: int
+    params: Any
+    opt_state: Any
+    average: float
+    estimates: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class FitResult:
+    """The outcome of :func:`fit`.
+
+    Attributes:
+        params: the trained parameters (the last finite ones if the run hit a non-finite value).
+        opt_state: the optimizer state that goes with ``params`` (pass it back to
+            :func:`fit` to continue the run).
+        key: the key that continues the run: ``fit(..., key=result.key)`` draws the keys a
+            longer run would have drawn.
+        history: the per-step estimates of the objective, ``history[i]`` taken at the
+            parameters before step ``i``; shape ``(steps_run,)``, in the objective's own sign
+            (also with ``maximize=True``). Ready to plot.
+        averages: the running objective after each chunk (the mean of the last ``window``
+            estimates), one entry per chunk that ran at least one step.
+        average_steps: the number of steps run when each entry of ``averages`` was taken.
+        steps_run: the number of steps applied to the parameters.
+        stopped_early: whether the run ended before ``steps`` steps.
+        reason: why the run ended, in words (``"completed 1000 steps"``, or what stopped it).
+        nonfinite_step: the index of the step whose objective, gradient or update first
+            became non-finite, or ``None``.
+    """
+
+    params: Any
+    opt_state: Any
+    key: Any
+    history: np.ndarray
+    averages: np.ndarray
+    average_steps: np.ndarray
+    steps_run: int
+    stopped_early: bool
+    reason: str
+    nonfinite_step: int | None = None
+
+    def __repr__(self) -> str:
+        last = f", final average={self.averages[-1]:.6g}" if len(self.averages) else ""
+        return (
+            f"FitResult(steps_run={self.steps_run}, stopped_early={self.stopped_early}, "
+            f"reason={self.reason!r}{last})"
+        )
+
+
+# --- the fused loop ------------------------------------------------------------------------
+
+# Status codes carried through the scan (failure inside jit is data).
+_OK, _BAD_VALUE, _BAD_GRAD, _BAD_PARAMS = 0, 1, 2, 3
+_STATUS_WHAT = {_BAD_VALUE: "objective", _BAD_GRAD: "gradient", _BAD_PARAMS: "updated parameters"}
+
+
+class _State(NamedTuple):
+    params: Any
+    opt_state: Any
+    key: Any
+    step: jax.Array  # int32: steps applied so far
+    status: jax.Array  # int32: one of the status codes
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if compat.is_float_dtype(x.dtype)]
+    return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
+
+
+def _select(pred, on_true, on_false):
+    return jax.tree.map(lambda a, b: jax.lax.select(pred, a, b), on_true, on_false)
+
+
+def _make_chunk_fn(vg, optimizer, argnums: int, chunk: int, maximize: bool, value_struct):
+    """A jitted ``(state, n_active, args) -> (state, estimates[chunk])``: ``chunk`` steps of
+    which the first ``n_active`` run (while the state stays finite) and the rest are skipped."""
+
+    def one_step(state: _State, args):
+        key, sub = jax.random.split(state.key)
+        full = args[:argnums] + (state.params,) + args[argnums:]
+        value, grads = vg(sub, *full)
+        if maximize:
+            grads = jax.tree.map(jnp.negative, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        status = jnp.where(
+            ~jnp.isfinite(value),
+            _BAD_VALUE,
+            jnp.where(~_all_finite(grads), _BAD_GRAD, jnp.where(~_all_finite(params), _BAD_PARAMS, _OK)),
+        ).astype(jnp.int32)
+        ok = status == _OK
+        new = _State(
+            params=_select(ok, params, state.params),
+            opt_state=_select(ok, opt_state, state.opt_state),
+            key=jax.lax.select(ok, key, state.key),
+            step=state.step + ok.astype(jnp.int32),
+            status=status,
+        )
+        return new, value.astype(value_struct.dtype)
+
+    def skip(state: _State, args):
+        del args
+        return state, jnp.full((), jnp.nan, value_struct.dtype)
+
+    def run(state: _State, n_active, args):
+        def body(state, i):
+            active = (i < n_active) & (state.status == _OK)
+            return jax.lax.cond(active, one_step, skip, state, args)
+
+        return jax.lax.scan(body, state, jnp.arange(chunk, dtype=jnp.int32))
+
+    return jax.jit(run)
+
+
+# --- progress ------------------------------------------------------------------------------
+
+
+def _import_tqdm():
+    """``tqdm.auto.tqdm`` if tqdm is installed, else ``None`` (tqdm is optional)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm
+
+
+def _interactive() -> bool:
+    """Whether a progress bar is wanted by default: stderr is a terminal, or a Jupyter kernel runs."""
+    try:
+        if sys.stderr is not None and sys.stderr.isatty():
+            return True
+    except (AttributeError, ValueError):
+        pass
+    return "ipykernel" in sys.modules
+
+
+class _LinePrinter:
+    """A single-line progress display on stderr, for when tqdm is not installed."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.n, self.postfix = total, desc, 0, ""
+        self.t0 = time.perf_counter()
+        self._width = 0
+
+    def _show(self, end: str = ""):
+        rate = self.n / max(time.perf_counter() - self.t0, 1e-9)
+        line = f"{self.desc}: {self.n}/{self.total} steps ({rate:.0f} steps/s){self.postfix}"
+        pad = " " * max(0, self._width - len(line))
+        self._width = len(line)
+        sys.stderr.write("\r" + line + pad + end)
+        sys.stderr.flush()
+
+    def update(self, n: int, average: float | None):
+        self.n += n
+        if average is not None:
+            self.postfix = f" objective={average:.5g}"
+        self._show()
+
+    def close(self, note: str | None = None):
+        if note:
+            self.postfix += f" [{note}]"
+        self._show(end="\n")
+
+
+class _TqdmBar:
+    def __init__(self, tqdm, total: int, desc: str):
+        self.bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, n: int, average: float | None):
+        if average is not None:
+            self.bar.set_postfix_str(f"objective={average:.5g}", refresh=False)
+        self.bar.update(n)
+
+    def close(self, note: str | None = None):
+        if note:
+            self.bar.set_postfix_str(f"{self.bar.postfix or ''} [{note}]".strip(), refresh=True)
+        self.bar.close()
+
+
+class _NoBar:
+    def update(self, n: int, average: float | None):
+        del n, average
+
+    def close(self, note: str | None = None):
+        del note
+
+
+def _make_progress(progress, total: int, desc: str):
+    if progress is None:
+        progress = _interactive()
+    if not progress:
+        return _NoBar()
+    tqdm = _import_tqdm()
+    if tqdm is None:
+        return _LinePrinter(total, desc)
+    return _TqdmBar(tqdm, total, desc)
+
+
+# --- argument checks -----------------------------------------------------------------------
+
+
+def _positive_int(value, name: str, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"fit: {name} must be an integer >= 1 ({what}); got {value!r}.")
+    if value < 1:
+        raise ValueError(f"fit: {name} must be >= 1 ({what}); got {name}={value}.")
+    return int(value)
+
+
+def _check_key(key):
+    try:
+        aval = compat.aval_of(key)
+    except TypeError:
+        aval = None
+    ok = False
+    if aval is not None:
+        if jax.dtypes.issubdtype(aval.dtype, jax.dtypes.prng_key):
+            ok = aval.shape == ()
+        else:
+            ok = aval.dtype == jnp.uint32 and aval.shape == (2,)
+    if not ok:
+        got = f"{aval.dtype}{list(aval.shape)}" if aval is not None else repr(key)
+        raise ProgramError(
+            f"fit: key must be a single PRNG key (jax.random.key(0) or jax.random.PRNGKey(0)); got {got}."
+        )
+
+
+def _strong_float_params(params):
+    """``params`` as JAX arrays with strong dtypes (a scan carry must keep its types); an
+    error naming any leaf that is not floating point."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if not leaves:
+        raise ProgramError("fit: params is an empty pytree; there is nothing to optimize.")
+    out = []
+    for path, leaf in leaves:
+        try:
+            arr = jnp.asarray(leaf)
+        except TypeError:
+            raise ProgramError(
+                f"fit: params leaf {jax.tree_util.keystr(path) or '(the root)'} is a "
+                f"{type(leaf).__name__}, not an array; params must be a pytree of float arrays."
+            ) from None
+        if not compat.is_float_dtype(arr.dtype):
+            raise ProgramError(
+                f"fit: params leaf {jax.tree_util.keystr(path) or '(the root)'} has dtype {arr.dtype}; "
+                "fit optimizes floating-point parameters. Pass integer or boolean inputs among "
+                "the objective's other arguments (*args), or cast the leaf to float."
+            )
+        out.append(jnp.array(arr, dtype=arr.dtype))  # an explicit dtype drops weak typing
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _as_early_stop(early_stop) -> EarlyStop | None:
+    if early_stop is None or isinstance(early_stop, EarlyStop):
+        return early_stop
+    if isinstance(early_stop, Mapping):
+        fields = {f.name for f in dataclasses.fields(EarlyStop)}
+        unknown = sorted(set(early_stop) - fields)
+        if unknown:
+            raise ValueError(
+                f"fit: early_stop has unknown field(s) {unknown}; the fields are {sorted(fields)}, "
+                "e.g. early_stop=dict(patience=5, min_delta=1e-3)."
+            )
+        return EarlyStop(**early_stop)
+    raise TypeError(
+        f"fit: early_stop must be None, an EarlyStop or a dict of its fields; got "
+        f"{type(early_stop).__name__}. Write e.g. early_stop=EarlyStop(patience=5, min_delta=1e-3)."
+    )
+
+
+# --- fit -----------------------------------------------------------------------------------
+
+
+def fit(
+    objective: Expectation | Callable,
+    params,
+    *args,
+    optimizer: optax.GradientTransformation,
+    steps: int,
+    key,
+    argnums: int = 0,
+    maximize: bool = False,
+    chunk: int = 100,
+    window: int | None = None,
+    opt_state=None,
+    early_stop: EarlyStop | Mapping | None = None,
+    callback: Callable[[FitProgress], Any] | None = None,
+    progress: bool | None = None,
+) -> FitResult:
+    """Minimize the expected value of a program over ``params`` with an optax optimizer.
+
+    Each step draws a fresh key, takes the estimator's ``(value, gradient)`` estimate of
+    ``E[objective(...)]`` (:func:`estimax.value_and_grad`) and applies one optimizer
+    update. Steps run fused in chunks of ``chunk``, each chunk one compiled ``lax.scan``;
+    between chunks the host updates the progress bar, the running objective, the stopping
+    rule and ``callback``. The chunk function is compiled once per call: a last partial
+    chunk reuses it, skipping the steps past ``steps``.
+
+    Args:
+        objective: an ``@ex.expectation`` program returning a scalar (a plain function is
+            made a program, as :func:`estimax.value_and_grad` does).
+        params: the initial parameters, a pytree of floating-point arrays. It is passed to
+            the objective as argument number ``argnums``; ``*args`` fill the other positions
+            in order (with ``argnums=0``, the objective is called as ``objective(params, *args)``).
+        *args: the objective's other arguments (data); not optimized.
+        optimizer: an ``optax.GradientTransformation``, e.g. ``optax.adam(1e-2)``.
+        steps: the number of optimizer steps (``>= 1``).
+        key: a PRNG key (``jax.random.key(0)`` or ``jax.random.PRNGKey(0)``); step ``i`` uses
+            the ``i``-th key split off it, so the result depends on ``key`` alone, not on
+            ``chunk``.
+        argnums: the position of ``params`` among the objective's arguments (one integer;
+            for several parameter groups pass one pytree, e.g. a dict).
+        maximize: maximize the objective instead (e.g. an ELBO). The history, averages and
+            progress bar still show the objective's own value.
+        chunk: steps fused in one compiled scan (``>= 1``). Larger chunks mean fewer
+            host round-trips; the progress bar and stopping rules act between chunks.
+        window: the number of most recent estimates averaged into the running objective
+            shown by the progress bar, recorded in ``FitResult.averages`` and used by
+            ``early_stop``. Default: ``chunk``.
+        opt_state: an optimizer state to resume from (default: ``optimizer.init(params)``).
+        early_stop: ``EarlyStop(patience, min_delta)`` (or a dict of those fields) to stop
+            when the running objective stops improving. A non-finite objective, gradient
+            or update always stops the run (see :class:`FitResult`).
+        callback: called as ``callback(FitProgress(...))`` after each chunk, on the host;
+            returning a true value stops the run.
+        progress: show a progress bar with the running objective. ``None`` (default): on
+            when stderr is a terminal (or in a Jupyter kernel), off otherwise (tests, CI,
+            logs). Uses tqdm when installed, else a single line on stderr.
+
+    Returns:
+        A :class:`FitResult`: ``params``, ``opt_state``, ``key``, ``history`` (per-step
+        estimates), ``averages``, ``steps_run``, ``stopped_early`` and ``reason``.
+
+    Raises:
+        ValueError: ``steps``, ``chunk`` or ``window`` is not a positive integer.
+        TypeError: ``optimizer`` is not an optax ``GradientTransformation``, or
+            ``callback`` is not callable.
+        estimax.ProgramError: ``objective`` is not a program, ``argnums`` or ``key`` is
+            wrong, a ``params`` leaf is not floating point, or the objective does not return
+            a scalar.
+
+    Example:
+        A Gaussian mean under a ``N(0, 1)`` prior: the optimal ``q(z) = N(m, s)`` is the
+        posterior, ``m = sum(x) / (n + 1)`` and ``s = 1 / sqrt(n + 1)``.
+
+        >>> import jax, jax.numpy as jnp, numpyro.distributions as dist, optax
+        >>> import estimax as ex
+        >>> from estimax.runtime._fit import fit
+        >>> @ex.expectation
+        ... def elbo(params, x):
+        ...     q = dist.Normal(params["m"], jnp.exp(params["log_s"]))
+        ...     z = ex.sample(q, name="z")
+        ...     log_p = dist.Normal(0.0, 1.0).log_prob(z) + dist.Normal(z, 1.0).log_prob(x).sum()
+        ...     return log_p - q.log_prob(z)
+        >>> x = jnp.array([1.0, 2.0, 3.0])
+        >>> params = {"m": jnp.array(0.0), "log_s": jnp.array(0.0)}
+        >>> result = fit(elbo, params, x, optimizer=optax.adam(0.05), steps=1500,
+        ...              key=jax.random.key(0), maximize=True, chunk=500)
+        >>> result.steps_run, result.history.shape, result.stopped_early
+        (1500, (1500,), False)
+        >>> round(float(result.params["m"]), 1)   # sum(x) / (n + 1) = 1.5
+        1.5
+    """
+    # --- validate, at the call, naming the argument ---------------------------------------
+    if not callable(objective):
+        raise ProgramError(
+            f"fit: objective must be a program (an @ex.expectation function) or a function; "
+            f"got {type(objective).__name__}."
+        )
+    if not isinstance(optimizer, optax.GradientTransformation):
+        hint = " (call it: optax.adam(1e-2), not optax.adam)" if callable(optimizer) else ""
+        raise TypeError(
+            f"fit: optimizer must be an optax GradientTransformation such as optax.adam(1e-2); "
+            f"got {type(optimizer).__name__}{hint}."
+        )
+    steps = _positive_int(steps, "steps", "the number of optimizer steps")
+    chunk = _positive_int(chunk, "chunk", "the number of steps fused in one compiled scan")
+    window = chunk if window is None else _positive_int(window, "window", "the steps in the running average")
+    chunk = min(chunk, steps)
+    if isinstance(argnums, bool) or not isinstance(argnums, numbers.Integral):
+        raise ProgramError(
+            f"fit: argnums must be one integer, the position of params among the objective's "
+            f"arguments; got {argnums!r}. To optimize several groups, pass them as one pytree "
+            "(a dict or tuple) in params."
+        )
+    if not 0 <= argnums <= len(args):
+        raise ProgramError(
+            f"fit: argnums={argnums} is out of range: the objective is called with params and "
+            f"{len(args)} other argument(s), so argnums must be between 0 and {len(args)}."
+        )
+    argnums = int(argnums)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"fit: callback must be callable or None; got {type(callback).__name__}.")
+    early_stop = _as_early_stop(early_stop)
+    _check_key(key)
+    params = _strong_float_params(params)
+    if opt_state is None:
+        opt_state = optimizer.init(params)
+
+    # --- trace the estimator once, outside the loop: its errors surface here --------------
+    program = objective if isinstance(objective, Expectation) else Expectation(objective)
+    vg = value_and_grad(program, argnums=argnums)
+    full = args[:argnums] + (params,) + args[argnums:]
+    value_struct, _ = jax.eval_shape(vg, key, *full)
+    if not compat.is_float_dtype(value_struct.dtype):
+        value_struct = jax.ShapeDtypeStruct((), jnp.float32)
+
+    run_chunk = _make_chunk_fn(vg, optimizer, argnums, chunk, maximize, value_struct)
+    state = _State(params, opt_state, key, jnp.int32(0), jnp.int32(_OK))
+
+    # --- the host loop: one device round-trip per chunk -----------------------------------
+    history = np.empty(steps, dtype=np.dtype(value_struct.dtype))
+    averages: list[float] = []
+    average_steps: list[int] = []
+    sign = -1.0 if maximize else 1.0  # improvement means sign * average going down
+    best, waited = np.inf, 0
+    done = 0
+    stopped_early, reason, nonfinite_step = False, f"completed {steps} steps", None
+    bar = _make_progress(progress, steps, f"fit {program.name}")
+    note = None
+    try:
+        while done < steps:
+            n_active = min(chunk, steps - done)
+            state, estimates = run_chunk(state, np.int32(n_active), args)
+            estimates = np.asarray(estimates)  # the one host sync per chunk
+            now = int(state.step)
+            applied = now - done
+            history[done:now] = estimates[:applied]
+            done = now
+            average = None
+            if done > 0 and applied > 0:
+                average = float(np.mean(history[max(0, done - window) : done]))
+                averages.append(average)
+                average_steps.append(done)
+            bar.update(applied, average)
+
+            status = int(state.status)
+            if status != _OK:
+                nonfinite_step = done
+                bad = estimates[applied]
+                stopped_early = True
+                reason = (
+                    f"non-finite {_STATUS_WHAT[status]} at step {done} (objective estimate {bad}); "
+                    f"the result holds the parameters before that step"
+                )
+                note = f"stopped: non-finite {_STATUS_WHAT[status]} at step {done}"
+                warnings.warn(f"fit({program.name}): {reason}.", RuntimeWarning, stacklevel=2)
+                break
+            if callback is not None:
+                info = FitProgress(done, state.params, state.opt_state, average, estimates[:applied])
+                if callback(info):
+                    if done < steps:
+                        stopped_early = True
+                        reason = f"stopped by callback after {done} steps"
+                        note = "stopped by callback"
+                    break
+            if early_stop is not None and average is not None and done < steps:
+                score = sign * average
+                if score < best - early_stop.min_delta:
+                    best, waited = score, 0
+                else:
+                    waited += 1
+                if waited >= early_stop.patience:
+                    stopped_early = True
+                    reason = (
+                        f"plateau: the running objective did not improve by more than "
+                        f"{early_stop.min_delta:g} for {early_stop.patience} chunk(s); stopped after "
+                        f"{done} steps at {average:.6g}"
+                    )
+                    note = f"plateau after {done} steps"
+                    break
+    finally:
+        bar.close(note)
+
+    return FitResult(
+        params=state.params,
+        opt_state=state.opt_state,
+        key=state.key,
+        history=history[:done].copy(),
+        averages=np.asarray(averages, dtype=np.float64),
+        average_steps=np.asarray(average_steps, dtype=np.int64),
+        steps_run=done,
+        stopped_early=stopped_early,
+        reason=reason,
+        nonfinite_step=nonfinite_step,
+    )
+
+
+__all__ = ["EarlyStop", "FitProgress", "FitResult", "fit"]

@@ -1,0 +1,130 @@
+"""Variational objectives on a conjugate Gaussian model, against closed forms and NumPyro."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from jax.scipy.stats import multivariate_normal
+
+import estimax as ex
+from estimax.testing import assert_unbiased, key_from, mean_and_se
+
+X = jnp.array([0.8, 1.9, 0.3, 1.2])
+N = X.shape[0]
+
+
+def model(params, x):
+    del params
+    z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+    with numpyro.plate("data", x.shape[0]):
+        numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def guide(params, x):
+    del x
+    return ex.sample(dist.Normal(params["m"], jnp.exp(params["log_s"])), name="z")
+
+
+def log_evidence(x):
+    n = x.shape[0]
+    return multivariate_normal.logpdf(x, jnp.zeros(n), jnp.eye(n) + jnp.ones((n, n)))
+
+
+def exact_elbo(params, x):
+    m, s2 = params["m"], jnp.exp(2 * params["log_s"])
+    c = -0.5 * math.log(2 * math.pi)
+    prior = c - 0.5 * (m**2 + s2)
+    lik = jnp.sum(c - 0.5 * ((x - m) ** 2 + s2))
+    entropy = 0.5 * jnp.log(2 * math.pi * math.e * s2)
+    return prior + lik + entropy
+
+
+POSTERIOR = {"m": jnp.sum(X) / (N + 1), "log_s": -0.5 * jnp.log(N + 1.0)}
+POOR = {"m": jnp.float32(-0.5), "log_s": jnp.float32(0.4)}
+
+
+def test_elbo_value_and_gradient_are_unbiased():
+    objective = ex.objectives.elbo(model, guide)
+    plan = ex.explain(objective, POOR, X)
+    assert [s.name for s in plan.sites] == ["z"] and plan.certificate.kind == "unbiased"
+    assert_unbiased(objective.estimate, exact_elbo(POOR, X), args=(POOR, X), seed="elbo-value", n=20000)
+    assert_unbiased(ex.grad(objective), jax.grad(exact_elbo)(POOR, X), args=(POOR, X), seed="elbo-grad", n=20000)
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [
+        ex.objectives.elbo(model, guide),
+        ex.objectives.elbo(model, guide, particles=3),
+        ex.objectives.iwelbo(model, guide, 5),
+        ex.objectives.renyi(model, guide, 0.5, 4),
+        ex.objectives.cubo(model, guide, 2.0, 4),
+    ],
+    ids=["elbo", "elbo3", "iwelbo5", "renyi0.5", "cubo2"],
+)
+def test_exact_posterior_guide_gives_the_log_evidence(objective):
+    """With q = p(z | x) every weight is p(x): each bound equals log p(x) with zero variance."""
+    values = jax.vmap(objective.estimate, (0, None, None))(jax.random.split(key_from("exact-q"), 64), POSTERIOR, X)
+    np.testing.assert_allclose(values, log_evidence(X), rtol=2e-5)
+
+
+def test_iwelbo_increases_with_k_towards_the_log_evidence():
+    means, ses = [], []
+    for k in (1, 4, 16, 64):
+        m, se = mean_and_se(ex.objectives.iwelbo(model, guide, k).estimate, key_from("iwelbo", k), 4000, args=(POOR, X))
+        means.append(float(m))
+        ses.append(float(se))
+    for (a, sa), (b, sb) in zip(zip(means, ses), zip(means[1:], ses[1:])):
+        assert b - a > 3 * math.hypot(sa, sb), (means, ses)
+    assert means[-1] < float(log_evidence(X)) + 5 * ses[-1]
+    assert float(exact_elbo(POOR, X)) == pytest.approx(means[0], abs=5 * ses[0])
+
+
+def test_renyi_alpha_zero_is_the_iwelbo():
+    key = jax.random.PRNGKey(3)
+    a = ex.objectives.renyi(model, guide, 0.0, 6).estimate(key, POOR, X)
+    b = ex.objectives.iwelbo(model, guide, 6).estimate(key, POOR, X)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    assert ex.objectives.renyi(model, guide, 1.0).name == "elbo"
+
+
+def test_elbo_matches_numpyro_trace_elbo():
+    from numpyro.infer import Trace_ELBO
+
+    def np_guide(params, x):
+        numpyro.sample("z", dist.Normal(params["m"], jnp.exp(params["log_s"])))
+
+    loss = jax.jit(lambda k: Trace_ELBO().loss(k, {}, model, np_guide, POOR, X))
+    ours_mean, ours_se = mean_and_se(ex.objectives.elbo(model, guide).estimate, key_from("np-ours"), 20000, args=(POOR, X))
+    theirs = jax.vmap(loss)(jax.random.split(key_from("np-theirs"), 20000))
+    theirs_mean, theirs_se = -float(jnp.mean(theirs)), float(jnp.std(theirs)) / math.sqrt(20000)
+    assert abs(float(ours_mean) - theirs_mean) < 5 * math.hypot(float(ours_se), theirs_se)
+
+
+def test_log_joint_model_and_missing_latent_error():
+    lj = ex.objectives.LogJoint(
+        lambda z, params, x: dist.Normal(0.0, 1.0).log_prob(z["z"]) + jnp.sum(dist.Normal(z["z"], 1.0).log_prob(x))
+    )
+    key = jax.random.PRNGKey(0)
+    a = ex.objectives.elbo(lj, guide).estimate(key, POOR, X)
+    b = ex.objectives.elbo(model, guide).estimate(key, POOR, X)
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+
+    def wrong_guide(params, x):
+        return ex.sample(dist.Normal(params["m"], 1.0), name="not_z")
+
+    with pytest.raises(ex.ProgramError, match=r"latent site 'z'.*not_z"):
+        ex.objectives.elbo(model, wrong_guide).estimate(key, POOR, X)
+
+
+def test_vmap_draws_independently_per_lane():
+    @ex.expectation
+    def spread(mu):
+        zs = ex.vmap(lambda: ex.sample(dist.Normal(mu, 1.0), name="z"), axis_size=5)()
+        return jnp.var(zs) * 5 / 4  # unbiased sample variance: E = 1
+
+    assert_unbiased(spread.estimate, 1.0, args=(jnp.float32(0.3),), seed="ex-vmap", n=20000)
