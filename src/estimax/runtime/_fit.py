@@ -3,17 +3,20 @@
 The loop is fused: each chunk of ``chunk`` steps runs inside one jitted ``lax.scan`` whose
 carry holds the parameters, the optimizer state and the key, so the host sees the device
 once per chunk (to update the progress bar, the running objective and the stopping rule),
-never once per step. The chunk function is compiled once per call of :func:`fit`: a last
-partial chunk runs through the same compiled scan, with the steps past the end skipped
-(``lax.cond``, so they cost no gradient evaluations).
+never once per step. The chunk function is compiled once: a last partial chunk runs through
+the same compiled scan, with the steps past the end skipped (``lax.cond``, so they cost no
+gradient evaluations).
 
 Sharp edges:
 
 - The objective is **minimized**. For an objective to maximize (an ELBO), pass
   ``maximize=True``; the history is then reported in the objective's own sign.
-- Each :func:`fit` call compiles its chunk function anew (the optimizer and the objective
-  are closed over). To continue a run, call :func:`fit` again with ``params``,
-  ``opt_state`` and ``key`` from the previous :class:`FitResult`; that costs one compile.
+- The compiled chunk function is remembered for the last 8 combinations of objective,
+  optimizer, ``argnums``, ``chunk`` and ``maximize``, compared by identity as ``jax.jit``
+  compares functions: a second :func:`fit` with the *same* objects (a resumed run, another
+  initialization, other data of the same shapes) compiles nothing, but ``optax.adam(1e-2)``
+  written twice is two optimizers and compiles twice. Keep the optimizer in a variable.
+  The cache holds references to those objects (and their compiled code) until evicted.
 - A non-finite objective, gradient or updated parameter stops the run: the step is not
   applied, the result holds the last finite parameters, and a ``RuntimeWarning`` names the
   step. The rest of the chunk in which it happened is skipped on the device.
@@ -27,6 +30,7 @@ Sharp edges:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 import sys
 import time
@@ -69,12 +73,11 @@ class EarlyStop:
     min_delta: float = 0.0
 
     def __post_init__(self):
-        if isinstance(self.patience, bool) or not isinstance(self.patience, numbers.Integral) or self.patience < 1:
-            raise ValueError(f"EarlyStop: patience must be an integer >= 1 (a number of chunks); got {self.patience!r}.")
-        if isinstance(self.min_delta, bool) or not isinstance(self.min_delta, numbers.Real) or not (
-            np.isfinite(self.min_delta) and self.min_delta >= 0
-        ):
-            raise ValueError(f"EarlyStop: min_delta must be a finite number >= 0; got {self.min_delta!r}.")
+        p, d = self.patience, self.min_delta
+        if isinstance(p, bool) or not isinstance(p, numbers.Integral) or p < 1:
+            raise ValueError(f"EarlyStop: patience must be an integer >= 1 (a number of chunks); got {p!r}.")
+        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not (np.isfinite(d) and d >= 0):
+            raise ValueError(f"EarlyStop: min_delta must be a finite number >= 0; got {d!r}.")
 
 
 class FitProgress(NamedTuple):
@@ -161,17 +164,30 @@ def _select(pred, on_true, on_false):
     return jax.tree.map(lambda a, b: jax.lax.select(pred, a, b), on_true, on_false)
 
 
-def _make_chunk_fn(vg, optimizer, argnums: int, chunk: int, maximize: bool, value_struct):
-    """A jitted ``(state, n_active, args) -> (state, estimates[chunk])``: ``chunk`` steps of
-    which the first ``n_active`` run (while the state stays finite) and the rest are skipped."""
+class _Compiled(NamedTuple):
+    program: Expectation
+    value_and_grad: Callable  # (key, *args) -> (value, grads), jitted
+    run_chunk: Callable  # (state, n_active, args) -> (state, estimates[chunk]), jitted
+
+
+def _build(objective, optimizer, argnums: int, chunk: int, maximize: bool) -> _Compiled:
+    """The program, its estimator and the jitted chunk function: ``chunk`` steps of which the
+    first ``n_active`` run (while the state stays finite) and the rest are skipped."""
+    program = objective if isinstance(objective, Expectation) else Expectation(objective)
+    vg = value_and_grad(program, argnums=argnums)
+    extra_args = isinstance(optimizer, optax.GradientTransformationExtraArgs)
 
     def one_step(state: _State, args):
         key, sub = jax.random.split(state.key)
         full = args[:argnums] + (state.params,) + args[argnums:]
         value, grads = vg(sub, *full)
+        loss = -value if maximize else value
         if maximize:
             grads = jax.tree.map(jnp.negative, grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        if extra_args:  # e.g. optax.contrib.reduce_on_plateau reads the loss as `value`
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params, value=loss)
+        else:
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         status = jnp.where(
             ~jnp.isfinite(value),
@@ -186,20 +202,37 @@ def _make_chunk_fn(vg, optimizer, argnums: int, chunk: int, maximize: bool, valu
             step=state.step + ok.astype(jnp.int32),
             status=status,
         )
-        return new, value.astype(value_struct.dtype)
-
-    def skip(state: _State, args):
-        del args
-        return state, jnp.full((), jnp.nan, value_struct.dtype)
+        return new, value
 
     def run(state: _State, n_active, args):
+        # the estimate's type, for the skipped steps (the estimator's trace is cached by jit)
+        value, _ = jax.eval_shape(vg, state.key, *(args[:argnums] + (state.params,) + args[argnums:]))
+
+        def skip(state: _State, args):
+            del args
+            return state, jnp.full(value.shape, jnp.nan, value.dtype)
+
         def body(state, i):
             active = (i < n_active) & (state.status == _OK)
             return jax.lax.cond(active, one_step, skip, state, args)
 
         return jax.lax.scan(body, state, jnp.arange(chunk, dtype=jnp.int32))
 
-    return jax.jit(run)
+    return _Compiled(program, vg, jax.jit(run))
+
+
+_build_cached = functools.lru_cache(maxsize=8)(_build)
+
+
+def _compiled(objective, optimizer, argnums, chunk, maximize) -> _Compiled:
+    """``_build``, remembered for the last few (objective, optimizer, ...) so that a second
+    ``fit`` with the same objects (a resumed run, another start, other data of the same
+    shapes) reuses the compiled chunk function. Objects that cannot be hashed are not cached."""
+    try:
+        hash((objective, optimizer))
+    except TypeError:
+        return _build(objective, optimizer, argnums, chunk, maximize)
+    return _build_cached(objective, optimizer, argnums, chunk, maximize)
 
 
 # --- progress ------------------------------------------------------------------------------
@@ -383,8 +416,9 @@ def fit(
     ``E[objective(...)]`` (:func:`estimax.value_and_grad`) and applies one optimizer
     update. Steps run fused in chunks of ``chunk``, each chunk one compiled ``lax.scan``;
     between chunks the host updates the progress bar, the running objective, the stopping
-    rule and ``callback``. The chunk function is compiled once per call: a last partial
-    chunk reuses it, skipping the steps past ``steps``.
+    rule and ``callback``. The chunk function is compiled once: a last partial chunk reuses
+    it, skipping the steps past ``steps``; a later call with the same ``objective`` and
+    ``optimizer`` objects (e.g. to continue a run) reuses it too.
 
     Args:
         objective: an ``@ex.expectation`` program returning a scalar (a plain function is
@@ -393,7 +427,10 @@ def fit(
             the objective as argument number ``argnums``; ``*args`` fill the other positions
             in order (with ``argnums=0``, the objective is called as ``objective(params, *args)``).
         *args: the objective's other arguments (data); not optimized.
-        optimizer: an ``optax.GradientTransformation``, e.g. ``optax.adam(1e-2)``.
+        optimizer: an ``optax.GradientTransformation``, e.g. ``optax.adam(1e-2)``. One
+            that takes extra arguments (``GradientTransformationExtraArgs``) also receives
+            ``value=``, the step's estimate of the minimized objective (so
+            ``optax.contrib.reduce_on_plateau`` works, on noisy single-sample values).
         steps: the number of optimizer steps (``>= 1``).
         key: a PRNG key (``jax.random.key(0)`` or ``jax.random.PRNGKey(0)``); step ``i`` uses
             the ``i``-th key split off it, so the result depends on ``key`` alone, not on
@@ -403,7 +440,8 @@ def fit(
         maximize: maximize the objective instead (e.g. an ELBO). The history, averages and
             progress bar still show the objective's own value.
         chunk: steps fused in one compiled scan (``>= 1``). Larger chunks mean fewer
-            host round-trips; the progress bar and stopping rules act between chunks.
+            host round-trips; the progress bar and stopping rules act between chunks. It
+            does not change the result: step ``i`` uses the same key for any ``chunk``.
         window: the number of most recent estimates averaged into the running objective
             shown by the progress bar, recorded in ``FitResult.averages`` and used by
             ``early_stop``. Default: ``chunk``.
@@ -435,7 +473,7 @@ def fit(
 
         >>> import jax, jax.numpy as jnp, numpyro.distributions as dist, optax
         >>> import estimax as ex
-        >>> from estimax.runtime._fit import fit
+        >>> from estimax.runtime._fit import EarlyStop, fit
         >>> @ex.expectation
         ... def elbo(params, x):
         ...     q = dist.Normal(params["m"], jnp.exp(params["log_s"]))
@@ -444,12 +482,24 @@ def fit(
         ...     return log_p - q.log_prob(z)
         >>> x = jnp.array([1.0, 2.0, 3.0])
         >>> params = {"m": jnp.array(0.0), "log_s": jnp.array(0.0)}
-        >>> result = fit(elbo, params, x, optimizer=optax.adam(0.05), steps=1500,
-        ...              key=jax.random.key(0), maximize=True, chunk=500)
+        >>> opt = optax.adam(1e-2)
+        >>> result = fit(elbo, params, x, optimizer=opt, steps=3000, key=jax.random.key(0),
+        ...              maximize=True)
         >>> result.steps_run, result.history.shape, result.stopped_early
-        (1500, (1500,), False)
-        >>> round(float(result.params["m"]), 1)   # sum(x) / (n + 1) = 1.5
-        1.5
+        (3000, (3000,), False)
+        >>> bool(abs(result.params["m"] - 1.5) < 0.1)   # sum(x) / (n + 1) = 1.5
+        True
+        >>> bool(abs(jnp.exp(result.params["log_s"]) - 0.5) < 0.05)   # 1 / sqrt(n + 1)
+        True
+
+        To continue a run, pass back its state; with the same objective and optimizer
+        objects nothing is compiled again. A stopping rule ends a run early:
+
+        >>> more = fit(elbo, result.params, x, optimizer=opt, steps=5000, key=result.key,
+        ...            opt_state=result.opt_state, maximize=True,
+        ...            early_stop=EarlyStop(patience=3, min_delta=1e-3))
+        >>> more.stopped_early, more.reason[:7]
+        (True, 'plateau')
     """
     # --- validate, at the call, naming the argument ---------------------------------------
     if not callable(objective):
@@ -466,7 +516,6 @@ def fit(
     steps = _positive_int(steps, "steps", "the number of optimizer steps")
     chunk = _positive_int(chunk, "chunk", "the number of steps fused in one compiled scan")
     window = chunk if window is None else _positive_int(window, "window", "the steps in the running average")
-    chunk = min(chunk, steps)
     if isinstance(argnums, bool) or not isinstance(argnums, numbers.Integral):
         raise ProgramError(
             f"fit: argnums must be one integer, the position of params among the objective's "
@@ -488,14 +537,9 @@ def fit(
         opt_state = optimizer.init(params)
 
     # --- trace the estimator once, outside the loop: its errors surface here --------------
-    program = objective if isinstance(objective, Expectation) else Expectation(objective)
-    vg = value_and_grad(program, argnums=argnums)
+    program, vg, run_chunk = _compiled(objective, optimizer, argnums, chunk, bool(maximize))
     full = args[:argnums] + (params,) + args[argnums:]
     value_struct, _ = jax.eval_shape(vg, key, *full)
-    if not compat.is_float_dtype(value_struct.dtype):
-        value_struct = jax.ShapeDtypeStruct((), jnp.float32)
-
-    run_chunk = _make_chunk_fn(vg, optimizer, argnums, chunk, maximize, value_struct)
     state = _State(params, opt_state, key, jnp.int32(0), jnp.int32(_OK))
 
     # --- the host loop: one device round-trip per chunk -----------------------------------

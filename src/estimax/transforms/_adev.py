@@ -36,6 +36,7 @@ from ..dsl._primitives import ExpectSpec, expect_p, sample_p
 from ..dsl._site import SiteDist
 from ..runtime import _jax_compat as compat
 from .estimators._base import ContinuationStrategy, LocalStrategy, SiteContext
+from ._rao_blackwell import CostTerms, analyze
 from .estimators._defaults import resolve
 
 Literal = compat.Literal
@@ -128,21 +129,46 @@ def _split(key):
     return k1, k2
 
 
-def _finish(outs, thread, mode):
-    """The last continuation: instantiate tangents and add pending score terms."""
-    primals = [p for p, _ in outs]
-    if not mode:
-        return primals, None
-    tangents = [_inst(p, t) for p, t in outs]
-    for s, o in thread.scores:
-        new = []
-        for p, t in zip(primals, tangents, strict=True):
-            term = p * s.astype(p.dtype)
-            if o is not None:
-                term = term - o.astype(p.dtype)
-            new.append(t + term)
-        tangents = new
-    return primals, tangents
+def make_finish(costs: CostTerms | None):
+    """The last continuation: instantiate tangents and add the pending score terms.
+
+    A score ``(s, o, mask)`` adds ``value·s − o`` to the tangent, where ``value`` is the
+    program's value or, with a Rao-Blackwellization ``mask``, the sum of the cost terms
+    downstream of the site (see ``_rao_blackwell``).
+    """
+
+    def finish(outs, thread, mode, env):
+        primals = [p for p, _ in outs]
+        if not mode:
+            return primals, None
+        tangents = [_inst(p, t) for p, t in outs]
+        contributions = None
+        for s, o, mask in thread.scores:
+            new = []
+            for p, t in zip(primals, tangents, strict=True):
+                value = p
+                if mask is not None:
+                    if contributions is None:
+                        contributions = costs.contributions(env)
+                    value = jnp.sum(mask * contributions).astype(p.dtype)
+                term = value * s.astype(p.dtype)
+                if o is not None:
+                    term = term - o.astype(p.dtype)
+                new.append(t + term)
+            tangents = new
+        return primals, tangents
+
+    return finish
+
+
+_COSTS: list = []  # the Rao-Blackwellization of the estimator being traced (a stack)
+
+
+def _score_mask(jaxpr, spec):
+    costs = _COSTS[-1] if _COSTS else None
+    if costs is None or jaxpr is not costs.jaxpr:
+        return None
+    return costs.mask(spec)
 
 
 # --- the continuation object ---------------------------------------------------------------
@@ -160,7 +186,7 @@ class _Cont:
         return self.run(self.jaxpr, env, self.i, self.thread, self.k, mode)
 
     def with_score(self, score, offset):
-        thread = self.thread._replace(scores=self.thread.scores + ((score, offset),))
+        thread = self.thread._replace(scores=self.thread.scores + ((score, offset, None),))
         return _Cont(self.run, self.jaxpr, self.env, self.i, self.outvar, thread, self.k, self.mode)
 
 
@@ -190,7 +216,8 @@ def run_eqns(jaxpr, env, i, thread: Thread, k: Callable, mode: bool):
                     x, x_dot, score = strategy.forward(ctx)
                 _write(env, eqn.outvars, [(x, _clean_tangent(x_dot) if mode else None)])
                 if score is not None and mode:
-                    thread = thread._replace(scores=thread.scores + (score,))
+                    entry = (*score, _score_mask(jaxpr, spec))
+                    thread = thread._replace(scores=thread.scores + (entry,))
             else:
                 cont = _Cont(run_eqns, jaxpr, env, i + 1, eqn.outvars[0], thread, k, mode)
                 with compat.source_context(eqn):
@@ -216,13 +243,14 @@ def run_eqns(jaxpr, env, i, thread: Thread, k: Callable, mode: bool):
         else:
             _write(env, eqn.outvars, jvp_eqn(eqn, [_read(env, v, mode) for v in eqn.invars], mode))
         i += 1
-    return k([_read(env, v, mode) for v in jaxpr.outvars], thread, mode)
+    return k([_read(env, v, mode) for v in jaxpr.outvars], thread, mode, env)
 
 
 def _after(jaxpr, env, i, k):
     eqn = jaxpr.eqns[i]
 
-    def after(outs, thread, mode):
+    def after(outs, thread, mode, inner_env):
+        del inner_env
         env2 = dict(env)
         _write(env2, eqn.outvars, outs)
         return run_eqns(jaxpr, env2, i + 1, thread, k, mode)
@@ -292,7 +320,7 @@ def _loop(eqn, env, thread, mode):
     *outs, (s, s_dot), (o, o_dot) = outs
     _write(env, eqn.outvars, outs)
     if differentiated and s_dot is not None:
-        thread = thread._replace(scores=thread.scores + ((s_dot, o_dot),))
+        thread = thread._replace(scores=thread.scores + ((s_dot, o_dot, None),))
     return thread
 
 
@@ -395,6 +423,9 @@ def build_estimator(jaxpr, n_consts: int) -> Callable:
     the estimator pass; ``jax.grad`` works by transposing it.
     """
 
+    costs = analyze(jaxpr)
+    finish = make_finish(costs)
+
     def run(key, inputs, tangents, mode):
         consts = inputs[:n_consts]
         duals = list(zip(inputs[n_consts:], tangents[n_consts:], strict=True))
@@ -402,7 +433,11 @@ def build_estimator(jaxpr, n_consts: int) -> Callable:
         env = {}
         _write(env, jaxpr.constvars, const_duals)
         _write(env, jaxpr.invars, duals)
-        return run_eqns(jaxpr, env, 0, Thread(key), _finish, mode)
+        _COSTS.append(costs)
+        try:
+            return run_eqns(jaxpr, env, 0, Thread(key), finish, mode)
+        finally:
+            _COSTS.pop()
 
     @jax.custom_jvp
     def est(key, *inputs):

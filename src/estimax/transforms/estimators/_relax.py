@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 from numpyro.distributions.util import clamp_probs
 
-from ..._errors import StrategyError
+from ..._errors import StrategyError, UnsupportedError
 from ...dsl._site import family_name
 from ._base import LocalStrategy, SiteContext
 
@@ -154,7 +154,7 @@ class Relaxation(LocalStrategy):
         object.__setattr__(self, "temperature", _checked_temperature(self.temperature, f"ex.{self.name}"))
 
     def describe(self) -> str:
-        return f"{self.name}(temperature={self.temperature:g})"
+        return f"{self.name}(temperature={self.temperature!r})"
 
     def check(self, d, site_name):
         if _kind(d) is None:
@@ -170,7 +170,18 @@ class Relaxation(LocalStrategy):
 
     def _sample(self, ctx: SiteContext, leaves):
         draw = ctx.site.lift(lambda d, key: _draw(d, key, self.temperature), split_key=True)
-        return draw(tuple(leaves), ctx.key)
+        hard, relaxed = draw(tuple(leaves), ctx.key)
+        staged = ctx.site.lane_sizes + tuple(self.value_struct(ctx.site.lane).shape)
+        if tuple(relaxed.shape) != staged:
+            # ``value_struct`` sees the lane distribution with its mapped axes still in the
+            # parameters; it reads K from the last axis, which is wrong when that is mapped.
+            raise UnsupportedError(
+                f"site {ctx.name!r}: ex.{self.name} produces values of shape "
+                f"{tuple(relaxed.shape)}, but the program was staged with {staged}. This "
+                "happens when jax.vmap maps the category (last) axis of a Categorical's "
+                "parameters; map another axis (e.g. move it first and use in_axes=0)."
+            )
+        return hard, relaxed
 
     def forward(self, ctx: SiteContext):
         if not ctx.has_tangent:
