@@ -408,3 +408,30 @@ def test_rao_blackwellization_keeps_unbiasedness_and_cuts_variance():
     plain = assert_unbiased(ex.grad(opaque), exact_grad, args=(theta,), seed="rb-plain", n=N)
     for k in theta:  # standard errors over the same n: the variance ratio is far beyond noise
         assert rb.se[k] < 0.5 * plain.se[k], (k, rb.se[k], plain.se[k])
+
+
+def test_traced_baseline_and_ema_state():
+    """A baseline passed as a program argument (e.g. a moving average carried as state)."""
+
+    @ex.expectation
+    def objective(l, b):
+        k = ex.sample(dist.Bernoulli(logits=l), estimator=ex.reinforce(baseline=b), name="k")
+        return (k + 0.5) ** 2
+
+    exact = lambda l: jax.nn.sigmoid(l) * 2.25 + (1 - jax.nn.sigmoid(l)) * 0.25
+    l = jnp.float32(0.7)
+    assert "reinforce(baseline=<argument>)" in str(ex.explain(objective, l, 0.0))
+    g_b = jax.jit(ex.grad(objective, argnums=(0, 1)))
+    g0, gb = g_b(jax.random.PRNGKey(0), l, jnp.float32(1.0))
+    assert gb == 0.0  # the baseline gets no gradient
+    # for one Bernoulli, b* = f(1)(1 - p) + f(0) p makes (f - b*)(k - p) constant: zero variance
+    p = jax.nn.sigmoid(l)
+    b_star = 2.25 * (1 - p) + 0.25 * p
+    good = assert_unbiased(ex.grad(objective), jax.grad(exact)(l), args=(l, b_star), seed="b-arg", n=N)
+    none = assert_unbiased(ex.grad(objective), jax.grad(exact)(l), args=(l, jnp.float32(0.0)), seed="b-0", n=N)
+    assert good.se < 1e-3 * none.se
+    # the moving average converges to E[f]
+    b = jnp.float32(0.0)
+    for i in range(200):
+        b = ex.ema_update(b, objective.estimate(jax.random.PRNGKey(i), l, b), decay=0.9)
+    assert abs(float(b) - float(exact(l))) < 0.5

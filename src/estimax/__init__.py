@@ -33,6 +33,7 @@ from .transforms.estimators import Enum as Enum
 from .transforms.estimators import Reinforce as Reinforce
 from .transforms.estimators import Reparam as Reparam
 from .transforms.estimators import Strategy as Strategy
+from .transforms.estimators import ema_update as ema_update
 from .transforms.estimators import enum as enum
 from .transforms.estimators import mvd as mvd
 from .transforms.estimators import register_mvd as register_mvd

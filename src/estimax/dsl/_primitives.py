@@ -168,6 +168,9 @@ def sample(d: dist.Distribution, estimator: Strategy | None = None, name: str | 
                 f"ex.reinforce, ex.enum, ex.mvd, ...); got {type(estimator).__name__} {estimator!r}."
             )
         estimator.check(d, name)
+        estimator, extras = estimator.split_operands()
+    else:
+        extras = ()
     leaves, treedef = jax.tree_util.tree_flatten(d)
     statics = tuple(OPERAND if isinstance(x, jax.core.Tracer) else x for x in leaves)
     operands = [x for x in leaves if isinstance(x, jax.core.Tracer)]
@@ -179,9 +182,10 @@ def sample(d: dist.Distribution, estimator: Strategy | None = None, name: str | 
         user_named=user_named,
         location=_caller_location(),
         statics=statics,
+        n_extra=len(extras),
         n_anchors=len(anchors),
     )
-    return sample_p.bind(*operands, *anchors, spec=spec)
+    return sample_p.bind(*operands, *extras, *anchors, spec=spec)
 
 
 # --- vmap with independent draws per lane ---------------------------------------------------

@@ -47,16 +47,24 @@ class SiteSpec:
     location: str | None
     statics: tuple  # per leaf: its concrete value, or OPERAND
     levels: tuple[Level, ...] = ()  # per level: (in_axes per *operand*, size)
+    #: operands after the leaves that belong to the strategy (e.g. a traced baseline)
+    n_extra: int = 0
     #: trailing operands that are not leaves but lane anchors of ``ex.vmap`` (see there)
     n_anchors: int = 0
+
+    def extras(self, operands) -> tuple:
+        """The strategy's operands (between the leaves and the anchors)."""
+        operands = tuple(operands)
+        end = len(operands) - self.n_anchors
+        return operands[end - self.n_extra : end]
 
     def merge(self, operands, fill=None) -> tuple:
         """All leaves: ``operands`` in the OPERAND slots, the statics (or ``fill``) elsewhere.
 
-        Trailing lane anchors among ``operands`` are dropped.
+        The strategy's operands and the lane anchors at the end of ``operands`` are dropped.
         """
         operands = tuple(operands)
-        it = iter(operands[: len(operands) - self.n_anchors])
+        it = iter(operands[: len(operands) - self.n_anchors - self.n_extra])
         out = tuple(next(it) if s is OPERAND else (s if fill is None else fill(s)) for s in self.statics)
         if next(it, OPERAND) is not OPERAND:
             raise ValueError(f"site {self.name!r}: more operands than the distribution has leaves")
@@ -111,6 +119,7 @@ class SiteDist:
         self.spec = spec
         self.operands = tuple(operands)
         self.leaves = spec.merge(self.operands)
+        self.extras = spec.extras(self.operands)
 
     # -- the per-lane distribution ---------------------------------------------------------
     def base(self, leaves=None) -> dist.Distribution:

@@ -10,6 +10,7 @@ from ._mvd import MVD as MVD
 from ._mvd import mvd as mvd
 from ._mvd import register_mvd as register_mvd
 from ._reinforce import Reinforce as Reinforce
+from ._reinforce import ema_update as ema_update
 from ._reinforce import reinforce as reinforce
 from ._reparam import Reparam as Reparam
 from ._reparam import reparam as reparam

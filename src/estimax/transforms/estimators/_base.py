@@ -82,6 +82,11 @@ class Strategy(abc.ABC):
     def describe(self) -> str:
         return self.name
 
+    def split_operands(self) -> tuple["Strategy", tuple]:
+        """``(static strategy, traced values)``: traced settings (e.g. a baseline passed as a
+        program argument) travel as operands of the site, never inside its static data."""
+        return self, ()
+
     def value_struct(self, d):
         """The ``jax.ShapeDtypeStruct`` of the site's value, or ``None`` for ``d``'s sample.
 

@@ -31,15 +31,17 @@ class Reinforce(LocalStrategy):
     name = "reinforce"
     identity = "∇θ E_p[f(x)] = E_p[(f(x) - b) ∇θ log p(x)]"
 
-    def __call__(self, *, baseline: float | Callable | None = None) -> "Reinforce":
-        """``ex.reinforce(baseline=b)``: REINFORCE with a constant or a function baseline."""
-        if baseline is not None and not callable(baseline):
-            if isinstance(baseline, jax.core.Tracer):
+    def __call__(self, *, baseline: float | Callable | Any | None = None) -> "Reinforce":
+        """``ex.reinforce(baseline=b)``: REINFORCE with a baseline ``b``: a number, a function
+        of the site's distribution, or a scalar *program argument* (traced) -- the way to
+        carry a moving-average baseline as explicit state (see :func:`ema_update`)."""
+        if isinstance(baseline, jax.core.Tracer):
+            if jnp.shape(baseline) != ():
                 raise StrategyError(
-                    "ex.reinforce(baseline=...) got a traced value. A baseline is a Python "
-                    "number or a function of the site's distribution, e.g. "
-                    "ex.reinforce(baseline=lambda d: d.mean)."
+                    f"ex.reinforce(baseline=...) expects a scalar; got shape {jnp.shape(baseline)}."
                 )
+            return Reinforce(baseline=baseline)
+        if baseline is not None and not callable(baseline):
             try:
                 baseline = float(baseline)
             except (TypeError, ValueError) as e:
@@ -52,15 +54,24 @@ class Reinforce(LocalStrategy):
     def check(self, d, site_name):
         del d, site_name  # any distribution with a log density
 
+    def split_operands(self):
+        if isinstance(self.baseline, jax.core.Tracer):
+            return Reinforce(baseline=_TRACED), (self.baseline,)
+        return self, ()
+
     def describe(self):
         if self.baseline is None:
             return "reinforce"
+        if self.baseline is _TRACED:
+            return "reinforce(baseline=<argument>)"
         b = getattr(self.baseline, "__name__", None) if callable(self.baseline) else self.baseline
         return f"reinforce(baseline={b})"
 
     def baseline_value(self, ctx: SiteContext):
         if self.baseline is None:
             return None
+        if self.baseline is _TRACED:
+            return jax.lax.stop_gradient(ctx.site.extras[0])
         if not callable(self.baseline):
             return self.baseline
         if ctx.site.spec.levels:
@@ -85,6 +96,28 @@ class Reinforce(LocalStrategy):
         s = lp - jax.lax.stop_gradient(lp)
         b = self.baseline_value(ctx)
         return x, s, (None if b is None else b * s)
+
+
+class _TracedBaseline:
+    def __repr__(self):
+        return "<argument>"
+
+
+_TRACED = _TracedBaseline()
+
+
+def ema_update(baseline, value, decay: float = 0.9):
+    """The exponential-moving-average baseline update ``b ← decay·b + (1 − decay)·value``.
+
+    Carry ``b`` as explicit state next to the parameters and pass it to the program, which
+    uses it as ``ex.reinforce(baseline=b)``; after each step update it with the step's
+    objective estimate. The baseline of a step never depends on that step's draws, so the
+    estimator stays unbiased.
+    """
+    decay = float(decay)
+    if not 0.0 <= decay < 1.0:
+        raise StrategyError(f"ema_update: decay must be in [0, 1); got {decay}.")
+    return decay * baseline + (1.0 - decay) * jax.lax.stop_gradient(value)
 
 
 reinforce = Reinforce()
