@@ -33,6 +33,7 @@ class Trace:
     value: Any
     sites: dict[str, Any]
     log_prob: Any
+    specs: dict = dataclasses.field(default_factory=dict)  # name -> SiteSpec (top level)
 
     def __getitem__(self, name: str):
         try:
@@ -41,16 +42,23 @@ class Trace:
             raise KeyError(f"no top-level site named {name!r} in the trace; sites: {sorted(self.sites)}") from None
 
 
-def trace(program: Callable) -> Callable[..., Trace]:
-    """``ex.trace(program)(*args) -> Trace(value, sites, log_prob)``; see the module doc."""
+def trace(program: Callable, *, stop_params: bool = False) -> Callable[..., Trace]:
+    """``ex.trace(program)(*args) -> Trace(value, sites, log_prob)``; see the module doc.
+
+    With ``stop_params=True`` the log density is evaluated with the distributions'
+    parameters behind ``stop_gradient`` (the values keep their pathwise dependence): the
+    "sticking the landing" form of ``log q`` (Roeder et al. 2017), whose score term --
+    zero in expectation -- is dropped.
+    """
     fn = getattr(program, "fn", program)
     label = getattr(fn, "__name__", "program")
 
     def call(*args):
         closed, in_tree, out_tree = stage(fn, args, f"ex.trace({label!r})", fresh_names=False, float_outputs=False)
         flat = jax.tree_util.tree_leaves(args)
-        outs, sites, logp = replay(closed.jaxpr, closed.consts, flat)
-        return Trace(jax.tree_util.tree_unflatten(out_tree, outs), sites, logp)
+        specs: dict = {}
+        outs, sites, logp = replay(closed.jaxpr, closed.consts, flat, stop_params=stop_params, specs=specs)
+        return Trace(jax.tree_util.tree_unflatten(out_tree, outs), sites, logp, specs)
 
     return call
 
@@ -59,8 +67,9 @@ def _zero():
     return jnp.zeros((), jnp.result_type(float))
 
 
-def replay(jaxpr, consts, args):
+def replay(jaxpr, consts, args, *, stop_params: bool = False, specs: dict | None = None):
     """Re-bind ``jaxpr``'s equations in the current trace: ``(outs, sites, log_prob)``."""
+    specs = {} if specs is None else specs
     env: dict = {}
     read = lambda v: v.val if isinstance(v, compat.Literal) else env[v]
 
@@ -79,24 +88,26 @@ def replay(jaxpr, consts, args):
         if prim is sample_p:
             spec = eqn.params["spec"]
             outs = compat.rebind(eqn, ins)
-            logp = logp + SiteDist(spec, ins).log_prob(outs[0]).astype(logp.dtype)
+            params = [jax.lax.stop_gradient(x) for x in ins] if stop_params else ins
+            logp = logp + SiteDist(spec, params).log_prob(outs[0]).astype(logp.dtype)
             sites[spec.name] = outs[0]
+            specs[spec.name] = spec
         elif prim is expect_p or not _has_sites(eqn):
             outs = compat.rebind(eqn, ins)
         elif prim is compat.jit_p or prim is compat.closed_call_p:
             closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-            outs, inner_sites, lp = replay(closed.jaxpr, closed.consts, ins)
+            outs, inner_sites, lp = replay(closed.jaxpr, closed.consts, ins, stop_params=stop_params, specs=specs)
             sites.update(inner_sites)
             logp = logp + lp
         elif prim is compat.cond_p:
             branches = [
-                (lambda c: lambda ops: _drop_sites(replay(c.jaxpr, c.consts, ops)))(c)
+                (lambda c: lambda ops: _drop_sites(replay(c.jaxpr, c.consts, ops, stop_params=stop_params)))(c)
                 for c in eqn.params["branches"]
             ]
             outs, lp = jax.lax.switch(ins[0], branches, ins[1:])
             logp = logp + lp
         elif prim is compat.scan_p:
-            outs, lp = _replay_scan(eqn, ins)
+            outs, lp = _replay_scan(eqn, ins, stop_params)
             logp = logp + lp
         else:
             raise UnsupportedError(
@@ -119,14 +130,14 @@ def _has_sites(eqn) -> bool:
     return any(contains_random(sub) for sub in compat.subjaxprs_of(eqn))
 
 
-def _replay_scan(eqn, ops):
+def _replay_scan(eqn, ops, stop_params):
     p = eqn.params
     nc, ncar, body = p["num_consts"], p["num_carry"], p["jaxpr"]
     consts, init, xs = ops[:nc], list(ops[nc : nc + ncar]), list(ops[nc + ncar :])
 
     def step(carry, x):
         lp, c = carry
-        outs, _, dlp = replay(body.jaxpr, body.consts, [*consts, *c, *x])
+        outs, _, dlp = replay(body.jaxpr, body.consts, [*consts, *c, *x], stop_params=stop_params)
         return (lp + dlp, outs[:ncar]), outs[ncar:]
 
     (lp, carry), ys = jax.lax.scan(step, (_zero(), init), xs, length=p["length"], reverse=p["reverse"], unroll=p["unroll"])

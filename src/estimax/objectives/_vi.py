@@ -62,16 +62,18 @@ def model_log_density(model, latents: dict, params, data) -> Any:
     return total
 
 
-def log_weight(model, guide, params, *data):
-    """``log p(x, z) − log q(z)`` at one draw ``z ~ q``: the building block of every objective."""
-    tr = trace(guide)(params, *data)
+def log_weight(model, guide, params, *data, stl: bool = False):
+    """``log p(x, z) − log q(z)`` at one draw ``z ~ q``: the building block of every objective.
+
+    ``stl=True`` evaluates ``log q`` with its parameters stopped ("sticking the landing").
+    """
+    tr = trace(guide, stop_params=stl)(params, *data)
     return model_log_density(model, tr.sites, params, data) - tr.log_prob
 
 
-def _particles(model, guide, k: int, params, data):
-    if k == 1:
-        return log_weight(model, guide, params, *data)[None]
-    return vmap(lambda: log_weight(model, guide, params, *data), axis_size=k)()
+def _particles(model, guide, k: int, params, data, stl=False):
+    one = lambda: log_weight(model, guide, params, *data, stl=stl)
+    return one()[None] if k == 1 else vmap(one, axis_size=k)()
 
 
 def _check_k(k, what):
@@ -79,27 +81,89 @@ def _check_k(k, what):
         raise ProgramError(f"{what}: the number of particles must be a positive integer; got {k!r}.")
 
 
-def elbo(model, guide, *, particles: int = 1) -> Expectation:
-    """``ELBO = E_q[log p(x, z) − log q(z)]`` (mean over ``particles`` independent draws)."""
+def _check_gradient(gradient, allowed, what):
+    if gradient not in allowed:
+        raise ProgramError(f"{what}: gradient={gradient!r}; expected one of {allowed}.")
+
+
+def elbo(model, guide, *, particles: int = 1, gradient: str = "standard") -> Expectation:
+    """``ELBO = E_q[log p(x, z) − log q(z)]`` (mean over ``particles`` independent draws).
+
+    ``gradient="stl"``: sticking the landing -- ``log q``'s score term (zero in expectation)
+    is dropped, so the gradient estimate has zero variance when ``q`` is the posterior.
+    Unbiased either way.
+    """
     _check_k(particles, "ex.objectives.elbo")
+    _check_gradient(gradient, ("standard", "stl"), "ex.objectives.elbo")
 
     def elbo_objective(params, *data):
-        return jnp.mean(_particles(model, guide, particles, params, data))
+        return jnp.mean(_particles(model, guide, particles, params, data, stl=gradient == "stl"))
 
-    return Expectation(elbo_objective, name="elbo")
+    return Expectation(elbo_objective, name="elbo" if gradient == "standard" else "elbo[stl]")
 
 
-def iwelbo(model, guide, k: int) -> Expectation:
+def iwelbo(model, guide, k: int, *, gradient: str = "standard") -> Expectation:
     """``IWELBO_K = E[log (1/K) Σ_k w_k]``, ``w_k = p(x, z_k)/q(z_k)``, ``z_k ~ q`` i.i.d.
 
-    Increases with ``K`` towards ``log p(x)`` (Burda et al. 2016).
+    Increases with ``K`` towards ``log p(x)`` (Burda et al. 2016). ``gradient``:
+
+    - ``"standard"``: the estimator pass's gradient of the program;
+    - ``"dreg"``: doubly reparameterized (Tucker et al. 2019): for the guide's parameters
+      ``Σ_k w̃_k² ∂log w_k/∂z_k ∂z_k/∂φ``, for the model's ``Σ_k w̃_k ∇_θ log p(x, z_k)``.
+      Unbiased, with a signal-to-noise ratio that does not vanish as ``K`` grows. Needs every
+      guide site reparameterized.
     """
     _check_k(k, "ex.objectives.iwelbo")
+    # (No "stl" here: with K > 1 the dropped score term is not zero in expectation, so the
+    # STL gradient is biased for the IWELBO; DReG is its unbiased counterpart.)
+    _check_gradient(gradient, ("standard", "dreg"), "ex.objectives.iwelbo")
+    if gradient == "dreg":
+        return _iwelbo_dreg(model, guide, k)
 
     def iwelbo_objective(params, *data):
         return logsumexp(_particles(model, guide, k, params, data)) - math.log(k)
 
     return Expectation(iwelbo_objective, name=f"iwelbo{k}")
+
+
+def _iwelbo_dreg(model, guide, k):
+    sg = jax.lax.stop_gradient
+
+    def particle(params, data):
+        tr = trace(guide, stop_params=True)(params, *data)
+        log_q_stopped = tr.log_prob
+        log_w = model_log_density(model, tr.sites, params, data) - log_q_stopped
+        log_p_at_stopped_z = model_log_density(model, jax.tree.map(sg, tr.sites), params, data)
+        log_w_through_z = model_log_density(model, tr.sites, jax.tree.map(sg, params), data) - log_q_stopped
+        return jnp.stack([log_w, log_p_at_stopped_z, log_w_through_z])
+
+    def dreg_objective(params, *data):
+        _require_reparam(guide, params, data)
+        parts = vmap(lambda: particle(params, data), axis_size=k)()  # (k, 3)
+        log_w, log_p_stopped_z, log_w_z = parts[:, 0], parts[:, 1], parts[:, 2]
+        value = logsumexp(log_w) - math.log(k)
+        w = sg(jax.nn.softmax(log_w))
+        surrogate = jnp.sum(w * log_p_stopped_z) + jnp.sum(w**2 * log_w_z)
+        return sg(value) + surrogate - sg(surrogate)
+
+    return Expectation(dreg_objective, name=f"iwelbo{k}[dreg]")
+
+
+def _require_reparam(guide, params, data):
+    from ..dsl._primitives import sample_p, stage
+    from ..transforms.estimators._defaults import resolve
+    from ..transforms.estimators._reparam import Reparam
+
+    closed, _, _ = stage(getattr(guide, "fn", guide), (params, *data), "the DReG guide", fresh_names=True, float_outputs=False)
+    for eqn in closed.jaxpr.eqns:
+        if eqn.primitive is sample_p:
+            strategy, _ = resolve(eqn.params["spec"], [v.aval for v in eqn.invars])
+            if not isinstance(strategy, Reparam):
+                raise ProgramError(
+                    f"ex.objectives.iwelbo(gradient='dreg'): guide site {eqn.params['spec'].name!r} "
+                    f"uses {strategy!r}; DReG needs every guide site reparameterized. Use "
+                    "gradient='standard' (or VIMCO-style baselines) for discrete guides."
+                )
 
 
 def renyi(model, guide, alpha: float, k: int = 1) -> Expectation:
