@@ -93,3 +93,21 @@ def test_vmapped_nested_expectation():
     assert plan.certificate.kind == "unbiased"
     g = ex.grad(outer)(jax.random.PRNGKey(0), ts)
     assert jnp.allclose(g, 1.0)  # pathwise: d/dt E[z] = 1 exactly
+
+
+def test_per_site_variance_points_at_the_noisy_site():
+    @ex.expectation
+    def objective(theta):
+        z = ex.sample(dist.Normal(theta["mu"], 1.0), name="smooth")  # reparam: low variance
+        b = ex.sample(dist.Bernoulli(logits=theta["l"]), estimator=ex.reinforce, name="noisy")
+        return (z - 1.0) ** 2 + 50.0 * b
+
+    # d/dmu: 2(z - 1), variance 4; d/dl: 50 b (b - p) (Rao-Blackwellized), variance
+    # p (1 - p) (50 (1 - p))^2 ~ 141 at p = sigmoid(0.1). The two add up to the total.
+    theta = {"mu": jnp.float32(0.2), "l": jnp.float32(0.1)}
+    plan = ex.explain(objective, theta, variance=True, key=jax.random.PRNGKey(0))
+    p = float(jax.nn.sigmoid(0.1))
+    assert abs(plan.site("smooth").variance - 4.0) < 1.0
+    assert abs(plan.site("noisy").variance - p * (1 - p) * (50 * (1 - p)) ** 2) < 0.25 * 141
+    assert abs(plan.site("noisy").variance + plan.site("smooth").variance - plan.total_variance) < 0.25 * plan.total_variance
+    assert "grad variance" in str(plan) and "total gradient variance" in str(plan)

@@ -47,6 +47,8 @@ class Thread(NamedTuple):
 
     key: Any
     scores: tuple = ()
+    #: the key of the site named by ``_OVERRIDE`` (per-site variance diagnostics), or None
+    override: Any = None
 
 
 # --- static questions about jaxprs ---------------------------------------------------------
@@ -162,6 +164,7 @@ def make_finish(costs: CostTerms | None):
 
 
 _COSTS: list = []  # the Rao-Blackwellization of the estimator being traced (a stack)
+_OVERRIDE: list = []  # the site whose key comes from Thread.override (a stack of names)
 
 
 def _score_mask(jaxpr, spec):
@@ -209,6 +212,8 @@ def run_eqns(jaxpr, env, i, thread: Thread, k: Callable, mode: bool):
             site = SiteDist(spec, [p for p, _ in duals])
             strategy, _ = resolve(spec, site.operands)
             key, k_site = _split(thread.key)
+            if _OVERRIDE and _OVERRIDE[-1] == spec.name:
+                k_site = thread.override
             thread = thread._replace(key=key)
             ctx = SiteContext(spec.name, site, spec.merge_tangents([t for _, t in duals]), k_site, mode)
             if isinstance(strategy, LocalStrategy):
@@ -415,12 +420,15 @@ def _loop_pathwise(eqn, key, ops):
 
 
 # --- estimators as functions -------------------------------------------------------------
-def build_estimator(jaxpr, n_consts: int) -> Callable:
+def build_estimator(jaxpr, n_consts: int, override_site: str | None = None) -> Callable:
     """``est(key, *inputs) -> tuple(outputs)``: the unbiased estimator of ``jaxpr``.
 
     ``inputs`` binds the jaxpr's constvars (the first ``n_consts``) then its invars. The
     primal is one simulation of the program (enumerated sites summed exactly); the JVP is
     the estimator pass; ``jax.grad`` works by transposing it.
+
+    With ``override_site``, ``key`` is a pair of keys: the second one drives that site
+    alone (to measure the variance it contributes with everything else held fixed).
     """
 
     costs = analyze(jaxpr)
@@ -433,11 +441,14 @@ def build_estimator(jaxpr, n_consts: int) -> Callable:
         env = {}
         _write(env, jaxpr.constvars, const_duals)
         _write(env, jaxpr.invars, duals)
+        thread = Thread(key) if override_site is None else Thread(key[0], override=key[1])
         _COSTS.append(costs)
+        _OVERRIDE.append(override_site)
         try:
-            return run_eqns(jaxpr, env, 0, Thread(key), finish, mode)
+            return run_eqns(jaxpr, env, 0, thread, finish, mode)
         finally:
             _COSTS.pop()
+            _OVERRIDE.pop()
 
     @jax.custom_jvp
     def est(key, *inputs):

@@ -33,6 +33,8 @@ class SitePlan:
     reason: str
     context: str
     location: str | None
+    #: the gradient variance this site contributes (``explain(..., variance=True)``)
+    variance: float | None = None
 
     @property
     def certificate(self) -> str:
@@ -57,6 +59,8 @@ class Plan:
     program: str
     sites: tuple[SitePlan, ...]
     certificate: Certificate
+    #: total gradient variance (trace of the covariance), when measured
+    total_variance: float | None = None
 
     def site(self, name: str) -> SitePlan:
         for s in self.sites:
@@ -69,10 +73,15 @@ class Plan:
         rows = [
             (s.name, s.distribution, s.strategy.describe(), s.reason, s.context) for s in self.sites
         ]
+        if self.total_variance is not None:
+            header = header + ("grad variance",)
+            rows = [r + ("n/a" if s.variance is None else f"{s.variance:.4g}",) for r, s in zip(rows, self.sites)]
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         lines = [f"estimator plan for {self.program}", fmt.format(*header), fmt.format(*("-" * w for w in widths))]
         lines += [fmt.format(*r) for r in rows] or ["(no random choices)"]
+        if self.total_variance is not None:
+            lines.append(f"total gradient variance (trace of the covariance): {self.total_variance:.4g}")
         lines.append(f"certificate: {self.certificate}")
         return "\n".join(lines)
 
@@ -239,10 +248,16 @@ def certify(jaxpr, sites: list[SitePlan]) -> Certificate:
     return Certificate(kind, tuple(reasons))
 
 
-def explain(objective, *args) -> Plan:
+def explain(objective, *args, variance: bool = False, key=None, argnums=0, samples=(32, 16)) -> Plan:
     """The per-site plan and the certificate of ``objective``'s estimator at ``args``.
 
-    ``args`` are the program's arguments (no key); only their shapes and dtypes matter.
+    ``args`` are the program's arguments (no key); only their shapes and dtypes matter --
+    unless ``variance=True``: then the gradient estimator (with respect to ``argnums``) is
+    run at ``args`` and each site's contribution to its variance is measured: the expected
+    variance of the gradient when only that site's random numbers change,
+    ``E[Var(ĝ | all other sites)]``, summed over gradient coordinates (``samples`` =
+    (outer, inner) draws; needs ``key``). A site with a large share is the one to give a
+    better strategy or baseline. Sites in loop bodies and nested expectations show ``n/a``.
     """
     from ..dsl._program import _as_program
 
@@ -250,7 +265,15 @@ def explain(objective, *args) -> Plan:
     closed, _, _ = program.stage(args)
     sites = collect_sites(closed.jaxpr)
     sites = [dataclasses.replace(s, context=_context_label(s.context)) for s in sites]
-    return Plan(program.name, tuple(sites), certify(closed.jaxpr, sites))
+    total = None
+    if variance:
+        if key is None:
+            raise ProgramError("ex.explain(..., variance=True) needs key= to draw the estimates.")
+        from ._variance import site_variances
+
+        measured, total = site_variances(program, closed, args, sites, key=key, argnums=argnums, samples=samples)
+        sites = [dataclasses.replace(s, variance=measured.get(s.name)) for s in sites]
+    return Plan(program.name, tuple(sites), certify(closed.jaxpr, sites), total)
 
 
 __all__ = ["Plan", "SitePlan", "Certificate", "collect_sites", "certify", "explain"]

@@ -1,0 +1,54 @@
+"""Per-site gradient variance: which random choice makes the estimate noisy."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from ._adev import build_estimator
+
+
+def _gradient_fn(closed, args, argnums, override_site):
+    est = build_estimator(closed.jaxpr, len(closed.consts), override_site=override_site)
+    consts = list(closed.consts)
+    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+
+    def value(key, *a):
+        return est(key, *consts, *jax.tree_util.tree_leaves(a))[0]
+
+    def grad_vector(key, *a):
+        g = jax.grad(value, argnums=tuple(n + 1 for n in nums))(key, *a)
+        return ravel_pytree(g)[0]
+
+    return grad_vector
+
+
+def site_variances(program, closed, args, sites, *, key, argnums, samples):
+    """``({site: E[Var(ĝ | other sites)]}, total variance)``, each summed over coordinates."""
+    outer, inner = samples
+    k_outer, k_inner, k_total = jax.random.split(key, 3)
+    outer_keys = jax.random.split(k_outer, outer)
+    inner_bases = jax.random.split(k_inner, outer)  # fresh inner draws for every outer draw
+
+    plain = _gradient_fn(closed, args, argnums, None)
+    total_keys = jax.random.split(k_total, outer * inner)
+    g = jax.jit(jax.vmap(plain, in_axes=(0, *[None] * len(args))))(total_keys, *args)
+    total = float(np.sum(np.var(np.asarray(g, np.float64), axis=0, ddof=1)))
+
+    out = {}
+    for s in sites:
+        if s.context in ("scan body", "while body") or s.context.startswith("expect"):
+            continue
+        fn = _gradient_fn(closed, args, argnums, s.name)
+
+        def conditional_variance(k_o, k_base, fn=fn):
+            pairs = jax.vmap(lambda k_i: jnp.stack([k_o, k_i]))(jax.random.split(k_base, inner))
+            gs = jax.vmap(fn, in_axes=(0, *[None] * len(args)))(pairs, *args)
+            return jnp.sum(jnp.var(gs, axis=0, ddof=1))
+
+        v = jax.jit(jax.vmap(conditional_variance))(outer_keys, inner_bases)
+        out[s.name] = float(np.mean(np.asarray(v, np.float64)))
+    del program
+    return out, total
