@@ -24,6 +24,10 @@ from .dsl._program import expectation as expectation
 from .dsl._program import grad as grad
 from .dsl._program import value_and_grad as value_and_grad
 from . import objectives as objectives
+from .runtime._fit import EarlyStop as EarlyStop
+from .runtime._fit import FitProgress as FitProgress
+from .runtime._fit import FitResult as FitResult
+from .runtime._fit import fit as fit
 from .transforms._certify import Certificate as Certificate
 from .transforms._certify import Plan as Plan
 from .transforms._certify import SitePlan as SitePlan
