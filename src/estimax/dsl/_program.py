@@ -41,12 +41,16 @@ class Expectation:
     ``.estimate`` (or :func:`estimax.grad`) is an estimate of the expectation's gradient.
     """
 
-    def __init__(self, fn: Callable, name: str | None = None):
+    def __init__(self, fn: Callable, name: str | None = None, certificate: tuple[str, str] | None = None):
         if not callable(fn):
             raise ProgramError(f"ex.expectation expects a function; got {type(fn).__name__}.")
         self.fn = fn
-        self.name = name or getattr(fn, "__name__", "program")
         functools.update_wrapper(self, fn)
+        self.name = name or getattr(fn, "__name__", "program")
+        #: ``(kind, reason)`` declared by the program's author where the program computes a
+        #: surrogate whose gradient is, e.g., only consistent (self-normalized importance
+        #: sampling); ``explain`` reports the weaker of this and what the pass derives.
+        self.declared_certificate = certificate
         self._staged: dict = {}
         self.estimate = jax.jit(self._estimate)
 

@@ -42,13 +42,16 @@ class Trace:
             raise KeyError(f"no top-level site named {name!r} in the trace; sites: {sorted(self.sites)}") from None
 
 
-def trace(program: Callable, *, stop_params: bool = False) -> Callable[..., Trace]:
+def trace(program: Callable, *, stop_params: bool = False, values: dict | None = None) -> Callable[..., Trace]:
     """``ex.trace(program)(*args) -> Trace(value, sites, log_prob)``; see the module doc.
 
     With ``stop_params=True`` the log density is evaluated with the distributions'
     parameters behind ``stop_gradient`` (the values keep their pathwise dependence): the
     "sticking the landing" form of ``log q`` (Roeder et al. 2017), whose score term --
     zero in expectation -- is dropped.
+
+    With ``values={name: value}`` those top-level sites are not drawn: they take the given
+    values and ``log_prob`` scores them (what wake-sleep and forward-KL objectives need).
     """
     fn = getattr(program, "fn", program)
     label = getattr(fn, "__name__", "program")
@@ -57,7 +60,12 @@ def trace(program: Callable, *, stop_params: bool = False) -> Callable[..., Trac
         closed, in_tree, out_tree = stage(fn, args, f"ex.trace({label!r})", fresh_names=False, float_outputs=False)
         flat = jax.tree_util.tree_leaves(args)
         specs: dict = {}
-        outs, sites, logp = replay(closed.jaxpr, closed.consts, flat, stop_params=stop_params, specs=specs)
+        outs, sites, logp = replay(
+            closed.jaxpr, closed.consts, flat, stop_params=stop_params, specs=specs, values=values
+        )
+        missing = set(values or ()) - set(sites)
+        if missing:
+            raise KeyError(f"ex.trace({label!r}, values=...): no top-level sites named {sorted(missing)}; sites: {sorted(sites)}")
         return Trace(jax.tree_util.tree_unflatten(out_tree, outs), sites, logp, specs)
 
     return call
@@ -67,9 +75,10 @@ def _zero():
     return jnp.zeros((), jnp.result_type(float))
 
 
-def replay(jaxpr, consts, args, *, stop_params: bool = False, specs: dict | None = None):
+def replay(jaxpr, consts, args, *, stop_params: bool = False, specs: dict | None = None, values: dict | None = None):
     """Re-bind ``jaxpr``'s equations in the current trace: ``(outs, sites, log_prob)``."""
     specs = {} if specs is None else specs
+    values = {} if values is None else values
     env: dict = {}
     read = lambda v: v.val if isinstance(v, compat.Literal) else env[v]
 
@@ -87,7 +96,16 @@ def replay(jaxpr, consts, args, *, stop_params: bool = False, specs: dict | None
         prim = eqn.primitive
         if prim is sample_p:
             spec = eqn.params["spec"]
-            outs = compat.rebind(eqn, ins)
+            if spec.name in values:
+                given = jnp.asarray(values[spec.name])
+                if given.shape != tuple(eqn.outvars[0].aval.shape):
+                    raise ValueError(
+                        f"ex.trace(values=...): site {spec.name!r} has shape "
+                        f"{tuple(eqn.outvars[0].aval.shape)}; the given value has {given.shape}."
+                    )
+                outs = [given.astype(eqn.outvars[0].aval.dtype)]
+            else:
+                outs = compat.rebind(eqn, ins)
             params = [jax.lax.stop_gradient(x) for x in ins] if stop_params else ins
             logp = logp + SiteDist(spec, params).log_prob(outs[0]).astype(logp.dtype)
             sites[spec.name] = outs[0]
@@ -96,7 +114,9 @@ def replay(jaxpr, consts, args, *, stop_params: bool = False, specs: dict | None
             outs = compat.rebind(eqn, ins)
         elif prim is compat.jit_p or prim is compat.closed_call_p:
             closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-            outs, inner_sites, lp = replay(closed.jaxpr, closed.consts, ins, stop_params=stop_params, specs=specs)
+            outs, inner_sites, lp = replay(
+                closed.jaxpr, closed.consts, ins, stop_params=stop_params, specs=specs, values=values
+            )
             sites.update(inner_sites)
             logp = logp + lp
         elif prim is compat.cond_p:

@@ -166,6 +166,60 @@ def _require_reparam(guide, params, data):
                 )
 
 
+def rws(model, guide, k: int) -> tuple[Expectation, Expectation]:
+    """Reweighted wake-sleep (Bornschein & Bengio 2015; Le et al. 2019): ``(wake_model, wake_guide)``.
+
+    With ``z_k ~ q`` (drawn with the guide's parameters stopped: no gradient flows through
+    the sampling, so discrete guides need no score function) and self-normalized weights
+    ``w̄_k ∝ p(x, z_k)/q(z_k)``:
+
+    - ``wake_model``: value ``log (1/K) Σ w_k`` (an estimate of ``log p(x)``), gradient
+      ``Σ_k w̄_k ∇ log p(x, z_k)`` -- the model update;
+    - ``wake_guide``: value and gradient of ``Σ_k w̄_k log q(z_k)`` -- the guide update, a
+      self-normalized importance sampling (SNIS) estimate of ``∇ E_{p(z|x)}[log q(z)]``,
+      i.e. of minus the forward KL's gradient.
+
+    Both are *maximized*. Self-normalization makes both gradients consistent (bias O(1/K)),
+    not unbiased, and ``explain`` says so.
+    """
+    _check_k(k, "ex.objectives.rws")
+    sg = jax.lax.stop_gradient
+    why = "self-normalized importance weights: the gradient is consistent as K grows, biased for finite K"
+
+    def particle(params, data):
+        tr = trace(guide)(sg(params), *data)
+        z = jax.tree.map(sg, tr.sites)
+        log_p = model_log_density(model, z, params, data)
+        log_q = trace(guide, values=z)(params, *data).log_prob
+        return jnp.stack([log_p, log_q])
+
+    def weights(params, data):
+        parts = vmap(lambda: particle(params, data), axis_size=k)()
+        log_p, log_q = parts[:, 0], parts[:, 1]
+        return log_p, log_q, sg(jax.nn.softmax(log_p - log_q))
+
+    def wake_model(params, *data):
+        log_p, log_q, w = weights(params, data)
+        value = logsumexp(log_p - sg(log_q)) - math.log(k)
+        surrogate = jnp.sum(w * log_p)
+        return sg(value) + surrogate - sg(surrogate)
+
+    def wake_guide(params, *data):
+        _, log_q, w = weights(params, data)
+        return jnp.sum(w * log_q)
+
+    return (
+        Expectation(wake_model, name=f"rws{k}.wake_model", certificate=("consistent", why)),
+        Expectation(wake_guide, name=f"rws{k}.wake_guide", certificate=("consistent", why)),
+    )
+
+
+def snis_forward_kl(model, guide, k: int) -> Expectation:
+    """``Σ_k w̄_k log q(z_k)`` with SNIS weights: maximize it to minimize ``KL(p(z|x) ‖ q)``
+    (the guide update of :func:`rws`). Consistent, not unbiased."""
+    return rws(model, guide, k)[1]
+
+
 def renyi(model, guide, alpha: float, k: int = 1) -> Expectation:
     """The variational Rényi bound ``VR_α = E[1/(1−α) log (1/K) Σ_k w_k^{1−α}]`` (Li & Turner 2016).
 

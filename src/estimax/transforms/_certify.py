@@ -273,7 +273,15 @@ def explain(objective, *args, variance: bool = False, key=None, argnums=0, sampl
 
         measured, total = site_variances(program, closed, args, sites, key=key, argnums=argnums, samples=samples)
         sites = [dataclasses.replace(s, variance=measured.get(s.name)) for s in sites]
-    return Plan(program.name, tuple(sites), certify(closed.jaxpr, sites), total)
+    certificate = certify(closed.jaxpr, sites)
+    declared = program.declared_certificate
+    if declared is not None:
+        kind, reason = declared
+        if _RANK[kind] > _RANK[certificate.kind]:
+            certificate = Certificate(kind, certificate.reasons + (reason,))
+        else:
+            certificate = Certificate(certificate.kind, certificate.reasons + (reason,))
+    return Plan(program.name, tuple(sites), certificate, total)
 
 
 __all__ = ["Plan", "SitePlan", "Certificate", "collect_sites", "certify", "explain"]
