@@ -435,3 +435,23 @@ def test_traced_baseline_and_ema_state():
     for i in range(200):
         b = ex.ema_update(b, objective.estimate(jax.random.PRNGKey(i), l, b), decay=0.9)
     assert abs(float(b) - float(exact(l))) < 0.5
+
+
+def test_rao_blackwellized_gradient_does_not_depend_on_the_batch_size():
+    """Regression: an earlier formulation of the masked cost (stack, multiply, reduce) was
+    miscompiled by XLA:CPU for lanes >= 10922 of a large vmap over keys under reverse mode."""
+
+    @ex.expectation
+    def objective(l, y):
+        lw = ex.vmap(
+            lambda: jnp.sum(ex.sample(dist.Bernoulli(logits=l).to_event(1), estimator=ex.reinforce, name="b") * (l + y)),
+            axis_size=3,
+        )()
+        return jnp.sum(lw) + 1.0
+
+    l, y = jnp.array([0.3, -0.2, 0.1]), jnp.float32(0.5)
+    f = jax.jit(jax.vmap(ex.grad(objective), (0, None, None)))
+    keys = jax.random.split(key_from("batch-size"), 12000)
+    full = f(keys, l, y)
+    chunked = jnp.concatenate([f(keys[i : i + 2000], l, y) for i in range(0, 12000, 2000)])
+    np.testing.assert_allclose(full, chunked, rtol=1e-5, atol=1e-5)

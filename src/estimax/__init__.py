@@ -39,6 +39,8 @@ from .transforms.estimators import Reparam as Reparam
 from .transforms.estimators import Strategy as Strategy
 from .transforms.estimators import ema_update as ema_update
 from .transforms.estimators import enum as enum
+from .transforms.estimators import gumbel_softmax as gumbel_softmax
+from .transforms.estimators import straight_through as straight_through
 from .transforms.estimators import mvd as mvd
 from .transforms.estimators import register_mvd as register_mvd
 from .transforms.estimators import reinforce as reinforce

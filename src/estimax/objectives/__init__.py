@@ -8,3 +8,4 @@ from ._vi import log_weight as log_weight
 from ._vi import renyi as renyi
 from ._vi import rws as rws
 from ._vi import snis_forward_kl as snis_forward_kl
+from ._vi import vimco as vimco

@@ -89,12 +89,30 @@ def _check_gradient(gradient, allowed, what):
 def elbo(model, guide, *, particles: int = 1, gradient: str = "standard") -> Expectation:
     """``ELBO = E_q[log p(x, z) − log q(z)]`` (mean over ``particles`` independent draws).
 
-    ``gradient="stl"``: sticking the landing -- ``log q``'s score term (zero in expectation)
-    is dropped, so the gradient estimate has zero variance when ``q`` is the posterior.
-    Unbiased either way.
+    ``gradient``:
+
+    - ``"standard"``: each guide site's own strategy;
+    - ``"stl"``: sticking the landing -- ``log q``'s score term (zero in expectation) is
+      dropped, so the gradient estimate has zero variance when ``q`` is the posterior;
+    - ``"loo"``: for non-reparameterized guides with ``particles >= 2``: a score-function
+      gradient where particle ``k``'s learning signal ``f_k`` gets the mean of the other
+      particles' signals as its baseline (leave-one-out; Kool et al. 2019).
+
+    All are unbiased.
     """
     _check_k(particles, "ex.objectives.elbo")
-    _check_gradient(gradient, ("standard", "stl"), "ex.objectives.elbo")
+    _check_gradient(gradient, ("standard", "stl", "loo"), "ex.objectives.elbo")
+    if gradient == "loo":
+        if particles < 2:
+            raise ProgramError("ex.objectives.elbo(gradient='loo') needs particles >= 2.")
+
+        def loo_objective(params, *data):
+            log_p, log_q = _scored_particles(model, guide, particles, params, data)
+            f = log_p - log_q
+            baseline = (jnp.sum(f) - f) / (particles - 1)
+            return jnp.mean(f) + _score_surrogate((f - baseline) / particles, log_q)
+
+        return Expectation(loo_objective, name="elbo[loo]")
 
     def elbo_objective(params, *data):
         return jnp.mean(_particles(model, guide, particles, params, data, stl=gradient == "stl"))
@@ -166,6 +184,53 @@ def _require_reparam(guide, params, data):
                 )
 
 
+def _scored_particles(model, guide, k, params, data):
+    """``(log p(x, z_k), log q(z_k))`` for ``k`` draws ``z_k ~ q`` made with the parameters
+    stopped: the draws carry no gradient (no pathwise term, no score term from the pass);
+    both densities are differentiable in the parameters at the drawn values."""
+    sg = jax.lax.stop_gradient
+
+    def particle():
+        z = jax.tree.map(sg, trace(guide)(sg(params), *data).sites)
+        log_p = model_log_density(model, z, params, data)
+        log_q = trace(guide, values=z)(params, *data).log_prob
+        return jnp.stack([log_p, log_q])
+
+    parts = particle()[None] if k == 1 else vmap(particle, axis_size=k)()
+    return parts[:, 0], parts[:, 1]
+
+
+def _score_surrogate(signals, log_q):
+    """``Σ_k signal_k (log q_k − sg log q_k)``: value 0, gradient ``Σ_k signal_k ∇log q_k``."""
+    sg = jax.lax.stop_gradient
+    return jnp.sum(sg(signals) * (log_q - sg(log_q)))
+
+
+def vimco(model, guide, k: int) -> Expectation:
+    """IWELBO_K with VIMCO's per-particle baselines (Mnih & Rezende 2016), for guides whose
+    sites are not reparameterized (discrete latents).
+
+    ``∇ IWELBO = Σ_k (L − L_{−k}) ∇log q(z_k) + Σ_k w̃_k ∇log w_k``, where ``L_{−k}``
+    replaces ``w_k`` by the geometric mean of the other weights: it does not depend on
+    ``z_k``, so each particle's score gets a baseline that cancels most of the noise.
+    Unbiased. Needs ``k >= 2``.
+    """
+    if not isinstance(k, int) or k < 2:
+        raise ProgramError(f"ex.objectives.vimco: needs at least 2 particles; got {k!r}.")
+
+    def vimco_objective(params, *data):
+        log_p, log_q = _scored_particles(model, guide, k, params, data)
+        log_w = log_p - log_q
+        value = logsumexp(log_w) - math.log(k)
+        # L_{-k}: w_k replaced by exp(mean_{j != k} log w_j)
+        others_mean = (jnp.sum(log_w) - log_w) / (k - 1)
+        replaced = log_w[None, :] + jnp.diag(others_mean - log_w)  # row k: log w with entry k swapped
+        loo = logsumexp(replaced, axis=1) - math.log(k)
+        return value + _score_surrogate(value - loo, log_q)
+
+    return Expectation(vimco_objective, name=f"vimco{k}")
+
+
 def rws(model, guide, k: int) -> tuple[Expectation, Expectation]:
     """Reweighted wake-sleep (Bornschein & Bengio 2015; Le et al. 2019): ``(wake_model, wake_guide)``.
 
@@ -186,16 +251,8 @@ def rws(model, guide, k: int) -> tuple[Expectation, Expectation]:
     sg = jax.lax.stop_gradient
     why = "self-normalized importance weights: the gradient is consistent as K grows, biased for finite K"
 
-    def particle(params, data):
-        tr = trace(guide)(sg(params), *data)
-        z = jax.tree.map(sg, tr.sites)
-        log_p = model_log_density(model, z, params, data)
-        log_q = trace(guide, values=z)(params, *data).log_prob
-        return jnp.stack([log_p, log_q])
-
     def weights(params, data):
-        parts = vmap(lambda: particle(params, data), axis_size=k)()
-        log_p, log_q = parts[:, 0], parts[:, 1]
+        log_p, log_q = _scored_particles(model, guide, k, params, data)
         return log_p, log_q, sg(jax.nn.softmax(log_p - log_q))
 
     def wake_model(params, *data):

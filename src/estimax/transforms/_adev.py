@@ -152,7 +152,7 @@ def make_finish(costs: CostTerms | None):
                 if mask is not None:
                     if contributions is None:
                         contributions = costs.contributions(env)
-                    value = jnp.sum(mask * contributions).astype(p.dtype)
+                    value = sum(mask[i] * c for i, c in enumerate(contributions)).astype(p.dtype)
                 term = value * s.astype(p.dtype)
                 if o is not None:
                     term = term - o.astype(p.dtype)

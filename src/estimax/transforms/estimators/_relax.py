@@ -208,11 +208,12 @@ class GumbelSoftmax(Relaxation):
         ∇θ E_{q_θ,τ}[f(y)] = E_g[∇θ f(softmax((logits_θ + g) / τ))]
 
     **Bias.** The estimate and its gradient are unbiased for the *relaxed* objective
-    ``E_{q_τ}[f(y)]``, not for the discrete one ``E_{p_θ}[f(x)]``: ``E[y] ≠ p`` at any
-    ``τ > 0``, so even a linear ``f`` is biased. As ``τ → 0`` the sample tends to the exact
-    one-hot ``one_hot(argmax(logits + g))`` and, for ``f`` continuous, the gradient's mean
-    tends to the discrete gradient while its variance grows like ``1/τ``. ``f`` must be
-    defined (and differentiable) between the discrete values.
+    ``E_{q_τ}[f(y)]``, not for the discrete one ``E_{p_θ}[f(x)]``: ``E[y] ≠ p`` in general,
+    so even a linear ``f`` is biased. As ``τ → 0`` the samples tend to the exact one-hot
+    samples ``one_hot(argmax(logits + g))`` and the relaxed objective to the discrete one
+    (for a Bernoulli and a smooth ``f`` the gradient's bias is ``O(τ)``), while the
+    gradient's variance grows like ``1/τ``. ``f`` must be defined and differentiable
+    between the discrete values.
 
     **Arguments:** ``temperature`` (``τ``, a Python number > 0; default 1.0).
 
@@ -254,11 +255,10 @@ class StraightThrough(Relaxation):
 
     **Bias.** The estimate is unbiased for the discrete objective ``E_{p_θ}[f(x)]`` (the
     values are exact samples), but the gradient estimate ``∇f(x) · ∂y/∂θ`` -- ``f``'s
-    derivative at the discrete value times the relaxed sample's Jacobian -- is biased at
-    every temperature, and the bias does not vanish as ``τ → 0``: for a Bernoulli the mean
-    tends to ``½(f'(0) + f'(1)) p(1 − p)`` instead of ``(f(1) − f(0)) p(1 − p)``. Lower
-    variance than :class:`GumbelSoftmax` at small ``τ``; ``f`` must be differentiable at the
-    discrete values.
+    derivative at the discrete value times the relaxed sample's Jacobian -- is biased, and
+    in general the bias does not vanish as ``τ → 0``: for a Bernoulli the mean tends to
+    ``½(f'(0) + f'(1)) p(1 − p)`` instead of ``(f(1) − f(0)) p(1 − p)`` (equal only when
+    ``f`` is at most quadratic). ``f`` must be differentiable at the discrete values.
 
     **Arguments:** ``temperature`` (``τ`` of the relaxation used for the gradient, a Python
     number > 0; default 1.0).
@@ -275,7 +275,7 @@ class StraightThrough(Relaxation):
     temperature: float = 1.0
 
     name = "straight_through"
-    identity = "x = hard(z) + y − sg(y), y = softmax((logits_θ + g)/τ); ∇ ≈ E[∇f(x) ∂y/∂θ], biased"
+    identity = "x = hard(z) + y − sg(y), y = softmax((logits_θ + g)/τ); ∇ ≈ E[∇f(x) ∂y/∂θ]"
 
     def __call__(self, *, temperature: float = 1.0) -> "StraightThrough":
         """``ex.straight_through(temperature=τ)``: relaxed gradient at temperature ``τ``."""
