@@ -127,7 +127,20 @@ class SiteDist:
 
     @property
     def lane(self) -> dist.Distribution:
-        return self.base()
+        """The per-lane distribution. For a mapped site its leaves are shape/dtype structs
+        with the mapped axes removed (for static questions: support size, value type); for
+        an unmapped site, the distribution itself."""
+        if not self.spec.levels:
+            return self.base()
+        shapes = [list(jnp.shape(x)) for x in self.operands]
+        for axes, _ in reversed(self.spec.levels):  # the outermost level's axis first
+            for shape, ax in zip(shapes, axes, strict=True):
+                if ax is not None:
+                    del shape[ax]
+        structs = [
+            jax.ShapeDtypeStruct(tuple(shape), jnp.result_type(x)) for shape, x in zip(shapes, self.operands, strict=True)
+        ]
+        return self.base(self.spec.merge(structs))
 
     @property
     def lane_sizes(self) -> tuple[int, ...]:
@@ -234,8 +247,17 @@ def log_density(d: dist.Distribution, x):
 
 def _support_size(d: dist.Distribution) -> int:
     """Number of support points of one coordinate of ``d``, from static shapes only."""
-    support = jax.eval_shape(lambda: d.enumerate_support(expand=False))
-    return int(support.shape[0])
+    leaves, treedef = jax.tree_util.tree_flatten(d)
+    traced = [i for i, x in enumerate(leaves) if isinstance(x, (jax.ShapeDtypeStruct, jax.core.ShapedArray))]
+
+    def support(*xs):
+        full = list(leaves)
+        for i, x in zip(traced, xs, strict=True):
+            full[i] = x
+        return jax.tree_util.tree_unflatten(treedef, full).enumerate_support(expand=False)
+
+    out = jax.eval_shape(support, *[jax.ShapeDtypeStruct(leaves[i].shape, leaves[i].dtype) for i in traced])
+    return int(out.shape[0])
 
 
 def support_size_or_none(d: dist.Distribution) -> int | None:

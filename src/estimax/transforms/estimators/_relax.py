@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 from numpyro.distributions.util import clamp_probs
 
-from ..._errors import StrategyError, UnsupportedError
+from ..._errors import StrategyError
 from ...dsl._site import family_name
 from ._base import LocalStrategy, SiteContext
 
@@ -170,18 +170,7 @@ class Relaxation(LocalStrategy):
 
     def _sample(self, ctx: SiteContext, leaves):
         draw = ctx.site.lift(lambda d, key: _draw(d, key, self.temperature), split_key=True)
-        hard, relaxed = draw(tuple(leaves), ctx.key)
-        staged = ctx.site.lane_sizes + tuple(self.value_struct(ctx.site.lane).shape)
-        if tuple(relaxed.shape) != staged:
-            # ``value_struct`` sees the lane distribution with its mapped axes still in the
-            # parameters; it reads K from the last axis, which is wrong when that is mapped.
-            raise UnsupportedError(
-                f"site {ctx.name!r}: ex.{self.name} produces values of shape "
-                f"{tuple(relaxed.shape)}, but the program was staged with {staged}. This "
-                "happens when jax.vmap maps the category (last) axis of a Categorical's "
-                "parameters; map another axis (e.g. move it first and use in_axes=0)."
-            )
-        return hard, relaxed
+        return draw(tuple(leaves), ctx.key)
 
     def forward(self, ctx: SiteContext):
         if not ctx.has_tangent:
