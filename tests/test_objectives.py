@@ -248,3 +248,25 @@ def test_leave_one_out_elbo_gradient_is_unbiased_with_lower_variance():
     r_loo = assert_unbiased(ex.grad(loo), jax.grad(exact)(COIN), args=(COIN, Y), seed="loo", n=20000)
     r_plain = assert_unbiased(ex.grad(plain), jax.grad(exact)(COIN), args=(COIN, Y), seed="loo-plain", n=20000)
     assert np.all(r_loo.se["l"] < 0.7 * r_plain.se["l"]), (r_loo.se["l"], r_plain.se["l"])
+
+
+def test_iwelbo_matches_numpyro_renyi_elbo_alpha_zero():
+    from numpyro.infer import RenyiELBO
+
+    def np_guide(params, x):
+        numpyro.sample("z", dist.Normal(params["m"], jnp.exp(params["log_s"])))
+
+    k = 4
+    loss = jax.jit(lambda key: RenyiELBO(alpha=0.0, num_particles=k).loss(key, {}, model, np_guide, POOR, X))
+    ours_mean, ours_se = mean_and_se(ex.objectives.iwelbo(model, guide, k).estimate, key_from("renyi-ours"), 20000, args=(POOR, X))
+    theirs = jax.vmap(loss)(jax.random.split(key_from("renyi-theirs"), 20000))
+    theirs_mean, theirs_se = -float(jnp.mean(theirs)), float(jnp.std(theirs)) / math.sqrt(20000)
+    assert abs(float(ours_mean) - theirs_mean) < 5 * math.hypot(float(ours_se), theirs_se)
+
+
+def test_trace_refuses_relaxed_sites():
+    def relaxed_guide(params, x):
+        return ex.sample(dist.Bernoulli(logits=params["m"]), estimator=ex.gumbel_softmax(temperature=0.5), name="z")
+
+    with pytest.raises(ex.UnsupportedError, match=r"site 'z'.*relaxed value has no density"):
+        ex.objectives.elbo(model, relaxed_guide).estimate(jax.random.PRNGKey(0), POOR, X)

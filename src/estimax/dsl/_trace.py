@@ -96,6 +96,12 @@ def replay(jaxpr, consts, args, *, stop_params: bool = False, specs: dict | None
         prim = eqn.primitive
         if prim is sample_p:
             spec = eqn.params["spec"]
+            if spec.strategy is not None and spec.strategy.value_struct(SiteDist(spec, ins).lane) is not None:
+                raise UnsupportedError(
+                    f"ex.trace: site {spec.name!r} uses {spec.strategy!r}, whose relaxed value has "
+                    "no density under the site's distribution; trace it with a discrete strategy, "
+                    "or use a relaxed distribution (e.g. dist.RelaxedBernoulliLogits) as the site."
+                )
             if spec.name in values:
                 given = jnp.asarray(values[spec.name])
                 if given.shape != tuple(eqn.outvars[0].aval.shape):
