@@ -5,6 +5,7 @@ from ._vi import cubo as cubo
 from ._vi import elbo as elbo
 from ._vi import iwelbo as iwelbo
 from ._vi import log_weight as log_weight
+from ._vi import model_log_density as model_log_density
 from ._vi import renyi as renyi
 from ._vi import rws as rws
 from ._vi import snis_forward_kl as snis_forward_kl
