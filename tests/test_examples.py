@@ -25,6 +25,21 @@ def test_fit_mixed_latents_quick(tmp_path):
     assert (tmp_path / "o" / "objective.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize(
+    "script, figure",
+    [
+        ("vae_digits.py", "vae_digits.png"),
+        ("iwae_digits.py", "iwae_digits.png"),
+        ("sigmoid_belief_net.py", "sigmoid_belief_net.png"),
+    ],
+)
+def test_vi_example_quick(script, figure, tmp_path):
+    out = run([str(ROOT / "examples" / script), "--quick", "--out", str(tmp_path / "o")], tmp_path)
+    assert "certificate: unbiased" in out  # the estimator plan was printed
+    assert "on all 1797 digits" in out  # the final summary was printed
+    assert (tmp_path / "o" / figure).stat().st_size > 1000
+
+
 @pytest.mark.slow
 def test_bench_core_quick(tmp_path):
     out = run([str(ROOT / "bench" / "bench_core.py"), "--quick"], tmp_path)

@@ -123,7 +123,12 @@ def elbo(model, guide, *, particles: int = 1, gradient: str = "standard") -> Exp
 def iwelbo(model, guide, k: int, *, gradient: str = "standard") -> Expectation:
     """``IWELBO_K = E[log (1/K) Σ_k w_k]``, ``w_k = p(x, z_k)/q(z_k)``, ``z_k ~ q`` i.i.d.
 
-    Increases with ``K`` towards ``log p(x)`` (Burda et al. 2016). ``gradient``:
+    Increases with ``K`` towards ``log p(x)`` (Burda et al. 2016). ``data`` is *one*
+    observation: on a minibatch of i.i.d. points the weights multiply over the points, which
+    is the IWELBO of the batch as a whole. The per-point IWAE objective
+    ``Σ_i log (1/K) Σ_k w_ik`` maps the objective over points instead, e.g.
+    ``jnp.sum(ex.vmap(lambda xi: iwelbo_program(params, xi))(x))`` inside a program
+    (see ``examples/iwae_digits.py``). ``gradient``:
 
     - ``"standard"``: the estimator pass's gradient of the program;
     - ``"dreg"``: doubly reparameterized (Tucker et al. 2019): for the guide's parameters

@@ -35,6 +35,8 @@ class SitePlan:
     location: str | None
     #: the gradient variance this site contributes (``explain(..., variance=True)``)
     variance: float | None = None
+    #: the Monte Carlo standard error of ``variance`` (heavy-tailed estimators are noisy)
+    variance_se: float | None = None
 
     @property
     def certificate(self) -> str:
@@ -75,7 +77,10 @@ class Plan:
         ]
         if self.total_variance is not None:
             header = header + ("grad variance",)
-            rows = [r + ("n/a" if s.variance is None else f"{s.variance:.4g}",) for r, s in zip(rows, self.sites)]
+            rows = [
+                r + ("n/a" if s.variance is None else f"{s.variance:.4g} ± {s.variance_se:.2g}",)
+                for r, s in zip(rows, self.sites)
+            ]
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         lines = [f"estimator plan for {self.program}", fmt.format(*header), fmt.format(*("-" * w for w in widths))]
@@ -272,7 +277,12 @@ def explain(objective, *args, variance: bool = False, key=None, argnums=0, sampl
         from ._variance import site_variances
 
         measured, total = site_variances(program, closed, args, sites, key=key, argnums=argnums, samples=samples)
-        sites = [dataclasses.replace(s, variance=measured.get(s.name)) for s in sites]
+        sites = [
+            dataclasses.replace(s, variance=measured[s.name][0], variance_se=measured[s.name][1])
+            if s.name in measured
+            else s
+            for s in sites
+        ]
     certificate = certify(closed.jaxpr, sites)
     declared = program.declared_certificate
     if declared is not None:

@@ -26,16 +26,20 @@ def _gradient_fn(closed, args, argnums, override_site):
 
 
 def site_variances(program, closed, args, sites, *, key, argnums, samples):
-    """``({site: E[Var(ĝ | other sites)]}, total variance)``, each summed over coordinates."""
+    """``({site: (E[Var(ĝ | other sites)], its standard error)}, total variance)``, summed
+    over gradient coordinates. Estimates are computed ``inner`` at a time (bounded memory)."""
     outer, inner = samples
     k_outer, k_inner, k_total = jax.random.split(key, 3)
     outer_keys = jax.random.split(k_outer, outer)
     inner_bases = jax.random.split(k_inner, outer)  # fresh inner draws for every outer draw
 
     plain = _gradient_fn(closed, args, argnums, None)
-    total_keys = jax.random.split(k_total, outer * inner)
-    g = jax.jit(jax.vmap(plain, in_axes=(0, *[None] * len(args))))(total_keys, *args)
-    total = float(np.sum(np.var(np.asarray(g, np.float64), axis=0, ddof=1)))
+    total_keys = jax.random.split(k_total, outer * inner).reshape((outer, inner) + k_total.shape)
+    chunks = jax.jit(
+        lambda ks: jax.lax.map(lambda k: jax.vmap(plain, in_axes=(0, *[None] * len(args)))(k, *args), ks)
+    )(total_keys)
+    g = np.asarray(chunks, np.float64).reshape(outer * inner, -1)
+    total = float(np.sum(np.var(g, axis=0, ddof=1)))
 
     out = {}
     for s in sites:
@@ -48,7 +52,9 @@ def site_variances(program, closed, args, sites, *, key, argnums, samples):
             gs = jax.vmap(fn, in_axes=(0, *[None] * len(args)))(pairs, *args)
             return jnp.sum(jnp.var(gs, axis=0, ddof=1))
 
-        v = jax.jit(jax.vmap(conditional_variance))(outer_keys, inner_bases)
-        out[s.name] = float(np.mean(np.asarray(v, np.float64)))
+        # outer draws one after another (lax.map): memory is that of `inner` estimates
+        v = jax.jit(lambda ko, kb: jax.lax.map(lambda a: conditional_variance(*a), (ko, kb)))(outer_keys, inner_bases)
+        v = np.asarray(v, np.float64)
+        out[s.name] = (float(np.mean(v)), float(np.std(v, ddof=1) / np.sqrt(len(v))))
     del program
     return out, total
