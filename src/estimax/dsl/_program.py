@@ -13,19 +13,22 @@ from ..runtime import _jax_compat as compat
 from ._primitives import stage
 
 
-def _check_key(key, where: str):
+def key_problem(key) -> str | None:
+    """``None`` if ``key`` is one PRNG key (typed, or raw ``uint32[2]``); else what it is."""
     try:
         aval = compat.aval_of(key)
     except TypeError:
-        aval = None
-    ok = False
-    if aval is not None:
-        if jax.dtypes.issubdtype(aval.dtype, jax.dtypes.prng_key):
-            ok = aval.shape == ()
-        else:
-            ok = aval.dtype == jnp.uint32 and aval.shape == (2,)
-    if not ok:
-        got = f"{aval.dtype}{list(aval.shape)}" if aval is not None else type(key).__name__
+        return type(key).__name__
+    if jax.dtypes.issubdtype(aval.dtype, jax.dtypes.prng_key):
+        ok = aval.shape == ()
+    else:
+        ok = aval.dtype == jnp.uint32 and aval.shape == (2,)
+    return None if ok else f"{aval.dtype}{list(aval.shape)}"
+
+
+def _check_key(key, where: str):
+    got = key_problem(key)
+    if got is not None:
         raise ProgramError(
             f"{where}: the first argument must be a PRNG key (jax.random.key(0) or "
             f"jax.random.PRNGKey(0)); got {got}. Every estimator takes the key first: "

@@ -43,7 +43,7 @@ import numpy as np
 import optax
 
 from .._errors import ProgramError
-from ..dsl._program import Expectation, value_and_grad
+from ..dsl._program import Expectation, key_problem, value_and_grad
 from . import _jax_compat as compat
 
 # --- public values -------------------------------------------------------------------------
@@ -331,18 +331,8 @@ def _positive_int(value, name: str, what: str) -> int:
 
 
 def _check_key(key):
-    try:
-        aval = compat.aval_of(key)
-    except TypeError:
-        aval = None
-    ok = False
-    if aval is not None:
-        if jax.dtypes.issubdtype(aval.dtype, jax.dtypes.prng_key):
-            ok = aval.shape == ()
-        else:
-            ok = aval.dtype == jnp.uint32 and aval.shape == (2,)
-    if not ok:
-        got = f"{aval.dtype}{list(aval.shape)}" if aval is not None else repr(key)
+    got = key_problem(key)
+    if got is not None:
         raise ProgramError(
             f"fit: key must be a single PRNG key (jax.random.key(0) or jax.random.PRNGKey(0)); got {got}."
         )
