@@ -26,6 +26,7 @@ from jax.scipy.special import logsumexp
 from .._errors import ProgramError
 from ..dsl._primitives import vmap
 from ..dsl._program import Expectation
+from ..dsl._site import log_density
 from ..dsl._trace import trace
 
 
@@ -56,7 +57,7 @@ def model_log_density(model, latents: dict, params, data) -> Any:
                 f"the model's latent site {name!r} has no value in the guide's trace (guide sites: "
                 f"{sorted(latents)}). Sample it in the guide with ex.sample(..., name={name!r})."
             )
-        lp = site["fn"].log_prob(site["value"])
+        lp = log_density(site["fn"], site["value"])  # NumPyro's log_prob, with right derivatives at logits 0
         scale = site.get("scale")
         total = total + jnp.sum(lp if scale is None else scale * lp).astype(total.dtype)
     return total
