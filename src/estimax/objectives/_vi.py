@@ -116,6 +116,8 @@ def elbo(model, guide, *, particles: int = 1, gradient: str = "standard") -> Exp
         return Expectation(loo_objective, name="elbo[loo]")
 
     def elbo_objective(params, *data):
+        if particles == 1:  # a plain sum of log densities: REINFORCE terms get Rao-Blackwellized per site
+            return log_weight(model, guide, params, *data, stl=gradient == "stl")
         return jnp.mean(_particles(model, guide, particles, params, data, stl=gradient == "stl"))
 
     return Expectation(elbo_objective, name="elbo" if gradient == "standard" else "elbo[stl]")
