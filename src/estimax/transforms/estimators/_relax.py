@@ -153,6 +153,11 @@ class Relaxation(LocalStrategy):
     def __post_init__(self):
         object.__setattr__(self, "temperature", _checked_temperature(self.temperature, f"ex.{self.name}"))
 
+    def __call__(self, *, temperature: float = 1.0) -> "Relaxation":
+        """``ex.gumbel_softmax(temperature=τ)`` / ``ex.straight_through(temperature=τ)``:
+        the same strategy at temperature ``τ``."""
+        return type(self)(temperature=temperature)
+
     def describe(self) -> str:
         return f"{self.name}(temperature={self.temperature!r})"
 
@@ -223,10 +228,6 @@ class GumbelSoftmax(Relaxation):
     name = "gumbel_softmax"
     identity = "∇θ E_q[f(y)] = E_g[∇θ f(softmax((logits_θ + g)/τ))], g ~ Gumbel; biased for E_p[f(x)]"
 
-    def __call__(self, *, temperature: float = 1.0) -> "GumbelSoftmax":
-        """``ex.gumbel_softmax(temperature=τ)``: the relaxation at temperature ``τ``."""
-        return GumbelSoftmax(temperature=temperature)
-
     def value(self, hard, relaxed):
         del hard
         return relaxed
@@ -265,10 +266,6 @@ class StraightThrough(Relaxation):
 
     name = "straight_through"
     identity = "x = hard(z) + y − sg(y), y = softmax((logits_θ + g)/τ); ∇ ≈ E[∇f(x) ∂y/∂θ]"
-
-    def __call__(self, *, temperature: float = 1.0) -> "StraightThrough":
-        """``ex.straight_through(temperature=τ)``: relaxed gradient at temperature ``τ``."""
-        return StraightThrough(temperature=temperature)
 
     def value(self, hard, relaxed):
         # ``relaxed - stop_gradient(relaxed)`` is exactly zero, so the value is exactly ``hard``.
