@@ -14,6 +14,8 @@ from ._errors import NoKeyError as NoKeyError
 from ._errors import ProgramError as ProgramError
 from ._errors import StrategyError as StrategyError
 from ._errors import UnsupportedError as UnsupportedError
+from .dsl._marginal import marginal as marginal
+from .dsl._marginal import normalize as normalize
 from .dsl._primitives import expect as expect
 from .dsl._primitives import sample as sample
 from .dsl._primitives import vmap as vmap

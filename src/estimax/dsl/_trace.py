@@ -42,7 +42,9 @@ class Trace:
             raise KeyError(f"no top-level site named {name!r} in the trace; sites: {sorted(self.sites)}") from None
 
 
-def trace(program: Callable, *, stop_params: bool = False, values: dict | None = None) -> Callable[..., Trace]:
+def trace(
+    program: Callable, *, stop_params: bool = False, values: dict | None = None, prefix: str = ""
+) -> Callable[..., Trace]:
     """``ex.trace(program)(*args) -> Trace(value, sites, log_prob)``; see the module doc.
 
     With ``stop_params=True`` the log density is evaluated with the distributions'
@@ -61,7 +63,7 @@ def trace(program: Callable, *, stop_params: bool = False, values: dict | None =
         flat = jax.tree_util.tree_leaves(args)
         specs: dict = {}
         outs, sites, logp = replay(
-            closed.jaxpr, closed.consts, flat, stop_params=stop_params, specs=specs, values=values
+            closed.jaxpr, closed.consts, flat, stop_params=stop_params, specs=specs, values=values, prefix=prefix
         )
         missing = set(values or ()) - set(sites)
         if missing:
@@ -75,7 +77,16 @@ def _zero():
     return jnp.zeros((), jnp.result_type(float))
 
 
-def replay(jaxpr, consts, args, *, stop_params: bool = False, specs: dict | None = None, values: dict | None = None):
+def replay(
+    jaxpr,
+    consts,
+    args,
+    *,
+    stop_params: bool = False,
+    specs: dict | None = None,
+    values: dict | None = None,
+    prefix: str = "",
+):
     """Re-bind ``jaxpr``'s equations in the current trace: ``(outs, sites, log_prob)``."""
     specs = {} if specs is None else specs
     values = {} if values is None else values
@@ -110,6 +121,10 @@ def replay(jaxpr, consts, args, *, stop_params: bool = False, specs: dict | None
                         f"{tuple(eqn.outvars[0].aval.shape)}; the given value has {given.shape}."
                     )
                 outs = [given.astype(eqn.outvars[0].aval.dtype)]
+            elif prefix:
+                subfuns, bind = compat.bind_params(eqn)
+                bind = {**bind, "spec": dataclasses.replace(spec, name=prefix + spec.name)}
+                outs = [eqn.primitive.bind(*subfuns, *ins, **bind)]
             else:
                 outs = compat.rebind(eqn, ins)
             params = [jax.lax.stop_gradient(x) for x in ins] if stop_params else ins
@@ -121,19 +136,19 @@ def replay(jaxpr, consts, args, *, stop_params: bool = False, specs: dict | None
         elif prim is compat.jit_p or prim is compat.closed_call_p:
             closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
             outs, inner_sites, lp = replay(
-                closed.jaxpr, closed.consts, ins, stop_params=stop_params, specs=specs, values=values
+                closed.jaxpr, closed.consts, ins, stop_params=stop_params, specs=specs, values=values, prefix=prefix
             )
             sites.update(inner_sites)
             logp = logp + lp
         elif prim is compat.cond_p:
             branches = [
-                (lambda c: lambda ops: _drop_sites(replay(c.jaxpr, c.consts, ops, stop_params=stop_params)))(c)
+                (lambda c: lambda ops: _drop_sites(replay(c.jaxpr, c.consts, ops, stop_params=stop_params, prefix=prefix)))(c)
                 for c in eqn.params["branches"]
             ]
             outs, lp = jax.lax.switch(ins[0], branches, ins[1:])
             logp = logp + lp
         elif prim is compat.scan_p:
-            outs, lp = _replay_scan(eqn, ins, stop_params)
+            outs, lp = _replay_scan(eqn, ins, stop_params, prefix)
             logp = logp + lp
         else:
             raise UnsupportedError(
@@ -156,14 +171,14 @@ def _has_sites(eqn) -> bool:
     return any(contains_random(sub) for sub in compat.subjaxprs_of(eqn))
 
 
-def _replay_scan(eqn, ops, stop_params):
+def _replay_scan(eqn, ops, stop_params, prefix):
     p = eqn.params
     nc, ncar, body = p["num_consts"], p["num_carry"], p["jaxpr"]
     consts, init, xs = ops[:nc], list(ops[nc : nc + ncar]), list(ops[nc + ncar :])
 
     def step(carry, x):
         lp, c = carry
-        outs, _, dlp = replay(body.jaxpr, body.consts, [*consts, *c, *x], stop_params=stop_params)
+        outs, _, dlp = replay(body.jaxpr, body.consts, [*consts, *c, *x], stop_params=stop_params, prefix=prefix)
         return (lp + dlp, outs[:ncar]), outs[ncar:]
 
     (lp, carry), ys = jax.lax.scan(step, (_zero(), init), xs, length=p["length"], reverse=p["reverse"], unroll=p["unroll"])

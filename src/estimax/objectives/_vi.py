@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
 from .._errors import ProgramError
+from ..dsl._marginal import Approximate
 from ..dsl._primitives import vmap
 from ..dsl._program import Expectation
 from ..dsl._site import log_density
@@ -63,13 +64,40 @@ def model_log_density(model, latents: dict, params, data) -> Any:
     return total
 
 
+def guide_draw(guide, params, data, *, stl: bool = False):
+    """``(z, log q)`` for one draw ``z ~ q`` of a guide program, or of an approximate
+    distribution (``ex.marginal``/``ex.normalize``), whose ``log q`` is then an estimate with
+    an unbiased reciprocal (so the objectives below stay bounds)."""
+    if isinstance(guide, Approximate):
+        if stl:
+            raise ProgramError(
+                f"sticking the landing needs the guide's exact density; {guide!r} only has an "
+                "estimate of it. Use gradient='standard'."
+            )
+        return guide.draw(params, *data)
+    tr = trace(guide, stop_params=stl)(params, *data)
+    return tr.sites, tr.log_prob
+
+
+def _require_exact_density(guide, what):
+    if isinstance(guide, Approximate):
+        raise ProgramError(
+            f"{what} evaluates the guide's density at draws made without its gradient, which "
+            f"needs an exact density; {guide!r} only has an estimate of it. Use elbo, iwelbo "
+            "(gradient='standard'), renyi or cubo with it."
+        )
+
+
 def log_weight(model, guide, params, *data, stl: bool = False):
     """``log p(x, z) − log q(z)`` at one draw ``z ~ q``: the building block of every objective.
 
     ``stl=True`` evaluates ``log q`` with its parameters stopped ("sticking the landing").
+    ``guide`` may be an approximate distribution (``ex.marginal``, ``ex.normalize``): then
+    ``log q`` is its estimate, and ``E[log_weight]`` is a lower bound on the ELBO of the
+    guide's exact density.
     """
-    tr = trace(guide, stop_params=stl)(params, *data)
-    return model_log_density(model, tr.sites, params, data) - tr.log_prob
+    sites, log_q = guide_draw(guide, params, data, stl=stl)
+    return model_log_density(model, sites, params, data) - log_q
 
 
 def _particles(model, guide, k: int, params, data, stl=False):
@@ -103,9 +131,12 @@ def elbo(model, guide, *, particles: int = 1, gradient: str = "standard") -> Exp
     """
     _check_k(particles, "ex.objectives.elbo")
     _check_gradient(gradient, ("standard", "stl", "loo"), "ex.objectives.elbo")
+    if gradient == "stl":
+        _require_exact_density(guide, "ex.objectives.elbo(gradient='stl')")
     if gradient == "loo":
         if particles < 2:
             raise ProgramError("ex.objectives.elbo(gradient='loo') needs particles >= 2.")
+        _require_exact_density(guide, "ex.objectives.elbo(gradient='loo')")
 
         def loo_objective(params, *data):
             log_p, log_q = _scored_particles(model, guide, particles, params, data)
@@ -144,6 +175,7 @@ def iwelbo(model, guide, k: int, *, gradient: str = "standard") -> Expectation:
     # STL gradient is biased for the IWELBO; DReG is its unbiased counterpart.)
     _check_gradient(gradient, ("standard", "dreg"), "ex.objectives.iwelbo")
     if gradient == "dreg":
+        _require_exact_density(guide, "ex.objectives.iwelbo(gradient='dreg')")
         return _iwelbo_dreg(model, guide, k)
 
     def iwelbo_objective(params, *data):
@@ -225,6 +257,7 @@ def vimco(model, guide, k: int) -> Expectation:
     """
     if not isinstance(k, int) or k < 2:
         raise ProgramError(f"ex.objectives.vimco: needs at least 2 particles; got {k!r}.")
+    _require_exact_density(guide, "ex.objectives.vimco")
 
     def vimco_objective(params, *data):
         log_p, log_q = _scored_particles(model, guide, k, params, data)
@@ -256,6 +289,7 @@ def rws(model, guide, k: int) -> tuple[Expectation, Expectation]:
     not unbiased, and ``explain`` says so.
     """
     _check_k(k, "ex.objectives.rws")
+    _require_exact_density(guide, "ex.objectives.rws")
     sg = jax.lax.stop_gradient
     why = "self-normalized importance weights: the gradient is consistent as K grows, biased for finite K"
 
