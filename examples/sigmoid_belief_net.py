@@ -11,13 +11,18 @@ and an amortized guide with a linear map of the pixels to the latents' logits:
 
 Everything is fitted by maximizing the ELBO = E_q[log p(x, h) - log q(h | x)]. The latents
 are discrete, so there is no reparameterization: the guide's site needs an estimator that
-works without a derivative through the sample. We train the same model three times, from
+works without a derivative through the sample. We train the same model four times, from
 the same start and with the same keys, changing only the strategy of the guide's site:
 
 - ``ex.reinforce``: the score function, ``(f - 0) * grad log q(h | x)``;
 - ``ex.reinforce(baseline=b)``: the same with a baseline ``b``, an exponential moving average
   of recent objective values. ``b`` changes during training, so it is state that we carry
   ourselves, next to the parameters and the optimizer state, in a hand-written step;
+- ``ex.reinforce(baseline=b_psi(x), learn="ascent")``: a *learned* control variate, a linear
+  function of the minibatch's pixels with its own parameters ``psi``. estimax gives ``psi``
+  the gradient of the baseline's loss ``(f - b_psi)^2`` (signed for the ascent we run) and
+  the model and guide their unchanged gradient, so ``ex.fit`` trains all of it: no state of
+  our own. Unlike the moving average it follows the minibatch, whose digits move ``f`` most;
 - ``ex.mvd``: the measure-valued derivative: for each of the site's coordinates it
   evaluates the rest of the program with that latent set to 1 and to 0.
 
@@ -117,6 +122,9 @@ def make_guide(strategy: str):
             estimator = ex.reinforce
         elif strategy == "reinforce+baseline":
             estimator = ex.reinforce(baseline=b)  # b is a traced argument: state, not a constant
+        elif strategy == "reinforce+learned":
+            psi = params["baseline"]  # used by nothing else: it gets the baseline's loss gradient
+            estimator = ex.reinforce(baseline=jnp.mean(x @ psi["w"]) + psi["c"], learn="ascent")
         else:
             estimator = ex.mvd
         # (ex.enum would sum over the site's joint support: 2^(16 * 64) values for a
@@ -195,7 +203,7 @@ def train_with_baseline(objective, params, data, *, baseline, optimizer, steps, 
 # Evaluation and plotting.
 # ------------------------------------------------------------------------------------------
 # The ELBO of a batch of digits, for evaluation: the value of an estimate does not depend
-# on the gradient strategy, so one program (compiled once) serves all three runs.
+# on the gradient strategy, so one program (compiled once) serves all four runs.
 elbo = ex.objectives.elbo(model, make_guide("reinforce"))
 
 
@@ -230,9 +238,9 @@ def plot(histories, finals, path):
 
 
 # ------------------------------------------------------------------------------------------
-# 4. Main: per-site gradient variance at the start, then the three training runs.
+# 4. Main: per-site gradient variance at the start, then the four training runs.
 # ------------------------------------------------------------------------------------------
-STRATEGIES = ("reinforce", "reinforce+baseline", "mvd")
+STRATEGIES = ("reinforce", "reinforce+baseline", "reinforce+learned", "mvd")
 
 
 def main(argv=None):
@@ -268,14 +276,17 @@ def main(argv=None):
     # the program 2048 times each (~85 MB per estimate here), so it gets fewer draws than
     # the default (32 x 16), which would need ~43 GB. Measuring also compiles one batched
     # gradient program per site (tens of seconds on a small CPU): --quick skips it.
-    samples = {"reinforce": (32, 16), "reinforce+baseline": (32, 16), "mvd": (8, 4)}
+    samples = {"reinforce": (32, 16), "reinforce+baseline": (32, 16), "reinforce+learned": (32, 16), "mvd": (8, 4)}
+    # The learned baseline's parameters: a linear function of the pixels, starting at b0.
+    initial = {name: params for name in STRATEGIES}
+    initial["reinforce+learned"] = {**params, "baseline": {"w": jnp.zeros(64, jnp.float32), "c": jnp.asarray(b0, jnp.float32)}}
     for name, objective in objectives.items():
         b = b0 if name == "reinforce+baseline" else 0.0
         if measure_variance:
             print(f"[variance from {samples[name][0]} x {samples[name][1]} gradient estimates]")
-            print(ex.explain(objective, params, data, b, variance=True, key=var_key, samples=samples[name]))
+            print(ex.explain(objective, initial[name], data, b, variance=True, key=var_key, samples=samples[name]))
         else:
-            print(ex.explain(objective, params, data, b))
+            print(ex.explain(objective, initial[name], data, b))
         print()
     if not measure_variance:
         print("(gradient variance not measured: run without --quick / --no-variance to see it)\n")
@@ -301,7 +312,7 @@ def main(argv=None):
             # argument is unused by these guides; pass 0.
             result = ex.fit(
                 objective,
-                params,
+                initial[name],
                 data,
                 0.0,
                 optimizer=optimizer,

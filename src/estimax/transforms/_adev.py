@@ -215,7 +215,8 @@ def run_eqns(jaxpr, env, i, thread: Thread, k: Callable, mode: bool):
             if _OVERRIDE and _OVERRIDE[-1] == spec.name:
                 k_site = thread.override
             thread = thread._replace(key=key)
-            ctx = SiteContext(spec.name, site, spec.merge_tangents([t for _, t in duals]), k_site, mode)
+            tangents = [t for _, t in duals]
+            ctx = SiteContext(spec.name, site, spec.merge_tangents(tangents), k_site, mode, spec.extras(tangents))
             if isinstance(strategy, LocalStrategy):
                 with compat.source_context(eqn):
                     x, x_dot, score = strategy.forward(ctx)

@@ -29,6 +29,8 @@ class SiteContext:
     tangents: tuple  # per leaf: an array, or None where the leaf is not being differentiated
     key: Any
     mode: bool  # True when tangents are propagated
+    #: tangents of the strategy's own operands (e.g. a traced baseline), or None each
+    extra_tangents: tuple = ()
 
     @property
     def has_tangent(self) -> bool:

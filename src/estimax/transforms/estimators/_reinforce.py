@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from ..._errors import StrategyError
+from ...dsl._site import log_density
 from ._base import LocalStrategy, SiteContext
 
 
@@ -24,23 +25,46 @@ class Reinforce(LocalStrategy):
 
     Needs no continuation: each site's score is accumulated and multiplied by the program's
     final value, so it also works inside ``lax.scan`` and ``fori_loop`` bodies.
+
+    A *learned* baseline (a control variate ``b_ψ`` computed in the program, e.g. by a small
+    network of the data) is ``ex.reinforce(baseline=b, learn="descent")``: the gradient of
+    the objective is unchanged, and the parameters ``ψ`` that only ``b`` uses receive the
+    gradient of the baseline's own loss ``½ E[(f − b_ψ)²]`` (as Pyro's ``TraceGraph_ELBO`` adds
+    it to its surrogate), signed for your optimizer: ``"descent"`` if you minimize the
+    objective, ``"ascent"`` if you maximize it -- either way the update moves ``b_ψ``
+    towards ``E[f]``. Parameters shared between ``b`` and the rest of the program would get
+    both terms: give the baseline its own.
     """
 
     baseline: Any = None
+    learn: str | None = None
 
     name = "reinforce"
     identity = "∇θ E_p[f(x)] = E_p[(f(x) - b) ∇θ log p(x)]"
 
-    def __call__(self, *, baseline: float | Callable | Any | None = None) -> "Reinforce":
+    def __call__(self, *, baseline: float | Callable | Any | None = None, learn: str | None = None) -> "Reinforce":
         """``ex.reinforce(baseline=b)``: REINFORCE with a baseline ``b``: a number, a function
-        of the site's distribution, or a scalar *program argument* (traced) -- the way to
-        carry a moving-average baseline as explicit state (see :func:`ema_update`)."""
+        of the site's distribution, or a scalar value computed in the program (traced) -- a
+        program argument carrying a moving-average baseline as explicit state (see
+        :func:`ema_update`), or a learned control variate with ``learn="descent"`` or
+        ``learn="ascent"`` (see the class doc). Inside ``ex.vmap`` a traced baseline may
+        differ per lane."""
+        if learn not in (None, "descent", "ascent"):
+            raise StrategyError(
+                f"ex.reinforce(learn=...) expects 'descent' (you minimize the objective) or "
+                f"'ascent' (you maximize it); got {learn!r}."
+            )
         if isinstance(baseline, jax.core.Tracer):
             if jnp.shape(baseline) != ():
                 raise StrategyError(
                     f"ex.reinforce(baseline=...) expects a scalar; got shape {jnp.shape(baseline)}."
                 )
-            return Reinforce(baseline=baseline)
+            return Reinforce(baseline=baseline, learn=learn)
+        if learn is not None:
+            raise StrategyError(
+                "ex.reinforce(learn=...) needs a baseline computed in the program from its "
+                f"parameters (a traced scalar); got {type(baseline).__name__} {baseline!r}."
+            )
         if baseline is not None and not callable(baseline):
             try:
                 baseline = float(baseline)
@@ -56,14 +80,14 @@ class Reinforce(LocalStrategy):
 
     def split_operands(self):
         if isinstance(self.baseline, jax.core.Tracer):
-            return Reinforce(baseline=_TRACED), (self.baseline,)
+            return Reinforce(baseline=_TRACED, learn=self.learn), (self.baseline,)
         return self, ()
 
     def describe(self):
         if self.baseline is None:
             return "reinforce"
         if self.baseline is _TRACED:
-            return "reinforce(baseline=<argument>)"
+            return "reinforce(baseline=<argument>)" if self.learn is None else f"reinforce(baseline=<learned, {self.learn}>)"
         b = getattr(self.baseline, "__name__", None) if callable(self.baseline) else self.baseline
         return f"reinforce(baseline={b})"
 
@@ -83,19 +107,56 @@ class Reinforce(LocalStrategy):
 
     def forward(self, ctx: SiteContext):
         x = jax.lax.stop_gradient(ctx.site.sample(ctx.key))
-        if not ctx.has_tangent:
+        b_dot = ctx.extra_tangents[0] if self.learn is not None and ctx.mode and ctx.extra_tangents else None
+        if not ctx.has_tangent and b_dot is None:
             return x, None, None
-        _, score = ctx.log_prob_jvp(x)
-        b = self.baseline_value(ctx)
-        return x, None, (score, None if b is None else b * score)
+        score = offset = None
+        if ctx.has_tangent:
+            _, score = ctx.log_prob_jvp(x)
+            if self.baseline is _TRACED:  # per lane: Σ_l b_l ∇log p(x_l)
+                b = jax.lax.stop_gradient(ctx.site.extras[0])
+                _, offset = ctx.jvp(lambda leaves: ctx.site.lane_sum(_weighted_log_prob, x, (b,), leaves))
+            else:
+                b = self.baseline_value(ctx)
+                offset = None if b is None else b * score
+        if b_dot is not None:  # the baseline's loss: ∓(f − b)·ḃ, summed over lanes
+            b = ctx.site.extras[0]
+            sign = 1.0 if self.learn == "descent" else -1.0
+            _, sum_b_dot = jax.jvp(lambda v: ctx.site.lane_sum(_identity, x, (v,)), (b,), (b_dot,))
+            _, sum_bb_dot = jax.jvp(lambda v: ctx.site.lane_sum(_stopped_times, x, (v,)), (b,), (b_dot,))
+            score = -sign * sum_b_dot if score is None else score - sign * sum_b_dot.astype(score.dtype)
+            offset = -sign * sum_bb_dot if offset is None else offset - sign * sum_bb_dot.astype(offset.dtype)
+        return x, None, (score, offset)
 
     def pathwise(self, ctx: SiteContext):
         # Surrogates with value 0 and derivatives ∇log p and b·∇log p (as in DiCE).
         x = jax.lax.stop_gradient(ctx.site.sample(ctx.key))
-        lp = ctx.site.log_prob(x)
-        s = lp - jax.lax.stop_gradient(lp)
+        zero = lambda v: v - jax.lax.stop_gradient(v)  # noqa: E731
+        s = zero(ctx.site.log_prob(x))
+        if self.baseline is _TRACED:
+            b = ctx.site.extras[0]
+            o = zero(ctx.site.lane_sum(_weighted_log_prob, x, (jax.lax.stop_gradient(b),)))
+            if self.learn is not None:
+                sign = 1.0 if self.learn == "descent" else -1.0
+                s = s - sign * zero(ctx.site.lane_sum(_identity, x, (b,)))
+                o = o - sign * zero(ctx.site.lane_sum(_stopped_times, x, (b,)))
+            return x, s, o
         b = self.baseline_value(ctx)
         return x, s, (None if b is None else b * s)
+
+
+def _weighted_log_prob(d, x, b):
+    return b * jnp.sum(log_density(d, x))
+
+
+def _identity(d, x, b):
+    del d, x
+    return b
+
+
+def _stopped_times(d, x, b):
+    del d, x
+    return jax.lax.stop_gradient(b) * b
 
 
 class _TracedBaseline:
