@@ -64,3 +64,11 @@ def test_unbiasedness_test_fails_on_a_wrong_strategy():
     assert_unbiased(ex.grad(f), exact, args=(jnp.float32(0.4),), seed="right", n=20000)
     with pytest.raises(AssertionError):
         assert_unbiased(wrong, exact, args=(jnp.float32(0.4),), seed="wrong", n=200000)
+
+
+def test_assert_unbiased_fails_on_non_finite_estimates():
+    def nan_estimator(key):
+        return jnp.where(jax.random.uniform(key) < 0.01, jnp.nan, 1.0)
+
+    with pytest.raises(AssertionError, match="looks biased"):
+        assert_unbiased(nan_estimator, 1.0, seed="nan", n=1000)

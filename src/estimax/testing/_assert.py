@@ -131,7 +131,7 @@ def assert_unbiased(
         t = _at(tol, path)
         s = _at(se, path)
         m_, e_, t_, s_ = (np.atleast_1d(a).ravel() for a in (m, e, t, s))
-        for i in np.nonzero(np.abs(m_ - e_) > t_)[0]:
+        for i in np.nonzero(~(np.abs(m_ - e_) <= t_))[0]:  # NaN/inf anywhere is a failure too
             bad.append(
                 f"{jax.tree_util.keystr(path)}[{i}]: mean {m_[i]:.6g} vs exact {e_[i]:.6g} "
                 f"(SE {s_[i]:.3g}, |z| = {abs(m_[i] - e_[i]) / max(s_[i], 1e-300):.2f})"
