@@ -18,11 +18,11 @@ the same start and with the same keys, changing only the strategy of the guide's
 - ``ex.reinforce(baseline=b)``: the same with a baseline ``b``, an exponential moving average
   of recent objective values. ``b`` changes during training, so it is state that we carry
   ourselves, next to the parameters and the optimizer state, in a hand-written step;
-- ``ex.reinforce(baseline=b_psi(x), learn="ascent")``: a *learned* control variate, a linear
-  function of the minibatch's pixels with its own parameters ``psi``. estimax gives ``psi``
-  the gradient of the baseline's loss ``(f - b_psi)^2`` (signed for the ascent we run) and
-  the model and guide their unchanged gradient, so ``ex.fit`` trains all of it: no state of
-  our own. Unlike the moving average it follows the minibatch, whose digits move ``f`` most;
+- ``ex.reinforce(baseline=b_psi(x), learn="ascent")``: a *learned* control variate per digit
+  (as in NVIL), a linear function of the digit's pixels with its own parameters ``psi``.
+  estimax gives ``psi`` the gradient of the baseline's loss ``(f_i - b_psi(x_i))^2`` (signed
+  for the ascent we run) and the model and guide their unchanged gradient, so ``ex.fit``
+  trains all of it: no state of our own;
 - ``ex.mvd``: the measure-valued derivative: for each of the site's coordinates it
   evaluates the rest of the program with that latent set to 1 and to 0.
 
@@ -108,11 +108,15 @@ def model(params, x, b):
 def make_guide(strategy: str):
     """The guide q(h | x) with the gradient strategy of its one site, `h`.
 
-    `h` is a single random choice: the (64, 16) latents of the whole minibatch. REINFORCE
-    multiplies the *joint* score of all of them by the objective, which sums the ELBO
-    terms of all 64 digits, so the gradient for one digit's latents also carries the noise
-    of the other 63. MVD works per coordinate: it flips one latent at a time and the terms
-    of the other digits cancel in the difference.
+    `h` is a single random choice: the (64, 16) latents of the whole minibatch, 64
+    independent elements along its leading batch axis. The ELBO sums per-digit terms, and
+    estimax's Rao-Blackwellization sees that each digit's terms depend on that digit's
+    latents only: REINFORCE multiplies each digit's score by that digit's terms, not by the
+    whole minibatch's (``ex.explain`` lists the sites Rao-Blackwellized per element). A
+    baseline for the whole site (the moving average) keeps the whole-minibatch signal;
+    a baseline per digit (the learned one) gets the per-digit one. MVD works per
+    coordinate: it flips one latent at a time and the terms of the other digits cancel in
+    the difference.
     """
 
     def guide(params, x, b):
@@ -123,8 +127,10 @@ def make_guide(strategy: str):
         elif strategy == "reinforce+baseline":
             estimator = ex.reinforce(baseline=b)  # b is a traced argument: state, not a constant
         elif strategy == "reinforce+learned":
-            psi = params["baseline"]  # used by nothing else: it gets the baseline's loss gradient
-            estimator = ex.reinforce(baseline=jnp.mean(x @ psi["w"]) + psi["c"], learn="ascent")
+            # one baseline per digit (a vector over the site's leading batch axis), used by
+            # nothing else: psi gets the baseline's loss gradient
+            psi = params["baseline"]
+            estimator = ex.reinforce(baseline=x @ psi["w"] + psi["c"], learn="ascent")
         else:
             estimator = ex.mvd
         # (ex.enum would sum over the site's joint support: 2^(16 * 64) values for a
@@ -279,7 +285,8 @@ def main(argv=None):
     samples = {"reinforce": (32, 16), "reinforce+baseline": (32, 16), "reinforce+learned": (32, 16), "mvd": (8, 4)}
     # The learned baseline's parameters: a linear function of the pixels, starting at b0.
     initial = {name: params for name in STRATEGIES}
-    initial["reinforce+learned"] = {**params, "baseline": {"w": jnp.zeros(64, jnp.float32), "c": jnp.asarray(b0, jnp.float32)}}
+    # (each digit's learning signal is its own ELBO term, divided by the batch size)
+    initial["reinforce+learned"] = {**params, "baseline": {"w": jnp.zeros(64, jnp.float32), "c": jnp.asarray(b0 / BATCH, jnp.float32)}}
     for name, objective in objectives.items():
         b = b0 if name == "reinforce+baseline" else 0.0
         if measure_variance:

@@ -49,8 +49,9 @@ def test_per_lane_baselines_inside_vmap():
 
     theta, psi = jnp.array([0.2, -0.5, 1.0]), jnp.array([0.5, 1.0, 2.0])
     total = lambda t: jnp.sum(expected_cost(t))  # noqa: E731
-    # one site with three lanes: each lane's baseline learns the site's signal, the whole sum
-    exact = (jax.grad(total)(theta), psi - total(theta))
+    # one site with three lanes; the value sums the lanes' costs, so each lane's learning
+    # signal is its own cost (Rao-Blackwellized per element) and its baseline learns that
+    exact = (jax.grad(total)(theta), psi - expected_cost(theta))
     assert_unbiased(ex.grad(objective, argnums=(0, 1)), exact, args=(theta, psi), seed="per-lane", n=20_000)
 
     @ex.expectation
@@ -80,3 +81,27 @@ def test_learned_baseline_mistakes():
         ex.reinforce(baseline=0.5, learn="down")
     with pytest.raises(ex.StrategyError, match="needs a baseline computed in the program"):
         ex.reinforce(baseline=0.5, learn="descent")
+
+
+def test_vector_baseline_per_element_of_a_batched_site():
+    @ex.expectation
+    def objective(theta, psi):
+        x = ex.sample(dist.Bernoulli(logits=theta), estimator=ex.reinforce(baseline=psi, learn="descent"), name="x")
+        return jnp.sum(cost(x)) + 1.0
+
+    theta, psi = jnp.array([0.2, -0.5, 1.0, 0.4]), jnp.array([0.5, 1.0, 2.0, 0.0])
+    total = lambda t: jnp.sum(expected_cost(t))  # noqa: E731
+    # per-element signals: element b's baseline learns E[cost(x_b)]
+    exact = (jax.grad(total)(theta), psi - expected_cost(theta))
+    assert_unbiased(ex.grad(objective, argnums=(0, 1)), exact, args=(theta, psi), seed="vector-b", n=20_000)
+
+    @ex.expectation
+    def mixed(theta, psi):  # the elements' costs contracted together: one whole signal
+        x = ex.sample(dist.Bernoulli(logits=theta), estimator=ex.reinforce(baseline=psi, learn="descent"), name="x")
+        return jnp.dot(cost(x), jnp.ones(4))
+
+    exact = (jax.grad(total)(theta), psi - total(theta))
+    assert_unbiased(ex.grad(mixed, argnums=(0, 1)), exact, args=(theta, psi), seed="vector-b-mixed", n=20_000)
+
+    with pytest.raises(ex.StrategyError, match=r"site 'x'.*batch shape is \(4,\).*shape \(3,\)"):
+        objective.estimate(jax.random.PRNGKey(0), theta, jnp.zeros(3))

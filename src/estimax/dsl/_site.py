@@ -199,21 +199,30 @@ class SiteDist:
         leaves = self.leaves if leaves is None else tuple(leaves)
         return jnp.sum(self.lift(log_density)(leaves, x))
 
-    def lane_sum(self, fn: Callable, x, extras: tuple = (), leaves=None):
-        """``Σ_lanes fn(d_lane, x_lane, *extras_lane)`` (a scalar ``fn``): ``x`` is the site's
-        value (lanes leading), ``extras`` the strategy's operands, mapped as the site mapped
-        them (a per-lane baseline computed inside ``ex.vmap``, or one shared by all lanes)."""
+    def log_prob_elements(self, x, leaves=None):
+        """``(n,)``: the log density of each element along the leading batch axis (lanes
+        first), summed over the remaining batch and event axes."""
+        leaves = self.leaves if leaves is None else tuple(leaves)
+        lp = self.lift(log_density)(leaves, x)
+        return jnp.sum(lp.reshape(lp.shape[0], -1), axis=1)
+
+    def lane_map(self, fn: Callable, x, extras: tuple = (), leaves=None):
+        """``fn(d_lane, x_lane, *extras_lane)`` (a scalar ``fn``) per lane: shape
+        ``lane_sizes``. ``x`` is the site's value (lanes leading), ``extras`` the strategy's
+        operands, mapped as the site mapped them (a per-lane baseline computed inside
+        ``ex.vmap``, or one shared by all lanes)."""
 
         def at_level(k):
             if k < 0:
                 return lambda leaves, x, ex: fn(self.base(leaves), x, *ex)
             axes, _ = self.spec.levels[k]
             inner = at_level(k - 1)
-            leaf_axes, extra_axes = self.spec.full_axes(axes), tuple(self.spec.extras(axes))
+            leaf_axes = self.spec.full_axes(axes)
+            extra_axes = tuple(self.spec.extras(axes)) if extras else ()
             return lambda leaves, x, ex: jax.vmap(inner, in_axes=(leaf_axes, 0, extra_axes))(leaves, x, ex)
 
         leaves = self.leaves if leaves is None else tuple(leaves)
-        return jnp.sum(at_level(len(self.spec.levels) - 1)(leaves, x, tuple(extras)))
+        return at_level(len(self.spec.levels) - 1)(leaves, x, tuple(extras))
 
     def coordinate_support(self):
         """Support values per coordinate: shape ``(K, *batch_shape, *event_shape)``."""

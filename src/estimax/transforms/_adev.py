@@ -146,6 +146,9 @@ def make_finish(costs: CostTerms | None):
         tangents = [_inst(p, t) for p, t in outs]
         contributions = None
         for s, o, mask in thread.scores:
+            plan = None
+            if isinstance(mask, _Elements):
+                mask, plan = mask
             new = []
             for p, t in zip(primals, tangents, strict=True):
                 value = p
@@ -153,9 +156,13 @@ def make_finish(costs: CostTerms | None):
                     if contributions is None:
                         contributions = costs.contributions(env)
                     value = sum(mask[i] * c for i, c in enumerate(contributions)).astype(p.dtype)
-                term = value * s.astype(p.dtype)
+                if plan is not None:  # value_b = the scalar terms + element b's own terms
+                    value = value + costs.element_contributions(env, plan).astype(p.dtype)
+                    term = jnp.sum(value * s.astype(p.dtype))
+                else:
+                    term = value * s.astype(p.dtype)
                 if o is not None:
-                    term = term - o.astype(p.dtype)
+                    term = term - jnp.sum(o).astype(p.dtype)
                 new.append(t + term)
             tangents = new
         return primals, tangents
@@ -165,6 +172,20 @@ def make_finish(costs: CostTerms | None):
 
 _COSTS: list = []  # the Rao-Blackwellization of the estimator being traced (a stack)
 _OVERRIDE: list = []  # the site whose key comes from Thread.override (a stack of names)
+
+
+class _Elements(NamedTuple):
+    """A per-element score's signal: the scalar terms' mask, and the aligned terms' plan."""
+
+    mask: Any
+    plan: tuple
+
+
+def _element_plan(jaxpr, spec):
+    costs = _COSTS[-1] if _COSTS else None
+    if costs is None or jaxpr is not costs.jaxpr:
+        return None
+    return costs.element_plan(spec)
 
 
 def _score_mask(jaxpr, spec):
@@ -218,11 +239,17 @@ def run_eqns(jaxpr, env, i, thread: Thread, k: Callable, mode: bool):
             tangents = [t for _, t in duals]
             ctx = SiteContext(spec.name, site, spec.merge_tangents(tangents), k_site, mode, spec.extras(tangents))
             if isinstance(strategy, LocalStrategy):
+                plan = _element_plan(jaxpr, spec) if mode else None
                 with compat.source_context(eqn):
-                    x, x_dot, score = strategy.forward(ctx)
+                    result = strategy.forward_elements(ctx) if plan is not None else None
+                    if result is None:
+                        plan = None
+                        result = strategy.forward(ctx)
+                x, x_dot, score = result
                 _write(env, eqn.outvars, [(x, _clean_tangent(x_dot) if mode else None)])
                 if score is not None and mode:
-                    entry = (*score, _score_mask(jaxpr, spec))
+                    mask = _score_mask(jaxpr, spec)
+                    entry = (*score, mask if plan is None else _Elements(mask, plan))
                     thread = thread._replace(scores=thread.scores + (entry,))
             else:
                 cont = _Cont(run_eqns, jaxpr, env, i + 1, eqn.outvars[0], thread, k, mode)

@@ -37,6 +37,8 @@ class SitePlan:
     variance: float | None = None
     #: the Monte Carlo standard error of ``variance`` (heavy-tailed estimators are noisy)
     variance_se: float | None = None
+    #: for a site whose score terms are Rao-Blackwellized per element: the element count
+    elements: int | None = None
 
     @property
     def certificate(self) -> str:
@@ -85,6 +87,9 @@ class Plan:
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         lines = [f"estimator plan for {self.program}", fmt.format(*header), fmt.format(*("-" * w for w in widths))]
         lines += [fmt.format(*r) for r in rows] or ["(no random choices)"]
+        per_element = [f"{s.name} ({s.elements} elements)" for s in self.sites if s.elements]
+        if per_element:
+            lines.append("score terms Rao-Blackwellized per element: " + ", ".join(per_element))
         if self.total_variance is not None:
             lines.append(f"total gradient variance (trace of the covariance): {self.total_variance:.4g}")
         lines.append(f"certificate: {self.certificate}")
@@ -253,6 +258,25 @@ def certify(jaxpr, sites: list[SitePlan]) -> Certificate:
     return Certificate(kind, tuple(reasons))
 
 
+def _mark_elements(jaxpr, sites):
+    """Set ``elements`` on the top-level sites whose scores are Rao-Blackwellized per element."""
+    from ._rao_blackwell import analyze
+
+    costs = analyze(jaxpr)
+    if costs is None or not costs.elements:
+        return sites
+    sizes = {}
+    for eqn in jaxpr.eqns:
+        spec = eqn.params.get("spec") if eqn.primitive is sample_p else None
+        if spec is None or spec not in costs.elements:
+            continue
+        strategy, _ = resolve(spec, [v.aval for v in eqn.invars])
+        takes = getattr(strategy, "takes_elements", None)
+        if takes is not None and takes(spec, spec.extras([v.aval for v in eqn.invars])):
+            sizes[spec.name] = eqn.outvars[0].aval.shape[0]
+    return [dataclasses.replace(s, elements=sizes[s.name]) if s.name in sizes else s for s in sites]
+
+
 def explain(objective, *args, variance: bool = False, key=None, argnums=0, samples=(32, 16)) -> Plan:
     """The per-site plan and the certificate of ``objective``'s estimator at ``args``.
 
@@ -270,6 +294,7 @@ def explain(objective, *args, variance: bool = False, key=None, argnums=0, sampl
     closed, _, _ = program.stage(args)
     sites = collect_sites(closed.jaxpr)
     sites = [dataclasses.replace(s, context=_context_label(s.context)) for s in sites]
+    sites = _mark_elements(closed.jaxpr, sites)
     total = None
     if variance:
         if key is None:

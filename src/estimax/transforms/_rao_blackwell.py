@@ -13,6 +13,17 @@ every other equation is a leaf term. Sites inside ``cond`` branches, loop bodies
 inlined ``jit`` calls, and programs with non-scalar values, use the whole value (still
 unbiased, just not Rao-Blackwellized). Measure-valued derivatives need no such step: their
 two evaluations share their random numbers, so upstream terms cancel exactly.
+
+**Per element** (what TraceGraph_ELBO does per plate element): a site whose value has a
+leading batch axis of ``n`` independent elements (a batch of data points' latents, or
+``ex.vmap`` lanes) gets one score per element. A term ``Σ_b u_b`` whose summand ``u_b``
+depends on the site only through its element ``b`` -- checked by an alignment analysis
+that follows the element axis through elementwise operations, broadcasts, reductions over
+other axes, matrix products that do not contract it, transposes and nested ``jit`` /
+``custom_jvp`` calls -- contributes ``u_b`` to element ``b``'s learning signal alone: for
+``b' ≠ b``, ``u_{b'}`` is independent of element ``b``'s draw given what came before, so
+``E[u_{b'} ∇log p(x_b)] = 0``. Terms that mix elements (or pass through a later site)
+count whole for every element, as before.
 """
 
 from __future__ import annotations
@@ -33,26 +44,46 @@ class CostTerms:
     jaxpr: Any
     terms: tuple  # ((var_or_literal, chain), ...); chain: (("neg"|"mul"|"div", var|None), ...)
     masks: dict  # SiteSpec -> tuple[bool, ...] (which terms are downstream of the site)
+    #: SiteSpec -> tuple per term: None, or (summand var, element axis) for a term that is
+    #: the sum of a summand aligned with the site's elements (see the module doc)
+    elements: dict = dataclasses.field(default_factory=dict)
 
     def mask(self, spec):
         m = self.masks.get(spec)
         return None if m is None else jnp.asarray(m, jnp.result_type(float))
 
+    def element_plan(self, spec):
+        """The site's per-element plan, or ``None`` where no term is aligned with it."""
+        return self.elements.get(spec)
+
+    def _chain(self, x, chain, read):
+        for op, operand in chain:
+            if op == "neg":
+                x = -x
+            elif op == "mul":
+                x = x * read(operand)
+            else:
+                x = x / read(operand)
+        return x
+
     def contributions(self, env):
         """Each term's contribution to the program's value, from the final environment."""
         read = lambda v: v.val if isinstance(v, compat.Literal) else env[v][0]
-        out = []
-        for var, chain in self.terms:
-            x = read(var)
-            for op, operand in chain:
-                if op == "neg":
-                    x = -x
-                elif op == "mul":
-                    x = x * read(operand)
-                else:
-                    x = x / read(operand)
-            out.append(x)
-        return [jnp.asarray(c, jnp.result_type(float)) for c in out]
+        return [jnp.asarray(self._chain(read(var), chain, read), jnp.result_type(float)) for var, chain in self.terms]
+
+    def element_contributions(self, env, plan):
+        """``(n,)``: the aligned terms' contributions per element of the site."""
+        read = lambda v: v.val if isinstance(v, compat.Literal) else env[v][0]
+        total = None
+        for (_, chain), entry in zip(self.terms, plan, strict=True):
+            if entry is None:
+                continue
+            summand, axis = entry
+            u = jnp.asarray(read(summand), jnp.result_type(float))
+            per_element = jnp.sum(jnp.moveaxis(u, axis, 0).reshape(u.shape[axis], -1), axis=1)
+            c = self._chain(per_element, chain, read)
+            total = c if total is None else total + c
+        return total
 
 
 def analyze(jaxpr) -> CostTerms | None:
@@ -93,14 +124,140 @@ def analyze(jaxpr) -> CostTerms | None:
             terms.append((v, chain))
 
     decompose(jaxpr.outvars[0], ())
-    if len(terms) < 2:
-        return None
-    masks = {}
+    masks, elements = {}, {}
     for eqn in jaxpr.eqns:
         if eqn.primitive is sample_p:
+            spec = eqn.params["spec"]
             down = _forward(jaxpr, lambda e, site=eqn: e is site)
-            masks[eqn.params["spec"]] = tuple(not isinstance(v, compat.Literal) and v in down for v, _ in terms)
-    return CostTerms(jaxpr, tuple(terms), masks)
+            mask = [not isinstance(v, compat.Literal) and v in down for v, _ in terms]
+            plan = _element_plan(jaxpr, eqn, terms)
+            if plan is not None:
+                mask = [m and p is None for m, p in zip(mask, plan, strict=True)]
+                elements[spec] = plan
+            masks[spec] = tuple(mask)
+    if len(terms) < 2 and not elements:
+        return None
+    return CostTerms(jaxpr, tuple(terms), masks, elements)
+
+
+# --- per-element alignment ------------------------------------------------------------------
+_FULL = "full"  # depends on the site, elements mixed
+_ELEMENTWISE = {
+    "add", "add_any", "sub", "mul", "div", "neg", "exp", "exp2", "log", "log1p", "expm1", "tanh",
+    "logistic", "max", "min", "pow", "integer_pow", "sqrt", "rsqrt", "cbrt", "abs", "sign",
+    "select_n", "convert_element_type", "square", "erf", "erfc", "erf_inv", "lgamma", "digamma",
+    "eq", "ne", "lt", "gt", "le", "ge", "and", "or", "not", "xor", "stop_gradient", "copy",
+    "copy_p", "floor", "ceil", "round", "is_finite", "sin", "cos", "atan2", "clamp", "rem",
+    "reduce_precision", "nextafter", "sinh", "cosh", "asinh", "acosh", "atanh", "tan", "log_softmax",
+}
+_CALLS = {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "remat", "checkpoint"}
+
+
+def _element_plan(jaxpr, site_eqn, terms):
+    """Per term: ``(summand, axis)`` where the term sums a summand aligned with the site's
+    leading value axis, else ``None``; ``None`` overall when no term is."""
+    from ..dsl._site import SiteDist
+
+    out = site_eqn.outvars[0]
+    shape = tuple(getattr(out.aval, "shape", ()))
+    batch = SiteDist(site_eqn.params["spec"], [v.aval for v in site_eqn.invars]).batch_shape
+    if not batch or batch[0] < 2:  # the leading axis must index independent elements
+        return None
+    n = shape[0]
+    states: dict = {out: ("aligned", 0)}
+    sums: dict = {}  # scalar var -> (summand, axis): a full reduction of an aligned value
+    started = False
+    for eqn in jaxpr.eqns:
+        if eqn is site_eqn:
+            started = True
+            continue
+        if not started:
+            continue
+        ins = [None if isinstance(v, compat.Literal) else states.get(v) for v in eqn.invars]
+        if all(s is None for s in ins):
+            continue
+        if eqn.primitive.name == "reduce_sum" and ins[0] not in (None, _FULL) and not eqn.outvars[0].aval.shape:
+            sums[eqn.outvars[0]] = (eqn.invars[0], ins[0][1])
+            states[eqn.outvars[0]] = _FULL
+            continue
+        for v, st in zip(eqn.outvars, _transfer(eqn, ins, n), strict=True):
+            if st is not None:
+                states[v] = st
+    plan = tuple(sums.get(v) if not isinstance(v, compat.Literal) else None for v, _ in terms)
+    return plan if any(p is not None for p in plan) else None
+
+
+def _transfer(eqn, ins, n):
+    """Output states of ``eqn`` given its inputs' states (None: independent of the site)."""
+    outs = eqn.outvars
+    full = [_FULL] * len(outs)
+    if any(s == _FULL for s in ins):
+        return full
+    axes = {s[1] for s in ins if s is not None}
+    if len(axes) != 1:
+        return full
+    (a,) = axes
+    name = eqn.primitive.name
+    p = eqn.params
+    if name in _ELEMENTWISE:
+        shape = tuple(outs[0].aval.shape)
+        ok = len(shape) > a and shape[a] == n and all(
+            s is None or tuple(v.aval.shape) == shape for v, s in zip(eqn.invars, ins, strict=True)
+        )
+        return [("aligned", a)] * len(outs) if ok else full
+    if name == "broadcast_in_dim":
+        dims = tuple(p["broadcast_dimensions"])
+        b = dims[a]
+        return [("aligned", b)] if tuple(p["shape"])[b] == n else full
+    if name in ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin", "reduce_and", "reduce_or"):
+        red = tuple(p["axes"])
+        if a in red:
+            return full
+        return [("aligned", a - sum(1 for r in red if r < a))]
+    if name == "squeeze":
+        dims = tuple(d % len(eqn.invars[0].aval.shape) for d in p["dimensions"])
+        return full if a in dims else [("aligned", a - sum(1 for d in dims if d < a))]
+    if name == "transpose":
+        return [("aligned", tuple(p["permutation"]).index(a))]
+    if name == "dot_general":
+        (lc, rc), (lb, rb) = p["dimension_numbers"]
+        if ins[0] is not None and ins[1] is None:
+            contract, batch, rank = lc, lb, len(eqn.invars[0].aval.shape)
+            offset = len(lb)
+        elif ins[1] is not None and ins[0] is None:
+            contract, batch, rank = rc, rb, len(eqn.invars[1].aval.shape)
+            offset = len(lb) + len(eqn.invars[0].aval.shape) - len(lc) - len(lb)
+        else:
+            return full
+        if a in contract:
+            return full
+        if a in batch:
+            return [("aligned", tuple(batch).index(a))]
+        free = [d for d in range(rank) if d not in contract and d not in batch]
+        return [("aligned", offset + free.index(a))]
+    if name in _CALLS:
+        subs = compat.subjaxprs_of(eqn)
+        if len(subs) >= 1 and len(subs[0].invars) == len(eqn.invars) and len(subs[0].outvars) == len(outs):
+            return _transfer_jaxpr(subs[0], ins, n)
+        return full
+    return full
+
+
+def _transfer_jaxpr(jaxpr, in_states, n):
+    states = {v: s for v, s in zip(jaxpr.invars, in_states, strict=True) if s is not None}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive is sample_p or eqn.primitive is expect_p:
+            ins = [None if isinstance(v, compat.Literal) else states.get(v) for v in eqn.invars]
+            if any(s is not None for s in ins):
+                states.update({v: _FULL for v in eqn.outvars})
+            continue
+        ins = [None if isinstance(v, compat.Literal) else states.get(v) for v in eqn.invars]
+        if all(s is None for s in ins):
+            continue
+        for v, st in zip(eqn.outvars, _transfer(eqn, ins, n), strict=True):
+            if st is not None:
+                states[v] = st
+    return [None if isinstance(v, compat.Literal) else states.get(v) for v in jaxpr.outvars]
 
 
 def _has_random(eqn) -> bool:

@@ -121,6 +121,14 @@ class LocalStrategy(Strategy):
         """``(x, s, o)`` for use where JAX differentiates: ``x`` differentiable (or not),
         ``s`` and ``o`` scalar surrogates with value 0 whose derivatives are the score terms."""
 
+    def forward_elements(self, ctx: SiteContext):
+        """Like :meth:`forward`, with a score term per element of the site's leading batch
+        axis: ``(x, x_tangent, (s, o))`` with ``s``, ``o`` of shape ``(n,)`` (element ``b``
+        contributes ``value_b·s_b − o_b``, ``value_b`` its own learning signal), or ``None``
+        where the strategy has no per-element form (then :meth:`forward` is used)."""
+        del ctx
+        return None
+
     def estimate(self, ctx, cont):
         x, x_dot, score = self.forward(ctx)
         if score is not None:

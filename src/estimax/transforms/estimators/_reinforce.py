@@ -55,9 +55,10 @@ class Reinforce(LocalStrategy):
                 f"'ascent' (you maximize it); got {learn!r}."
             )
         if isinstance(baseline, jax.core.Tracer):
-            if jnp.shape(baseline) != ():
+            if jnp.ndim(baseline) > 1:
                 raise StrategyError(
-                    f"ex.reinforce(baseline=...) expects a scalar; got shape {jnp.shape(baseline)}."
+                    "ex.reinforce(baseline=...) expects a scalar, or a vector with one baseline "
+                    f"per element of the site's leading batch axis; got shape {jnp.shape(baseline)}."
                 )
             return Reinforce(baseline=baseline, learn=learn)
         if learn is not None:
@@ -76,7 +77,15 @@ class Reinforce(LocalStrategy):
         return Reinforce(baseline=baseline)
 
     def check(self, d, site_name):
-        del d, site_name  # any distribution with a log density
+        b = self.baseline
+        if isinstance(b, jax.core.Tracer) and jnp.ndim(b) == 1:
+            batch = tuple(d.batch_shape)
+            if not batch or batch[0] != jnp.shape(b)[0]:
+                raise StrategyError(
+                    f"site {site_name!r}: a vector baseline has one entry per element of the "
+                    f"site's leading batch axis; the site's batch shape is {batch}, the baseline's "
+                    f"shape {jnp.shape(b)}."
+                )
 
     def split_operands(self):
         if isinstance(self.baseline, jax.core.Tracer):
@@ -105,58 +114,112 @@ class Reinforce(LocalStrategy):
             )
         return jax.lax.stop_gradient(jnp.asarray(self.baseline(ctx.site.lane)))
 
+    # -- traced baselines: one per "unit" (the whole site, each ex.vmap lane, or each element)
+    def _units(self, ctx: SiteContext, x):
+        """``(log_prob_units(leaves), baseline_units(b))``: per-unit log densities and the
+        baseline aligned with them, for a traced baseline."""
+        site = ctx.site
+        b = site.extras[0]
+        if site.spec.levels:
+            lane_b = site.lane_map(_identity, x, (b,))
+            if jnp.ndim(lane_b) != len(site.spec.levels):
+                raise StrategyError(
+                    f"site {ctx.name!r}: inside ex.vmap a baseline is a scalar per lane; got a "
+                    "vector baseline."
+                )
+            return (
+                lambda leaves: site.lane_map(_lane_log_prob, x, (), leaves),
+                lambda v: site.lane_map(_identity, x, (v,)),
+            )
+        if jnp.ndim(b) == 1:
+            return (lambda leaves: site.log_prob_elements(x, leaves), lambda v: v)
+        return (lambda leaves: site.log_prob(x, leaves), lambda v: v)
+
+    def _traced_terms(self, ctx: SiteContext, x, reduce):
+        """Score and offset tangents ``(s, o)`` for a traced baseline, reduced by ``reduce``
+        from per-unit values."""
+        lp_units, b_units = self._units(ctx, x)
+        b = ctx.site.extras[0]
+        b_u = jax.lax.stop_gradient(b_units(b))
+        if ctx.has_tangent:
+            _, score = ctx.jvp(lp_units)
+        else:
+            score = jnp.zeros(jnp.shape(b_u), jnp.result_type(float))
+        offset = b_u * score
+        b_dot = ctx.extra_tangents[0] if self.learn is not None and ctx.mode and ctx.extra_tangents else None
+        if b_dot is not None:  # the baseline's loss: ∓(f − b)·ḃ per unit
+            sign = 1.0 if self.learn == "descent" else -1.0
+            _, b_dot_u = jax.jvp(b_units, (b,), (b_dot,))
+            score = score - sign * b_dot_u.astype(score.dtype)
+            offset = offset - sign * (b_u * b_dot_u).astype(offset.dtype)
+        return reduce(score), reduce(offset)
+
     def forward(self, ctx: SiteContext):
         x = jax.lax.stop_gradient(ctx.site.sample(ctx.key))
-        b_dot = ctx.extra_tangents[0] if self.learn is not None and ctx.mode and ctx.extra_tangents else None
-        if not ctx.has_tangent and b_dot is None:
+        learned = self.learn is not None and ctx.mode and bool(ctx.extra_tangents) and ctx.extra_tangents[0] is not None
+        if not ctx.has_tangent and not learned:
             return x, None, None
-        score = offset = None
-        if ctx.has_tangent:
-            _, score = ctx.log_prob_jvp(x)
-            if self.baseline is _TRACED:  # per lane: Σ_l b_l ∇log p(x_l)
-                b = jax.lax.stop_gradient(ctx.site.extras[0])
-                _, offset = ctx.jvp(lambda leaves: ctx.site.lane_sum(_weighted_log_prob, x, (b,), leaves))
-            else:
-                b = self.baseline_value(ctx)
-                offset = None if b is None else b * score
-        if b_dot is not None:  # the baseline's loss: ∓(f − b)·ḃ, summed over lanes
-            b = ctx.site.extras[0]
-            sign = 1.0 if self.learn == "descent" else -1.0
-            _, sum_b_dot = jax.jvp(lambda v: ctx.site.lane_sum(_identity, x, (v,)), (b,), (b_dot,))
-            _, sum_bb_dot = jax.jvp(lambda v: ctx.site.lane_sum(_stopped_times, x, (v,)), (b,), (b_dot,))
-            score = -sign * sum_b_dot if score is None else score - sign * sum_b_dot.astype(score.dtype)
-            offset = -sign * sum_bb_dot if offset is None else offset - sign * sum_bb_dot.astype(offset.dtype)
-        return x, None, (score, offset)
+        if self.baseline is _TRACED:
+            return x, None, self._traced_terms(ctx, x, jnp.sum)
+        _, score = ctx.log_prob_jvp(x)
+        b = self.baseline_value(ctx)
+        return x, None, (score, None if b is None else b * score)
+
+    def takes_elements(self, spec, extras) -> bool:
+        """Whether the site's score terms take per-element learning signals: no baseline, or
+        one per element (a vector, or a scalar per ``ex.vmap`` lane); ``extras`` are the
+        strategy's operands (values or avals)."""
+        if self.baseline is None:
+            return True
+        return self.baseline is _TRACED and (bool(spec.levels) or len(jnp.shape(extras[0])) == 1)
+
+    def forward_elements(self, ctx: SiteContext):
+        # Per-element learning signals: only with no baseline, or a baseline per element
+        # (per lane inside ex.vmap, or a vector); a baseline for the whole site was chosen
+        # for the whole signal.
+        if self.baseline is None:
+            if not ctx.has_tangent:
+                return None
+            x = jax.lax.stop_gradient(ctx.site.sample(ctx.key))
+            _, scores = ctx.jvp(lambda leaves: ctx.site.log_prob_elements(x, leaves))
+            return x, None, (scores, None)
+        site = ctx.site
+        if not self.takes_elements(site.spec, site.extras):
+            return None
+        learned = self.learn is not None and ctx.mode and bool(ctx.extra_tangents) and ctx.extra_tangents[0] is not None
+        if not ctx.has_tangent and not learned:
+            return None
+        x = jax.lax.stop_gradient(site.sample(ctx.key))
+        per_element = lambda v: jnp.sum(v.reshape(v.shape[0], -1), axis=1)  # noqa: E731
+        return x, None, self._traced_terms(ctx, x, per_element)
 
     def pathwise(self, ctx: SiteContext):
         # Surrogates with value 0 and derivatives ∇log p and b·∇log p (as in DiCE).
         x = jax.lax.stop_gradient(ctx.site.sample(ctx.key))
         zero = lambda v: v - jax.lax.stop_gradient(v)  # noqa: E731
-        s = zero(ctx.site.log_prob(x))
         if self.baseline is _TRACED:
-            b = ctx.site.extras[0]
-            o = zero(ctx.site.lane_sum(_weighted_log_prob, x, (jax.lax.stop_gradient(b),)))
+            lp_units, b_units = self._units(ctx, x)
+            lp = lp_units(ctx.site.leaves)
+            b_live = b_units(ctx.site.extras[0])
+            b_u = jax.lax.stop_gradient(b_live)
+            s, o = jnp.sum(zero(lp)), jnp.sum(b_u * zero(lp))
             if self.learn is not None:
                 sign = 1.0 if self.learn == "descent" else -1.0
-                s = s - sign * zero(ctx.site.lane_sum(_identity, x, (b,)))
-                o = o - sign * zero(ctx.site.lane_sum(_stopped_times, x, (b,)))
+                s = s - sign * jnp.sum(zero(b_live))
+                o = o - sign * jnp.sum(b_u * zero(b_live))
             return x, s, o
+        s = zero(ctx.site.log_prob(x))
         b = self.baseline_value(ctx)
         return x, s, (None if b is None else b * s)
 
 
-def _weighted_log_prob(d, x, b):
-    return b * jnp.sum(log_density(d, x))
+def _lane_log_prob(d, x):
+    return jnp.sum(log_density(d, x))
 
 
 def _identity(d, x, b):
     del d, x
     return b
-
-
-def _stopped_times(d, x, b):
-    del d, x
-    return jax.lax.stop_gradient(b) * b
 
 
 class _TracedBaseline:
