@@ -50,7 +50,10 @@ def trace(
     With ``stop_params=True`` the log density is evaluated with the distributions'
     parameters behind ``stop_gradient`` (the values keep their pathwise dependence): the
     "sticking the landing" form of ``log q`` (Roeder et al. 2017), whose score term --
-    zero in expectation -- is dropped.
+    zero in expectation -- is dropped. ``stop_params="non-reparam"`` does so only for the
+    sites whose strategy is not reparameterization (score-function, enumerated, MVD sites):
+    there ``E[∇θ log q(x)] = 0`` with ``x`` not moving with ``θ``, so a single-draw ELBO
+    may drop that term, as NumPyro's and Pyro's ELBOs do for such sites.
 
     With ``values={name: value}`` those top-level sites are not drawn: they take the given
     values and ``log_prob`` scores them (what wake-sleep and forward-KL objectives need).
@@ -127,7 +130,7 @@ def replay(
                 outs = [eqn.primitive.bind(*subfuns, *ins, **bind)]
             else:
                 outs = compat.rebind(eqn, ins)
-            params = [jax.lax.stop_gradient(x) for x in ins] if stop_params else ins
+            params = [jax.lax.stop_gradient(x) for x in ins] if _stops(stop_params, spec, ins) else ins
             logp = logp + SiteDist(spec, params).log_prob(outs[0]).astype(logp.dtype)
             sites[spec.name] = outs[0]
             specs[spec.name] = spec
@@ -158,6 +161,17 @@ def replay(
             )
         write(eqn.outvars, outs)
     return [read(v) for v in jaxpr.outvars], sites, logp
+
+
+def _stops(stop_params, spec, operands) -> bool:
+    """Whether the site's log density is evaluated with its parameters stopped."""
+    if stop_params != "non-reparam":
+        return bool(stop_params)
+    from ..transforms.estimators._defaults import resolve
+    from ..transforms.estimators._reparam import Reparam
+
+    strategy, _ = resolve(spec, operands)
+    return not isinstance(strategy, Reparam)
 
 
 def _drop_sites(result):

@@ -64,18 +64,19 @@ def model_log_density(model, latents: dict, params, data) -> Any:
     return total
 
 
-def guide_draw(guide, params, data, *, stl: bool = False):
-    """``(z, log q)`` for one draw ``z ~ q`` of a guide program, or of an approximate
-    distribution (``ex.marginal``/``ex.normalize``), whose ``log q`` is then an estimate with
-    an unbiased reciprocal (so the objectives below stay bounds)."""
+def guide_draw(guide, params, data, *, stop_params: bool | str = False):
+    """``(z, log q)`` for one draw ``z ~ q`` of a guide program (``stop_params`` as in
+    :func:`estimax.trace`), or of an approximate distribution (``ex.marginal``,
+    ``ex.normalize``), whose ``log q`` is then an estimate with an unbiased reciprocal (so
+    the objectives below stay bounds)."""
     if isinstance(guide, Approximate):
-        if stl:
+        if stop_params is True:
             raise ProgramError(
                 f"sticking the landing needs the guide's exact density; {guide!r} only has an "
                 "estimate of it. Use gradient='standard'."
             )
         return guide.draw(params, *data)
-    tr = trace(guide, stop_params=stl)(params, *data)
+    tr = trace(guide, stop_params=stop_params)(params, *data)
     return tr.sites, tr.log_prob
 
 
@@ -96,7 +97,7 @@ def log_weight(model, guide, params, *data, stl: bool = False):
     ``log q`` is its estimate, and ``E[log_weight]`` is a lower bound on the ELBO of the
     guide's exact density.
     """
-    sites, log_q = guide_draw(guide, params, data, stl=stl)
+    sites, log_q = guide_draw(guide, params, data, stop_params=stl)
     return model_log_density(model, sites, params, data) - log_q
 
 
@@ -146,10 +147,20 @@ def elbo(model, guide, *, particles: int = 1, gradient: str = "standard") -> Exp
 
         return Expectation(loo_objective, name="elbo[loo]")
 
+    # The ELBO's −log q(z) term: for sites not reparameterized, the derivative of log q in
+    # its parameters at the drawn value is zero in expectation; dropping it (as NumPyro's
+    # Trace_ELBO/TraceGraph_ELBO do) removes its noise. (Not for the IWELBO: weighted by
+    # the normalized weights, that term is not zero in expectation.)
+    stop = True if gradient == "stl" else "non-reparam"
+
+    def one(params, data):
+        sites, log_q = guide_draw(guide, params, data, stop_params=stop)
+        return model_log_density(model, sites, params, data) - log_q
+
     def elbo_objective(params, *data):
         if particles == 1:  # a plain sum of log densities: REINFORCE terms get Rao-Blackwellized per site
-            return log_weight(model, guide, params, *data, stl=gradient == "stl")
-        return jnp.mean(_particles(model, guide, particles, params, data, stl=gradient == "stl"))
+            return one(params, data)
+        return jnp.mean(vmap(lambda: one(params, data), axis_size=particles)())
 
     return Expectation(elbo_objective, name="elbo" if gradient == "standard" else "elbo[stl]")
 
