@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 
 from .._errors import ProgramError
 from ..dsl._primitives import expect_p, sample_p
