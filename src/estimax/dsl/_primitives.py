@@ -55,8 +55,24 @@ def _current_scope() -> _NameScope:
     return stack[-1] if stack else _NameScope()
 
 
+@contextlib.contextmanager
+def source_location(location: str):
+    """Sites created inside report ``location`` (e.g. ``file.emx:3``) as where they are
+    written: for front-ends whose source is not Python."""
+    prev = getattr(_local, "location", None)
+    _local.location = location
+    try:
+        yield
+    finally:
+        _local.location = prev
+
+
 def _caller_location() -> str | None:
     import traceback
+
+    override = getattr(_local, "location", None)
+    if override is not None:
+        return override
 
     for frame in reversed(traceback.extract_stack()[:-2]):
         f = frame.filename

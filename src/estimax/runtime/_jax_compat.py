@@ -8,6 +8,7 @@ that a JAX upgrade is a change to one file.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 import jax
@@ -123,8 +124,19 @@ def source_context(eqn):
         return contextlib.nullcontext()
 
 
+_SOURCE_SCOPE = re.compile(r"src=([^/()]+)")
+
+
 def user_frame(eqn) -> str | None:
-    """``file:line`` of the user's code that created ``eqn``, if JAX recorded it."""
+    """``file:line`` of the user's code that created ``eqn``, if JAX recorded it. A
+    ``jax.named_scope("src=<file>:<line>")`` around the code (what the text front-end puts
+    around each statement) takes precedence over the Python frame."""
+    try:
+        scopes = _SOURCE_SCOPE.findall(str(eqn.source_info.name_stack))
+        if scopes:
+            return scopes[-1]
+    except Exception:  # pragma: no cover - layout change in a future JAX
+        pass
     try:
         from jax._src import source_info_util
 

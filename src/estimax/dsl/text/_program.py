@@ -1,0 +1,672 @@
+"""Parsing an objective file and lowering it to an estimax program.
+
+A file is parsed with the lark grammar (``grammar.lark``) and checked statically (names,
+declarations, the objective's place). Its statements then become a Python function of
+``(params, data)`` that calls ``ex.sample``/``ex.expect`` exactly as a hand-written program
+would, so staging it gives the same IR as the Python front-end: no pass knows which
+front-end wrote a program. Errors while the program is traced (a wrong argument to a
+distribution, a strategy that cannot apply, mismatched shapes) are reported at the
+expression that caused them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import importlib
+import importlib.util
+import inspect
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+from jax.scipy.special import logsumexp
+from lark import Lark, Token, Tree
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from ..._errors import EstimaxError
+from ...transforms.estimators import enum as _enum
+from ...transforms.estimators import gumbel_softmax as _gumbel_softmax
+from ...transforms.estimators import mvd as _mvd
+from ...transforms.estimators import reinforce as _reinforce
+from ...transforms.estimators import reparam as _reparam
+from ...transforms.estimators import straight_through as _straight_through
+from .._primitives import expect as _expect
+from .._primitives import sample as _sample
+from .._primitives import source_location
+from .._program import Expectation
+from .._site import log_density
+from ._errors import TextError
+
+# --- the vocabulary ------------------------------------------------------------------------
+# NumPyro's distributions by name: the classes, and the factories that pick a class by
+# keyword (Bernoulli(probs=...) / Bernoulli(logits=...), Categorical, Binomial, ...).
+DISTRIBUTIONS: dict[str, Any] = {
+    name: getattr(dist, name)
+    for name in dist.__all__
+    if name[:1].isupper()
+    and (
+        (isinstance(getattr(dist, name), type) and issubclass(getattr(dist, name), dist.Distribution))
+        or inspect.isfunction(getattr(dist, name))
+    )
+}
+
+
+def _reduction(fn):
+    def reduce(x, axis=None):
+        return fn(jnp.asarray(x), axis=None if axis is None else int(axis))
+
+    return reduce
+
+
+FUNCTIONS: dict[str, Callable] = {
+    "exp": jnp.exp, "log": jnp.log, "log1p": jnp.log1p, "expm1": jnp.expm1, "sqrt": jnp.sqrt,
+    "abs": jnp.abs, "sin": jnp.sin, "cos": jnp.cos, "tan": jnp.tan, "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid, "softplus": jax.nn.softplus, "relu": jax.nn.relu,
+    "square": jnp.square, "erf": jax.scipy.special.erf, "lgamma": jax.scipy.special.gammaln,
+    "digamma": jax.scipy.special.digamma, "floor": jnp.floor, "ceil": jnp.ceil, "sign": jnp.sign,
+    "maximum": jnp.maximum, "minimum": jnp.minimum, "clip": jnp.clip, "where": jnp.where,
+    "dot": jnp.dot, "matmul": jnp.matmul, "outer": jnp.outer, "transpose": jnp.transpose,
+    "reshape": lambda x, shape: jnp.reshape(x, tuple(shape)),
+    "sum": _reduction(jnp.sum), "mean": _reduction(jnp.mean), "max": _reduction(jnp.max),
+    "min": _reduction(jnp.min), "prod": _reduction(jnp.prod),
+    "logsumexp": lambda x, axis=None: logsumexp(jnp.asarray(x), axis=axis),
+    "softmax": lambda x, axis=-1: jax.nn.softmax(x, axis=axis),
+    "log_softmax": lambda x, axis=-1: jax.nn.log_softmax(x, axis=axis),
+    "one_hot": lambda i, n: jax.nn.one_hot(i, int(n)),
+    "stop_gradient": jax.lax.stop_gradient,
+    "zeros": lambda *shape: jnp.zeros(tuple(int(s) for s in shape)),
+    "ones": lambda *shape: jnp.ones(tuple(int(s) for s in shape)),
+    "float": lambda x: jnp.asarray(x, jnp.result_type(float)),
+    "logp": lambda d, x: jnp.sum(log_density(d, x)),
+}
+CONSTANTS: dict[str, Any] = {"pi": math.pi, "e": math.e, "inf": math.inf}
+STRATEGIES: dict[str, Any] = {
+    "reparam": _reparam, "reinforce": _reinforce, "enum": _enum, "mvd": _mvd,
+    "gumbel_softmax": _gumbel_softmax, "straight_through": _straight_through,
+}
+_DIST_METHODS = {"to_event", "expand", "mask", "mean", "variance"}
+_TYPES = {"real": jnp.float32, "int": jnp.int32}
+_DEFAULT_DIM = 2  # the size given to a named dimension when no data fixes it (check, explain)
+
+_TOKEN_NAMES = {
+    "NAME": "a name", "NUMBER": "a number", "INT": "an integer", "STRING": "a string",
+    "_NL": "a new line", "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'",
+    "LBRACE": "'{'", "RBRACE": "'}'", "COMMA": "','", "COLON": "':'", "EQUAL": "'='",
+    "TILDE": "'~'", "AT": "'@'", "DOT": "'.'", "ADDOP": "'+' or '-'", "MULOP": "'*', '/' or '%'",
+    "COMPOP": "a comparison", "MINUS": "'-'", "PLUS": "'+'", "__ANON_0": "'**'", "$END": "the end of the file",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _parser() -> Lark:
+    grammar = (Path(__file__).parent / "grammar.lark").read_text()
+    return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
+
+
+def _describe_expected(expected) -> str:
+    names = sorted({_TOKEN_NAMES.get(t, repr(t.strip('"').lower()) if t.startswith('"') else _keyword(t)) for t in expected})
+    if len(names) > 8:
+        names = names[:8] + ["..."]
+    return ", ".join(names)
+
+
+def _keyword(t: str) -> str:
+    # lark names anonymous keyword terminals after the keyword, e.g. MAXIMIZE
+    return f"'{t.lower()}'" if t.isupper() and t.isalpha() else t
+
+
+# --- declarations --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Declaration:
+    """A ``param`` or ``data`` declaration: name, element type and shape (ints or names)."""
+
+    kind: str  # "param" or "data"
+    name: str
+    dtype: Any
+    shape: tuple  # ints, or str for a named size
+    init: Any = None  # the init expression's tree, for params
+    line: int = 0
+
+    def concrete_shape(self, dims: dict) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else dims.get(d, _DEFAULT_DIM) for d in self.shape)
+
+
+@dataclasses.dataclass
+class _Ctx:
+    """What evaluation needs: the file (for errors) and the objective's direction."""
+
+    filename: str
+    source: str
+    maximize: bool
+
+
+class _Return(Exception):
+    pass
+
+
+class TextProgram:
+    """A parsed, checked objective file; ``objective`` is its ``@ex.expectation`` program.
+
+    - ``objective(params, data)``: ``params`` and ``data`` are dicts of arrays keyed by the
+      declared names; ``maximize`` says the direction.
+    - ``init_params(dims)``, ``abstract_data(dims)``: declared initial values and data
+      shapes (``dims`` maps named sizes to numbers; see :meth:`dims_from`).
+    - ``sites``: the random choices' names and where they are written.
+    """
+
+    def __init__(self, source: str, filename: str = "<string>"):
+        self.source, self.filename = source, filename
+        self.directory = os.path.dirname(os.path.abspath(filename)) if os.path.exists(filename) else os.getcwd()
+        try:
+            tree = _parser().parse(source if source.endswith("\n") else source + "\n")
+        except UnexpectedInput as e:
+            raise self._syntax_error(e) from None
+        self.imports: dict[str, Any] = {}
+        self.params: dict[str, Declaration] = {}
+        self.data: dict[str, Declaration] = {}
+        self.body: list[Tree] = []
+        self.sites: dict[str, tuple[int, int]] = {}
+        self.maximize = True
+        self._objective_node: Tree | None = None
+        self._read(tree)
+        self._check_names()
+        self._ctx = _Ctx(filename, source, self.maximize)
+        name = Path(filename).stem if filename != "<string>" else "text_objective"
+        self.objective = Expectation(self._function(), name=name)
+
+    # -- errors ------------------------------------------------------------------------------
+    def error(self, message: str, node=None, *, hint: str | None = None, line=None, column=None, end_column=None) -> TextError:
+        if node is not None:
+            meta = node.meta if isinstance(node, Tree) else None
+            if meta is not None and not getattr(meta, "empty", True):
+                line, column = meta.line, meta.column
+                end_column = meta.end_column if meta.end_line == meta.line else None
+            elif isinstance(node, Token):
+                line, column = node.line, node.column
+                end_column = node.end_column if node.end_line == node.line else None
+        return TextError(message, filename=self.filename, source=self.source, line=line or 1,
+                         column=column or 1, end_column=end_column, hint=hint)
+
+    def _syntax_error(self, e: UnexpectedInput) -> TextError:
+        line, column = getattr(e, "line", 1), getattr(e, "column", 1)
+        if isinstance(e, UnexpectedToken):
+            tok = e.token
+            what = "end of line" if tok.type == "_NL" else ("end of file" if tok.type == "$END" else f"{tok.value!r}")
+            msg = f"syntax error: unexpected {what}; expected {_describe_expected(e.expected)}"
+            end = tok.end_column if tok.type not in ("_NL", "$END") and tok.end_line == tok.line else None
+            return TextError(msg, filename=self.filename, source=self.source, line=line, column=column, end_column=end)
+        if isinstance(e, UnexpectedCharacters):
+            char = self.source[e.pos_in_stream] if e.pos_in_stream < len(self.source) else "?"
+            allowed = _describe_expected(e.allowed) if e.allowed else "a statement"
+            msg = f"syntax error: unexpected character {char!r}; expected {allowed}"
+            return TextError(msg, filename=self.filename, source=self.source, line=line, column=column)
+        if isinstance(e, UnexpectedEOF):
+            return TextError(f"syntax error: the file ends too early; expected {_describe_expected(e.expected)}",
+                             filename=self.filename, source=self.source, line=max(1, self.source.count("\n")), column=1)
+        return TextError(f"syntax error: {e}", filename=self.filename, source=self.source, line=line, column=column)
+
+    # -- reading the statements ------------------------------------------------------------------
+    def _read(self, tree: Tree):
+        stmts = list(tree.children)
+        for i, stmt in enumerate(stmts):
+            kind = stmt.data
+            if self._objective_node is not None:
+                raise self.error("statements after the objective: `maximize`/`minimize` must come last",
+                                 stmt, hint=f"the objective is on line {self._objective_node.meta.line}")
+            if kind == "import_stmt":
+                self._import(stmt)
+            elif kind in ("param_decl", "data_decl"):
+                self._declare(stmt)
+            elif kind in ("let_stmt", "sample_stmt"):
+                self._note_binding(stmt)
+                self.body.append(stmt)
+            elif kind in ("maximize", "minimize"):
+                self.maximize = kind == "maximize"
+                self._objective_node = stmt
+                self.body.append(stmt)
+            elif kind == "return_stmt":
+                raise self.error("`return` is only allowed at the end of an `expect { ... }` block; "
+                                 "the objective is stated with `maximize` or `minimize`", stmt)
+        if self._objective_node is None:
+            line = max(1, len(self.source.splitlines()))
+            raise self.error("the file states no objective", line=line, column=1,
+                             hint="end it with `maximize <expression>` or `minimize <expression>`")
+
+    def _defined(self) -> dict[str, str]:
+        out = {n: "an import" for n in self.imports}
+        out.update({n: "a parameter" for n in self.params})
+        out.update({n: "a data array" for n in self.data})
+        return out
+
+    def _check_new_name(self, token: Token, what: str, defined: dict[str, str]):
+        name = str(token)
+        if name in defined:
+            raise self.error(f"{name!r} is already defined (as {defined[name]}); {what} needs a new name", token)
+        if name in FUNCTIONS or name in DISTRIBUTIONS or name in CONSTANTS or name in ("true", "false"):
+            raise self.error(f"{name!r} is a built-in name; {what} needs another name", token)
+
+    def _import(self, stmt: Tree):
+        module_node, name, alias = stmt.children
+        target = str(alias or name)
+        self._check_new_name(alias or name, "an import", self._defined())
+        if module_node.data == "file_module":
+            path = str(module_node.children[0])[1:-1]
+            full = path if os.path.isabs(path) else os.path.join(self.directory, path)
+            if not os.path.exists(full):
+                raise self.error(f"no such file: {path!r} (looked for {full})", module_node)
+            spec = importlib.util.spec_from_file_location(Path(full).stem, full)
+            module = importlib.util.module_from_spec(spec)
+            try:
+                spec.loader.exec_module(module)
+            except Exception as e:  # noqa: BLE001 -- the user's module failed to import
+                raise self.error(f"importing {path!r} failed: {type(e).__name__}: {e}", module_node) from None
+        else:
+            dotted = ".".join(str(t) for t in module_node.children)
+            if self.directory not in sys.path:
+                sys.path.insert(0, self.directory)
+            try:
+                module = importlib.import_module(dotted)
+            except ImportError as e:
+                raise self.error(f"cannot import module {dotted!r}: {e}", module_node) from None
+        if not hasattr(module, str(name)):
+            names = [n for n in dir(module) if not n.startswith("_")]
+            close = difflib.get_close_matches(str(name), names, n=1)
+            raise self.error(f"the module has no name {str(name)!r}", name,
+                             hint=f"did you mean {close[0]!r}?" if close else None)
+        self.imports[target] = getattr(module, str(name))
+
+    def _declare(self, stmt: Tree):
+        kind = "param" if stmt.data == "param_decl" else "data"
+        name, type_node = stmt.children[0], stmt.children[1]
+        init = stmt.children[2] if kind == "param" else None
+        self._check_new_name(name, f"a {kind} declaration", self._defined())
+        type_name = type_node.children[0]
+        if str(type_name) not in _TYPES:
+            raise self.error(f"unknown type {str(type_name)!r}; expected 'real' or 'int'", type_name)
+        if kind == "param" and str(type_name) != "real":
+            raise self.error(f"parameter {str(name)!r} must be real (parameters are optimized)", type_name)
+        shape = []
+        for d in type_node.children[1:]:
+            tok = d.children[0]
+            if d.data == "int_dim":
+                if int(tok) < 1:
+                    raise self.error("a size must be at least 1", tok)
+                shape.append(int(tok))
+            else:
+                shape.append(str(tok))
+        decl = Declaration(kind, str(name), _TYPES[str(type_name)], tuple(shape), init, stmt.meta.line)
+        (self.params if kind == "param" else self.data)[str(name)] = decl
+
+    def _note_binding(self, stmt: Tree):
+        name = stmt.children[0]
+        if stmt.data == "sample_stmt":
+            self.sites[str(name)] = (name.line, name.column)
+
+    # -- static name resolution ----------------------------------------------------------------
+    def _check_names(self):
+        known = dict(self._defined())
+        for decl in self.params.values():
+            if decl.init is not None:
+                self._resolve(decl.init, {})  # built-ins only
+        for d in (*self.params.values(), *self.data.values()):
+            for size in d.shape:
+                if isinstance(size, str) and d.kind == "param" and not any(size in x.shape for x in self.data.values()):
+                    raise self.error(f"parameter {d.name!r} has a size {size!r} that no data declaration has",
+                                     line=d.line, column=1, hint="give the size as a number, or declare data with it")
+        self._resolve_block(self.body, known)
+
+    def _resolve_block(self, stmts, known: dict[str, str]):
+        for stmt in stmts:
+            if stmt.data in ("let_stmt", "sample_stmt"):
+                name, value = stmt.children[0], stmt.children[1]
+                self._resolve(value, known)
+                if stmt.data == "sample_stmt" and stmt.children[2] is not None:
+                    self._resolve_strategy(stmt.children[2], known)
+                what = "a let-binding" if stmt.data == "let_stmt" else "a random choice"
+                self._check_new_name(name, what, known)
+                known[str(name)] = "a random choice" if stmt.data == "sample_stmt" else "a let-binding"
+            else:  # maximize, minimize, return
+                self._resolve(stmt.children[0], known)
+
+    def _resolve_strategy(self, node: Tree, known):
+        name = node.children[0]
+        if str(name) not in STRATEGIES:
+            close = difflib.get_close_matches(str(name), list(STRATEGIES), n=1)
+            raise self.error(f"unknown strategy @{name}; expected one of {', '.join('@' + s for s in STRATEGIES)}",
+                             name, hint=f"did you mean @{close[0]}?" if close else None)
+        if node.children[1] is not None:
+            for kw in node.children[1].children:
+                if not (str(kw.children[0]) == "learn" and kw.children[1].data in ("true", "false")):
+                    self._resolve(kw.children[1], known)
+
+    def _resolve(self, node, known: dict[str, str]):
+        if not isinstance(node, Tree):
+            return
+        if node.data == "name":
+            tok = node.children[0]
+            name = str(tok)
+            if name in known or name in FUNCTIONS or name in DISTRIBUTIONS or name in CONSTANTS:
+                return
+            candidates = list(known) + list(FUNCTIONS) + list(DISTRIBUTIONS) + list(CONSTANTS)
+            close = difflib.get_close_matches(name, candidates, n=1)
+            later = name in self.sites or any(
+                s.data == "let_stmt" and str(s.children[0]) == name for s in self.body
+            )
+            hint = f"did you mean {close[0]!r}?" if close else None
+            if later:
+                hint = f"{name!r} is defined further down; statements run in order"
+            raise self.error(f"unknown name {name!r}", tok, hint=hint)
+        if node.data == "expect_block":
+            kwargs, *stmts = node.children
+            if kwargs is not None:
+                for kw in kwargs.children:
+                    if str(kw.children[0]) != "n":
+                        raise self.error(f"expect takes only n=...; got {str(kw.children[0])}=", kw.children[0])
+                    self._resolve(kw.children[1], known)
+            if not stmts or stmts[-1].data != "return_stmt":
+                raise self.error("an `expect { ... }` block must end with `return <expression>`", node)
+            for s in stmts[:-1]:
+                if s.data == "return_stmt":
+                    raise self.error("`return` must be the last statement of an `expect` block", s)
+                if s.data not in ("let_stmt", "sample_stmt"):
+                    raise self.error("only `let`, `~` and a final `return` are allowed inside `expect`", s)
+                if s.data == "sample_stmt":
+                    n = s.children[0]
+                    self.sites.setdefault(str(n), (n.line, n.column))
+            self._resolve_block(stmts, dict(known))
+            return
+        if node.data == "kwarg":
+            self._resolve(node.children[1], known)
+            return
+        if node.data == "attr":
+            self._resolve(node.children[0], known)
+            return
+        for child in node.children:
+            self._resolve(child, known)
+
+    # -- lowering ------------------------------------------------------------------------------
+    def dims_from(self, data: dict | None) -> dict[str, int]:
+        """Named sizes read off the data's shapes (``_DEFAULT_DIM`` where no data is given)."""
+        dims: dict[str, int] = {}
+        for decl in self.data.values():
+            if data is None or decl.name not in data:
+                continue
+            shape = np.shape(data[decl.name])
+            if len(shape) != len(decl.shape):
+                raise self.error(f"data {decl.name!r} is declared with {len(decl.shape)} axes "
+                                 f"{_fmt_shape(decl.shape)}; the given array has shape {shape}",
+                                 line=decl.line, column=1)
+            for want, got in zip(decl.shape, shape):
+                if isinstance(want, str):
+                    if dims.setdefault(want, got) != got:
+                        raise self.error(f"size {want!r} is {dims[want]} in one data array and {got} in "
+                                         f"{decl.name!r}", line=decl.line, column=1)
+                elif want != got:
+                    raise self.error(f"data {decl.name!r} is declared with shape {_fmt_shape(decl.shape)}; "
+                                     f"the given array has shape {shape}", line=decl.line, column=1)
+        return dims
+
+    def init_params(self, dims: dict | None = None) -> dict:
+        """The parameters' initial values (the declared ``= value``, else zeros)."""
+        dims = dims or {}
+        out = {}
+        for decl in self.params.values():
+            shape = decl.concrete_shape(dims)
+            if decl.init is None:
+                out[decl.name] = jnp.zeros(shape, decl.dtype)
+                continue
+            value = self._eval(decl.init, {}, self._ctx)
+            try:
+                out[decl.name] = jnp.broadcast_to(jnp.asarray(value, decl.dtype), shape)
+            except (TypeError, ValueError):
+                raise self.error(f"the initial value of {decl.name!r} has shape {np.shape(value)}, which does "
+                                 f"not fit the declared shape {shape}", decl.init) from None
+        return out
+
+    def abstract_data(self, dims: dict | None = None) -> dict:
+        dims = dims or {}
+        return {d.name: jax.ShapeDtypeStruct(d.concrete_shape(dims), d.dtype) for d in self.data.values()}
+
+    def validate_data(self, data: dict) -> dict:
+        """``data`` as arrays of the declared types; errors name the missing or extra array."""
+        missing = [n for n in self.data if n not in data]
+        if missing:
+            decl = self.data[missing[0]]
+            raise self.error(f"no data given for {missing[0]!r}", line=decl.line, column=1,
+                             hint=f"the data file has {sorted(data)}")
+        self.dims_from(data)
+        return {n: jnp.asarray(data[n], d.dtype) for n, d in self.data.items()}
+
+    def _function(self) -> Callable:
+        body, ctx = self.body, self._ctx
+
+        def objective(params, data):
+            env: dict[str, Any] = dict(self.imports)
+            env.update({k: params[k] for k in self.params})
+            env.update({k: data[k] for k in self.data})
+            return self._run_block(body, env, ctx)
+
+        objective.__name__ = Path(self.filename).stem if self.filename != "<string>" else "text_objective"
+        return objective
+
+    def _run_block(self, stmts, env, ctx):
+        for stmt in stmts:
+            where = f"{os.path.basename(self.filename)}:{stmt.meta.line}"
+            with jax.named_scope(f"src={where}"), source_location(where):
+                value = self._run_statement(stmt, env, ctx)
+            if value is not None:
+                return value
+        raise AssertionError("a block without a value")  # excluded by _read / _resolve
+
+    def _run_statement(self, stmt, env, ctx):
+        kind = stmt.data
+        if kind == "let_stmt":
+            env[str(stmt.children[0])] = self._eval(stmt.children[1], env, ctx)
+        elif kind == "sample_stmt":
+            name, d_node, strategy_node = stmt.children
+            d = self._eval(d_node, env, ctx)
+            if not isinstance(d, dist.Distribution):
+                raise self.error(f"the right side of `{name} ~` must be a distribution; got "
+                                 f"{_describe_value(d)}", d_node)
+            estimator = None if strategy_node is None else self._strategy(strategy_node, env, ctx)
+            try:
+                env[str(name)] = _sample(d, estimator=estimator, name=str(name))
+            except EstimaxError as e:
+                raise self.error(_first_line(e), strategy_node or d_node) from None
+        else:  # maximize / minimize / return: the block's value
+            value = self._eval(stmt.children[0], env, ctx)
+            if jnp.ndim(value) != 0:
+                raise self.error(f"the objective must be a scalar; this expression has shape {jnp.shape(value)}",
+                                 stmt.children[0], hint="reduce it, e.g. with sum(...) or mean(...)")
+            return jnp.asarray(value, jnp.result_type(float))
+        return None
+
+    def _strategy(self, node: Tree, env, ctx):
+        name, kwargs = node.children
+        base = STRATEGIES[str(name)]
+        if kwargs is None:
+            return base
+        values = {}
+        for kw in kwargs.children:
+            key, value_node = str(kw.children[0]), kw.children[1]
+            if key == "learn":
+                flag = value_node.data == "true" if value_node.data in ("true", "false") else None
+                if flag is None:
+                    raise self.error("learn= takes true or false", value_node)
+                if flag:
+                    values["learn"] = "ascent" if ctx.maximize else "descent"
+                continue
+            values[key] = self._eval(value_node, env, ctx)
+        try:
+            inspect.signature(type(base).__call__).bind(base, **values)
+        except TypeError:
+            params = [p for p in inspect.signature(type(base).__call__).parameters if p != "self"]
+            allowed = ", ".join(f"{p}=" for p in params) or "no arguments"
+            raise self.error(f"@{name} does not take {', '.join(k + '=' for k in values)}; it takes {allowed}",
+                             kwargs) from None
+        try:
+            return base(**values)
+        except EstimaxError as e:
+            raise self.error(_first_line(e), kwargs) from None
+
+    # -- expressions -----------------------------------------------------------------------------
+    def _eval(self, node, env, ctx):
+        try:
+            return self._eval_inner(node, env, ctx)
+        except TextError:
+            raise
+        except (EstimaxError, TypeError, ValueError, IndexError, ZeroDivisionError, jax.errors.JAXTypeError) as e:
+            raise self.error(_first_line(e), node) from None
+
+    def _eval_inner(self, node, env, ctx):
+        kind = node.data
+        ev = lambda n: self._eval(n, env, ctx)  # noqa: E731
+        if kind == "number":
+            text = str(node.children[0])
+            return int(text) if text.isdigit() else float(text)
+        if kind == "string":
+            return str(node.children[0])[1:-1]
+        if kind in ("true", "false"):
+            return kind == "true"
+        if kind == "name":
+            name = str(node.children[0])
+            if name in env:
+                return env[name]
+            if name in FUNCTIONS:
+                return FUNCTIONS[name]
+            if name in DISTRIBUTIONS:
+                return DISTRIBUTIONS[name]
+            return CONSTANTS[name]
+        if kind == "array":
+            items = [ev(c) for c in node.children if c is not None]
+            if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in items):
+                return items  # a static list (shapes: expand([3]))
+            return jnp.stack([jnp.asarray(x) for x in items])
+        if kind == "neg":
+            return -_arr(ev(node.children[0]))
+        if kind == "binop":
+            a, op, b = node.children
+            x, y = _arr(ev(a)), _arr(ev(b))
+            return {"+": jnp.add, "-": jnp.subtract, "*": jnp.multiply, "/": jnp.true_divide, "%": jnp.mod}[str(op)](x, y)
+        if kind == "pow":
+            return jnp.power(_arr(ev(node.children[0])), _arr(ev(node.children[1])))
+        if kind == "compare":
+            a, op, b = node.children
+            ops = {"==": jnp.equal, "!=": jnp.not_equal, "<": jnp.less, "<=": jnp.less_equal, ">": jnp.greater, ">=": jnp.greater_equal}
+            return ops[str(op)](_arr(ev(a)), _arr(ev(b)))
+        if kind == "and_expr":
+            return jnp.logical_and(ev(node.children[0]), ev(node.children[1]))
+        if kind == "or_expr":
+            return jnp.logical_or(ev(node.children[0]), ev(node.children[1]))
+        if kind == "not_expr":
+            return jnp.logical_not(ev(node.children[0]))
+        if kind == "if_expr":
+            cond_node, then_node, else_node = node.children
+            cond = ev(cond_node)
+            if jnp.ndim(cond) == 0:
+                return jax.lax.cond(jnp.asarray(cond, bool), lambda: _arr(ev(then_node)), lambda: _arr(ev(else_node)))
+            return jnp.where(cond, _arr(ev(then_node)), _arr(ev(else_node)))
+        if kind == "index":
+            target, *idx = node.children
+            x = _arr(ev(target))
+            keys = tuple(ev(i) for i in idx)
+            return x[keys[0] if len(keys) == 1 else keys]
+        if kind == "attr":
+            obj, name = ev(node.children[0]), str(node.children[1])
+            if isinstance(obj, dist.Distribution):
+                if name not in _DIST_METHODS:
+                    raise self.error(f"distributions have no attribute {name!r} here; available: "
+                                     f"{', '.join(sorted(_DIST_METHODS))}", node.children[1])
+                return getattr(obj, name)
+            if inspect.ismodule(obj) and hasattr(obj, name):
+                return getattr(obj, name)
+            if name == "T" and hasattr(obj, "shape"):
+                return jnp.transpose(obj)
+            raise self.error(f"{_describe_value(obj)} has no attribute {name!r}", node.children[1])
+        if kind == "call":
+            fn_node, args_node = node.children
+            fn = ev(fn_node)
+            args, kwargs = [], {}
+            for a in ([] if args_node is None else args_node.children):
+                if isinstance(a, Tree) and a.data == "kwarg":
+                    kwargs[str(a.children[0])] = ev(a.children[1])
+                else:
+                    args.append(ev(a))
+            return self._call(fn, args, kwargs, node, fn_node)
+        if kind == "expect_block":
+            return self._expect(node, env, ctx)
+        raise self.error(f"unsupported expression ({kind})", node)
+
+    def _call(self, fn, args, kwargs, node, fn_node):
+        if any(fn is d for d in DISTRIBUTIONS.values()):
+            init = fn.__init__ if isinstance(fn, type) else fn
+            sig = inspect.signature(init)
+            try:
+                sig.bind(*((None,) if isinstance(fn, type) else ()), *args, **kwargs)
+            except TypeError as e:
+                params = [p for p in sig.parameters if p not in ("self", "validate_args")]
+                raise self.error(f"{fn.__name__}: {e}; its arguments are ({', '.join(params)})", node) from None
+            return fn(*args, **kwargs)
+        if not callable(fn):
+            raise self.error(f"{_describe_value(fn)} is not a function", fn_node)
+        return fn(*args, **kwargs)
+
+    def _expect(self, node, env, ctx):
+        kwargs, *stmts = node.children
+        n = 1
+        if kwargs is not None:
+            n_value = self._eval(kwargs.children[0].children[1], env, ctx)
+            if isinstance(n_value, bool) or not isinstance(n_value, int) or n_value < 1:
+                raise self.error(f"expect(n=...) needs a positive integer; got {n_value!r}", kwargs)
+            n = n_value
+
+        def expect():
+            return self._run_block(stmts, dict(env), ctx)
+
+        return _expect(expect, n=n)()
+
+
+def _arr(x):
+    return jnp.asarray(x) if isinstance(x, list) else x
+
+
+def _fmt_shape(shape) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]" if shape else "scalar"
+
+
+def _describe_value(x) -> str:
+    if isinstance(x, type):
+        return f"the class {x.__name__}"
+    if callable(x):
+        return f"the function {getattr(x, '__name__', repr(x))}"
+    if hasattr(x, "shape"):
+        return f"an array of shape {tuple(x.shape)}"
+    return f"a {type(x).__name__}"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def parse(source: str, filename: str = "<string>") -> TextProgram:
+    """Parse and check an objective given as text."""
+    return TextProgram(source, filename)
+
+
+def load(path: str | os.PathLike) -> TextProgram:
+    """Parse and check the objective file at ``path``."""
+    path = os.fspath(path)
+    try:
+        source = Path(path).read_text()
+    except OSError as e:
+        raise EstimaxError(f"cannot read {path}: {e.strerror}") from None
+    return TextProgram(source, path)
