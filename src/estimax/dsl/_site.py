@@ -260,11 +260,11 @@ def log_density(d: dist.Distribution, x):
     if isinstance(d, dist.ExpandedDistribution):
         return jnp.broadcast_to(log_density(d.base_dist, x), jnp.broadcast_shapes(jnp.shape(x)[: jnp.ndim(x) - len(d.event_shape)], d.batch_shape))
     if isinstance(d, dist.BernoulliLogits):
-        x = jnp.asarray(x, d.logits.dtype)
+        x = jnp.asarray(x, jnp.result_type(d.logits))  # logits may be a Python number
         return x * d.logits - jax.nn.softplus(d.logits)
     if isinstance(d, dist.BinomialLogits):
-        n = jnp.asarray(d.total_count, d.logits.dtype)
-        k = jnp.asarray(x, d.logits.dtype)
+        n = jnp.asarray(d.total_count, jnp.result_type(d.logits))
+        k = jnp.asarray(x, jnp.result_type(d.logits))
         log_comb = jax.scipy.special.gammaln(n + 1) - jax.scipy.special.gammaln(k + 1) - jax.scipy.special.gammaln(n - k + 1)
         return log_comb + k * d.logits - n * jax.nn.softplus(d.logits)
     return d.log_prob(x)

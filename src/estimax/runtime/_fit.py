@@ -89,6 +89,9 @@ class FitProgress(NamedTuple):
         opt_state: the optimizer state after ``step`` steps.
         average: the running objective (mean of the last ``window`` estimates).
         estimates: the per-step estimates of the objective in this chunk (NumPy).
+        key: the key that continues the run from here, as ``FitResult.key`` does at the
+            end: with ``params`` and ``opt_state``, what a checkpoint needs to resume the
+            run exactly.
     """
 
     step: int
@@ -96,6 +99,7 @@ class FitProgress(NamedTuple):
     opt_state: Any
     average: float
     estimates: np.ndarray
+    key: Any = None
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -571,7 +575,7 @@ def fit(
                 warnings.warn(f"fit({program.name}): {reason}.", RuntimeWarning, stacklevel=2)
                 break
             if callback is not None:
-                info = FitProgress(done, state.params, state.opt_state, average, estimates[:applied])
+                info = FitProgress(done, state.params, state.opt_state, average, estimates[:applied], state.key)
                 if callback(info):
                     if done < steps:
                         stopped_early = True

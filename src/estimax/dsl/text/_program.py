@@ -19,6 +19,7 @@ import importlib.util
 import inspect
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -43,6 +44,7 @@ from .._primitives import sample as _sample
 from .._primitives import source_location
 from .._program import Expectation
 from .._site import log_density
+from ...transforms._certify import collect_sites
 from ._errors import TextError
 
 # --- the vocabulary ------------------------------------------------------------------------
@@ -59,9 +61,32 @@ DISTRIBUTIONS: dict[str, Any] = {
 }
 
 
+def _distribution(d):
+    if not isinstance(d, dist.Distribution):
+        raise TypeError(f"the first argument must be a distribution; got {_describe_value(d)}")
+    return d
+
+
+def _expand(d):
+    def expand(shape):
+        if not (isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in shape)):
+            raise TypeError(f"the shape must be a list of whole numbers, e.g. expand([3]); got {_describe_value(shape)}")
+        return d.expand(shape)
+
+    return expand
+
+
+def _axis(axis):
+    if axis is None:
+        return None
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"axis= must be a whole number written in the file; got {_describe_value(axis)}")
+    return axis
+
+
 def _reduction(fn):
     def reduce(x, axis=None):
-        return fn(jnp.asarray(x), axis=None if axis is None else int(axis))
+        return fn(jnp.asarray(x), axis=_axis(axis))
 
     return reduce
 
@@ -77,15 +102,15 @@ FUNCTIONS: dict[str, Callable] = {
     "reshape": lambda x, shape: jnp.reshape(x, tuple(shape)),
     "sum": _reduction(jnp.sum), "mean": _reduction(jnp.mean), "max": _reduction(jnp.max),
     "min": _reduction(jnp.min), "prod": _reduction(jnp.prod),
-    "logsumexp": lambda x, axis=None: logsumexp(jnp.asarray(x), axis=axis),
-    "softmax": lambda x, axis=-1: jax.nn.softmax(x, axis=axis),
-    "log_softmax": lambda x, axis=-1: jax.nn.log_softmax(x, axis=axis),
+    "logsumexp": lambda x, axis=None: logsumexp(jnp.asarray(x), axis=_axis(axis)),
+    "softmax": lambda x, axis=-1: jax.nn.softmax(x, axis=_axis(axis)),
+    "log_softmax": lambda x, axis=-1: jax.nn.log_softmax(x, axis=_axis(axis)),
     "one_hot": lambda i, n: jax.nn.one_hot(i, int(n)),
     "stop_gradient": jax.lax.stop_gradient,
     "zeros": lambda *shape: jnp.zeros(tuple(int(s) for s in shape)),
     "ones": lambda *shape: jnp.ones(tuple(int(s) for s in shape)),
     "float": lambda x: jnp.asarray(x, jnp.result_type(float)),
-    "logp": lambda d, x: jnp.sum(log_density(d, x)),
+    "logp": lambda d, x: jnp.sum(log_density(_distribution(d), x)),
 }
 CONSTANTS: dict[str, Any] = {"pi": math.pi, "e": math.e, "inf": math.inf}
 STRATEGIES: dict[str, Any] = {
@@ -93,16 +118,25 @@ STRATEGIES: dict[str, Any] = {
     "gumbel_softmax": _gumbel_softmax, "straight_through": _straight_through,
 }
 _DIST_METHODS = {"to_event", "expand", "mask", "mean", "variance"}
+_SHAPE_FUNCTIONS = {"reshape", "zeros", "ones", "transpose"}  # take a list literal as a shape, not an array
 _TYPES = {"real": jnp.float32, "int": jnp.int32}
+# The grammar's keywords. lark's contextual lexer reads a keyword as a name where no keyword
+# can stand (`let then = 1`), so declarations check for them.
+_KEYWORDS = {"from", "import", "as", "param", "data", "let", "maximize", "minimize", "return", "if", "then",
+             "else", "and", "or", "not", "true", "false", "expect"}
+_STATEMENT_KEYWORDS = ["param", "data", "let", "maximize", "minimize", "from", "return"]
 _DEFAULT_DIM = 2  # the size given to a named dimension when no data fixes it (check, explain)
 
 _TOKEN_NAMES = {
     "NAME": "a name", "NUMBER": "a number", "INT": "an integer", "STRING": "a string",
-    "_NL": "a new line", "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'",
-    "LBRACE": "'{'", "RBRACE": "'}'", "COMMA": "','", "COLON": "':'", "EQUAL": "'='",
-    "TILDE": "'~'", "AT": "'@'", "DOT": "'.'", "ADDOP": "'+' or '-'", "MULOP": "'*', '/' or '%'",
-    "COMPOP": "a comparison", "MINUS": "'-'", "PLUS": "'+'", "__ANON_0": "'**'", "$END": "the end of the file",
+    "_NL": "the end of the line", "ADDOP": "'+' or '-'", "MULOP": "'*', '/' or '%'",
+    "COMPOP": "a comparison", "$END": "the end of the file",
 }
+# What may start an expression, and the binary operators: listed as one item each in
+# "expected ..." rather than a dozen tokens.
+_EXPRESSION_START = {"NAME", "NUMBER", "STRING", "LPAR", "LSQB", "MINUS", "PLUS", "TRUE", "FALSE", "EXPECT"}
+_OPERATORS = {"ADDOP", "MULOP", "COMPOP", "AND", "OR"}
+_STATEMENT_START = {"DATA", "FROM", "LET", "MAXIMIZE", "MINIMIZE", "PARAM", "RETURN", "NAME"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -111,16 +145,57 @@ def _parser() -> Lark:
     return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
 
 
+def _token_name(t: str) -> str:
+    if t in _TOKEN_NAMES:
+        return _TOKEN_NAMES[t]
+    try:
+        pattern = _parser().get_terminal(t).pattern
+    except KeyError:
+        return t
+    # keywords and punctuation are string terminals: show the text itself
+    return repr(pattern.value) if pattern.type == "str" else t
+
+
 def _describe_expected(expected) -> str:
-    names = sorted({_TOKEN_NAMES.get(t, repr(t.strip('"').lower()) if t.startswith('"') else _keyword(t)) for t in expected})
-    if len(names) > 8:
-        names = names[:8] + ["..."]
-    return ", ".join(names)
+    expected = set(expected)
+    if "_NL" in expected:  # the parser sees a final new line: the end of the file is the end of a line
+        expected.discard("$END")
+    groups = []
+    if _STATEMENT_START <= expected:
+        expected -= _STATEMENT_START | {"_NL", "$END"}
+        groups.append("a statement")
+    if _EXPRESSION_START <= expected:
+        expected -= _EXPRESSION_START | {"IF", "NOT"}
+        groups.append("an expression")
+    if {"ADDOP", "MULOP"} <= expected:
+        expected -= _OPERATORS | {"__ANON_0"}
+        groups.append("an operator")
+    named = sorted({_token_name(t) for t in expected}, key=lambda n: (not n.startswith("'"), n))
+    names = groups + named
+    if len(names) == 1:
+        return names[0]
+    return ", ".join(names[:-1]) + " or " + names[-1]
 
 
-def _keyword(t: str) -> str:
-    # lark names anonymous keyword terminals after the keyword, e.g. MAXIMIZE
-    return f"'{t.lower()}'" if t.isupper() and t.isalpha() else t
+def _accepted(e: UnexpectedInput, fallback) -> set:
+    """The tokens the parser would take at the error: tried one by one (lark's LALR tables
+    merge states, so the table's own list can name tokens that would fail one step later)."""
+    try:
+        return set(e.interactive_parser.accepts())
+    except Exception:  # noqa: BLE001 -- older lark, or no parser state at this error
+        return set(fallback or ())
+
+
+def _unclosed_brace(source: str) -> tuple[int, int] | None:
+    """Line and column of the last ``{`` that no ``}`` closes (comments and strings skipped)."""
+    stack = []
+    for lineno, line in enumerate(source.split("\n"), start=1):
+        for m in re.finditer(r'#.*|"[^"\n]*"|[{}]', line):
+            if m.group() == "{":
+                stack.append((lineno, m.start() + 1))
+            elif m.group() == "}" and stack:
+                stack.pop()
+    return stack[-1] if stack else None
 
 
 # --- declarations --------------------------------------------------------------------------
@@ -152,6 +227,34 @@ class _Return(Exception):
     pass
 
 
+class _TextExpectation(Expectation):
+    """The program of an objective file. Staging also checks the plan (what ``explain`` and
+    the estimators check later: e.g. the size of an enumeration), so that an error about a
+    site is reported at the site's line in the file."""
+
+    def __init__(self, fn, name, program: "TextProgram"):
+        super().__init__(fn, name=name)
+        self._text = program
+
+    def stage(self, args):
+        try:
+            out = super().stage(args)
+            collect_sites(out[0].jaxpr)
+        except TextError:
+            raise
+        except EstimaxError as e:
+            raise self._text._located(e) from None
+        return out
+
+    def _estimate(self, key, *args):
+        try:
+            return super()._estimate(key, *args)
+        except TextError:
+            raise
+        except EstimaxError as e:
+            raise self._text._located(e) from None
+
+
 class TextProgram:
     """A parsed, checked objective file; ``objective`` is its ``@ex.expectation`` program.
 
@@ -169,18 +272,32 @@ class TextProgram:
             tree = _parser().parse(source if source.endswith("\n") else source + "\n")
         except UnexpectedInput as e:
             raise self._syntax_error(e) from None
+        except RecursionError:
+            raise TextError("an expression is nested too deeply to read", filename=filename, source=source,
+                            line=1, column=1) from None
+        try:
+            self._build(tree)
+        except RecursionError:
+            raise TextError("an expression is nested too deeply to check", filename=filename, source=source,
+                            line=1, column=1) from None
+
+    def _build(self, tree):
+        source, filename = self.source, self.filename
         self.imports: dict[str, Any] = {}
         self.params: dict[str, Declaration] = {}
         self.data: dict[str, Declaration] = {}
         self.body: list[Tree] = []
         self.sites: dict[str, tuple[int, int]] = {}
+        self._size_tokens: dict[tuple[str, str], Token] = {}  # (declared name, size name) -> the size
+        self._site_tokens: dict[str, Any] = {}  # full site name ("expect/z") -> its strategy or name in the file
+        self._site_names: dict[str, Token] = {}  # full site name -> its name in the file
         self.maximize = True
         self._objective_node: Tree | None = None
         self._read(tree)
         self._check_names()
         self._ctx = _Ctx(filename, source, self.maximize)
         name = Path(filename).stem if filename != "<string>" else "text_objective"
-        self.objective = Expectation(self._function(), name=name)
+        self.objective = _TextExpectation(self._function(), name=name, program=self)
 
     # -- errors ------------------------------------------------------------------------------
     def error(self, message: str, node=None, *, hint: str | None = None, line=None, column=None, end_column=None) -> TextError:
@@ -188,30 +305,65 @@ class TextProgram:
             meta = node.meta if isinstance(node, Tree) else None
             if meta is not None and not getattr(meta, "empty", True):
                 line, column = meta.line, meta.column
-                end_column = meta.end_column if meta.end_line == meta.line else None
+                end_column = meta.end_column if meta.end_line == meta.line else self._line_end(line)
             elif isinstance(node, Token):
                 line, column = node.line, node.column
                 end_column = node.end_column if node.end_line == node.line else None
-        return TextError(message, filename=self.filename, source=self.source, line=line or 1,
+        return TextError(message, filename=self.filename, source=_shown(self.source), line=line or 1,
                          column=column or 1, end_column=end_column, hint=hint)
+
+    def _statement_hint(self, accepted: set, line: int) -> str | None:
+        """After a statement's first word the parser wants only `~`: the word was meant as a keyword,
+        or the statement is a random choice missing its `~`."""
+        if accepted != {"TILDE"}:
+            return None
+        lines = self.source.split("\n")
+        m = re.match(r"\s*([A-Za-z_]\w*)", lines[line - 1] if 0 < line <= len(lines) else "")
+        if m is None:
+            return None
+        close = difflib.get_close_matches(m.group(1), _STATEMENT_KEYWORDS, n=1)
+        if close:
+            return f"did you mean {close[0]!r}?"
+        return f"a statement that starts with a name is a random choice: `{m.group(1)} ~ <distribution>`"
+
+    def _line_end(self, line: int) -> int:
+        lines = _shown(self.source).split("\n")
+        return len(lines[line - 1].rstrip()) + 1 if 0 < line <= len(lines) else 1
 
     def _syntax_error(self, e: UnexpectedInput) -> TextError:
         line, column = getattr(e, "line", 1), getattr(e, "column", 1)
         if isinstance(e, UnexpectedToken):
             tok = e.token
+            if tok.type == "$END" and (brace := _unclosed_brace(self.source)) is not None:
+                return self.error("syntax error: this `{` is never closed; expected '}' before the end of the file",
+                                  line=brace[0], column=brace[1])
             what = "end of line" if tok.type == "_NL" else ("end of file" if tok.type == "$END" else f"{tok.value!r}")
-            msg = f"syntax error: unexpected {what}; expected {_describe_expected(e.expected)}"
+            accepted = _accepted(e, e.expected)
+            msg = f"syntax error: unexpected {what}; expected {_describe_expected(accepted)}"
             end = tok.end_column if tok.type not in ("_NL", "$END") and tok.end_line == tok.line else None
-            return TextError(msg, filename=self.filename, source=self.source, line=line, column=column, end_column=end)
+            return self.error(msg, line=line, column=column, end_column=end, hint=self._statement_hint(accepted, line))
         if isinstance(e, UnexpectedCharacters):
             char = self.source[e.pos_in_stream] if e.pos_in_stream < len(self.source) else "?"
-            allowed = _describe_expected(e.allowed) if e.allowed else "a statement"
+            if char == '"':
+                return self.error("syntax error: this string is not closed on its line; expected '\"'",
+                                  line=line, column=column)
+            accepted = _accepted(e, e.allowed)
+            allowed = _describe_expected(accepted) if accepted else "a statement"
             msg = f"syntax error: unexpected character {char!r}; expected {allowed}"
-            return TextError(msg, filename=self.filename, source=self.source, line=line, column=column)
+            return self.error(msg, line=line, column=column, hint=self._statement_hint(accepted, line))
         if isinstance(e, UnexpectedEOF):
-            return TextError(f"syntax error: the file ends too early; expected {_describe_expected(e.expected)}",
-                             filename=self.filename, source=self.source, line=max(1, self.source.count("\n")), column=1)
-        return TextError(f"syntax error: {e}", filename=self.filename, source=self.source, line=line, column=column)
+            return self.error(f"syntax error: the file ends too early; expected {_describe_expected(e.expected)}",
+                              line=max(1, self.source.count("\n")), column=1)
+        return self.error(f"syntax error: {e}", line=line, column=column)
+
+    def _located(self, e: EstimaxError) -> EstimaxError:
+        """An error an estimator pass raised about a site (``site 'z': ...``), at the site's
+        strategy (or name) in the file; other errors (about the caller's arguments) unchanged."""
+        m = re.match(r"site '([^']+)'|two random choices are named '([^']+)'", str(e))
+        token = self._site_tokens.get(m.group(1) or m.group(2)) if m else None
+        if token is None:
+            return e
+        return self.error(_in_text_terms(_first_line(e)), token)
 
     # -- reading the statements ------------------------------------------------------------------
     def _read(self, tree: Tree):
@@ -236,7 +388,8 @@ class TextProgram:
                 raise self.error("`return` is only allowed at the end of an `expect { ... }` block; "
                                  "the objective is stated with `maximize` or `minimize`", stmt)
         if self._objective_node is None:
-            line = max(1, len(self.source.splitlines()))
+            lines = self.source.split("\n")
+            line = max((i + 1 for i, t in enumerate(lines) if t.strip()), default=1)
             raise self.error("the file states no objective", line=line, column=1,
                              hint="end it with `maximize <expression>` or `minimize <expression>`")
 
@@ -250,7 +403,9 @@ class TextProgram:
         name = str(token)
         if name in defined:
             raise self.error(f"{name!r} is already defined (as {defined[name]}); {what} needs a new name", token)
-        if name in FUNCTIONS or name in DISTRIBUTIONS or name in CONSTANTS or name in ("true", "false"):
+        if name in _KEYWORDS:
+            raise self.error(f"{name!r} is a keyword; {what} needs another name", token)
+        if name in FUNCTIONS or name in DISTRIBUTIONS or name in CONSTANTS:
             raise self.error(f"{name!r} is a built-in name; {what} needs another name", token)
 
     def _import(self, stmt: Tree):
@@ -261,25 +416,36 @@ class TextProgram:
             path = str(module_node.children[0])[1:-1]
             full = path if os.path.isabs(path) else os.path.join(self.directory, path)
             if not os.path.exists(full):
-                raise self.error(f"no such file: {path!r} (looked for {full})", module_node)
+                raise self.error(f"no such file: {path!r}", module_node,
+                                 hint=f"looked for {_relative(full)}; a relative path is read from the objective file's folder")
             spec = importlib.util.spec_from_file_location(Path(full).stem, full)
+            if spec is None or spec.loader is None or not os.path.isfile(full):
+                raise self.error(f"cannot import {path!r}: not a Python file", module_node)
             module = importlib.util.module_from_spec(spec)
             try:
                 spec.loader.exec_module(module)
-            except Exception as e:  # noqa: BLE001 -- the user's module failed to import
-                raise self.error(f"importing {path!r} failed: {type(e).__name__}: {e}", module_node) from None
+            except (Exception, SystemExit) as e:  # noqa: BLE001 -- the user's module failed to import
+                raise self.error(f"importing {path!r} failed: {type(e).__name__}: {_first_line(e)}",
+                                 module_node) from None
+            where = repr(path)
         else:
             dotted = ".".join(str(t) for t in module_node.children)
-            if self.directory not in sys.path:
+            added = self.directory not in sys.path
+            if added:  # modules next to the objective file, for this import only
                 sys.path.insert(0, self.directory)
             try:
                 module = importlib.import_module(dotted)
-            except ImportError as e:
-                raise self.error(f"cannot import module {dotted!r}: {e}", module_node) from None
+            except (Exception, SystemExit) as e:  # noqa: BLE001 -- not found, or the module's own code failed
+                what = _first_line(e) if isinstance(e, ImportError) else f"{type(e).__name__}: {_first_line(e)}"
+                raise self.error(f"cannot import module {dotted!r}: {what}", module_node) from None
+            finally:
+                if added and self.directory in sys.path:
+                    sys.path.remove(self.directory)
+            where = f"module {dotted!r}"
         if not hasattr(module, str(name)):
             names = [n for n in dir(module) if not n.startswith("_")]
             close = difflib.get_close_matches(str(name), names, n=1)
-            raise self.error(f"the module has no name {str(name)!r}", name,
+            raise self.error(f"{where} has no name {str(name)!r}", name,
                              hint=f"did you mean {close[0]!r}?" if close else None)
         self.imports[target] = getattr(module, str(name))
 
@@ -302,6 +468,7 @@ class TextProgram:
                 shape.append(int(tok))
             else:
                 shape.append(str(tok))
+                self._size_tokens.setdefault((str(name), str(tok)), tok)
         decl = Declaration(kind, str(name), _TYPES[str(type_name)], tuple(shape), init, stmt.meta.line)
         (self.params if kind == "param" else self.data)[str(name)] = decl
 
@@ -320,23 +487,36 @@ class TextProgram:
             for size in d.shape:
                 if isinstance(size, str) and d.kind == "param" and not any(size in x.shape for x in self.data.values()):
                     raise self.error(f"parameter {d.name!r} has a size {size!r} that no data declaration has",
+                                     self._size_tokens.get((d.name, size)),
                                      line=d.line, column=1, hint="give the size as a number, or declare data with it")
         self._resolve_block(self.body, known)
 
-    def _resolve_block(self, stmts, known: dict[str, str]):
+    def _resolve_block(self, stmts, known: dict[str, str], prefix: str = ""):
         for stmt in stmts:
             if stmt.data in ("let_stmt", "sample_stmt"):
                 name, value = stmt.children[0], stmt.children[1]
-                self._resolve(value, known)
+                self._resolve(value, known, prefix)
                 if stmt.data == "sample_stmt" and stmt.children[2] is not None:
-                    self._resolve_strategy(stmt.children[2], known)
+                    self._resolve_strategy(stmt.children[2], known, prefix)
                 what = "a let-binding" if stmt.data == "let_stmt" else "a random choice"
                 self._check_new_name(name, what, known)
                 known[str(name)] = "a random choice" if stmt.data == "sample_stmt" else "a let-binding"
+                if stmt.data == "sample_stmt":
+                    self._note_site(prefix + str(name), name, stmt.children[2])
             else:  # maximize, minimize, return
-                self._resolve(stmt.children[0], known)
+                self._resolve(stmt.children[0], known, prefix)
 
-    def _resolve_strategy(self, node: Tree, known):
+    def _note_site(self, full: str, name: Token, strategy):
+        # Every block's function is `expect`, so two blocks' random choices of one name would be
+        # the same site ("expect/u").
+        if full in self._site_names:
+            prev = self._site_names[full]
+            raise self.error(f"another `expect` block has a random choice named {str(name)!r} (line {prev.line}); "
+                             "random choices in `expect` blocks need distinct names", name)
+        self._site_names[full] = name
+        self._site_tokens[full] = strategy or name  # errors about the site point at its strategy, else its name
+
+    def _resolve_strategy(self, node: Tree, known, prefix: str = ""):
         name = node.children[0]
         if str(name) not in STRATEGIES:
             close = difflib.get_close_matches(str(name), list(STRATEGIES), n=1)
@@ -345,9 +525,9 @@ class TextProgram:
         if node.children[1] is not None:
             for kw in node.children[1].children:
                 if not (str(kw.children[0]) == "learn" and kw.children[1].data in ("true", "false")):
-                    self._resolve(kw.children[1], known)
+                    self._resolve(kw.children[1], known, prefix)
 
-    def _resolve(self, node, known: dict[str, str]):
+    def _resolve(self, node, known: dict[str, str], prefix: str = ""):
         if not isinstance(node, Tree):
             return
         if node.data == "name":
@@ -370,27 +550,29 @@ class TextProgram:
                 for kw in kwargs.children:
                     if str(kw.children[0]) != "n":
                         raise self.error(f"expect takes only n=...; got {str(kw.children[0])}=", kw.children[0])
-                    self._resolve(kw.children[1], known)
+                    self._resolve(kw.children[1], known, prefix)
+            for i, s in enumerate(stmts[:-1]):
+                if s.data == "return_stmt":
+                    raise self.error("statements after `return`: it must be the last statement of an `expect` block",
+                                     stmts[i + 1], hint=f"the block's `return` is on line {s.meta.line}")
             if not stmts or stmts[-1].data != "return_stmt":
                 raise self.error("an `expect { ... }` block must end with `return <expression>`", node)
             for s in stmts[:-1]:
-                if s.data == "return_stmt":
-                    raise self.error("`return` must be the last statement of an `expect` block", s)
                 if s.data not in ("let_stmt", "sample_stmt"):
                     raise self.error("only `let`, `~` and a final `return` are allowed inside `expect`", s)
                 if s.data == "sample_stmt":
                     n = s.children[0]
                     self.sites.setdefault(str(n), (n.line, n.column))
-            self._resolve_block(stmts, dict(known))
+            self._resolve_block(stmts, dict(known), prefix + "expect/")  # the block's function is `expect`
             return
         if node.data == "kwarg":
-            self._resolve(node.children[1], known)
+            self._resolve(node.children[1], known, prefix)
             return
         if node.data == "attr":
-            self._resolve(node.children[0], known)
+            self._resolve(node.children[0], known, prefix)
             return
         for child in node.children:
-            self._resolve(child, known)
+            self._resolve(child, known, prefix)
 
     # -- lowering ------------------------------------------------------------------------------
     def dims_from(self, data: dict | None) -> dict[str, int]:
@@ -424,6 +606,9 @@ class TextProgram:
                 out[decl.name] = jnp.zeros(shape, decl.dtype)
                 continue
             value = self._eval(decl.init, {}, self._ctx)
+            if _not_numeric(value):
+                raise self.error(f"the initial value of {decl.name!r} must be a number or an array; got "
+                                 f"{_describe_value(value)}", decl.init)
             try:
                 out[decl.name] = jnp.broadcast_to(jnp.asarray(value, decl.dtype), shape)
             except (TypeError, ValueError):
@@ -443,6 +628,12 @@ class TextProgram:
             raise self.error(f"no data given for {missing[0]!r}", line=decl.line, column=1,
                              hint=f"the data file has {sorted(data)}")
         self.dims_from(data)
+        for n, d in self.data.items():
+            kind = np.asarray(data[n]).dtype.kind
+            if kind not in "biuf":
+                what = {"c": "complex numbers", "U": "text", "S": "bytes", "O": "Python objects"}.get(kind, f"dtype {np.asarray(data[n]).dtype}")
+                raise self.error(f"data {n!r} holds {what}; it is declared {'real' if d.dtype == jnp.float32 else 'int'}",
+                                 line=d.line, column=1)
         return {n: jnp.asarray(data[n], d.dtype) for n, d in self.data.items()}
 
     def _function(self) -> Callable:
@@ -474,17 +665,28 @@ class TextProgram:
             name, d_node, strategy_node = stmt.children
             d = self._eval(d_node, env, ctx)
             if not isinstance(d, dist.Distribution):
+                hint = None
+                if (isinstance(d, type) and issubclass(d, dist.Distribution)) or any(d is f for f in DISTRIBUTIONS.values()):
+                    hint = f"call it with its parameters, e.g. {getattr(d, '__name__', 'Normal')}(...)"
                 raise self.error(f"the right side of `{name} ~` must be a distribution; got "
-                                 f"{_describe_value(d)}", d_node)
+                                 f"{_describe_value(d)}", d_node, hint=hint)
             estimator = None if strategy_node is None else self._strategy(strategy_node, env, ctx)
             try:
                 env[str(name)] = _sample(d, estimator=estimator, name=str(name))
+            except TextError:
+                raise
             except EstimaxError as e:
-                raise self.error(_first_line(e), strategy_node or d_node) from None
+                raise self.error(_in_text_terms(_first_line(e)), strategy_node or d_node) from None
+            except Exception as e:  # noqa: BLE001 -- e.g. a parameter NumPyro cannot use
+                raise self.error(_describe_error(e), d_node) from None
         else:  # maximize / minimize / return: the block's value
+            what = "an `expect` block's value" if kind == "return_stmt" else "the objective"
             value = self._eval(stmt.children[0], env, ctx)
+            if _not_numeric(value):
+                raise self.error(f"{what} must be a number; got {_describe_value(value)}", stmt.children[0])
+            value = _arr(value)
             if jnp.ndim(value) != 0:
-                raise self.error(f"the objective must be a scalar; this expression has shape {jnp.shape(value)}",
+                raise self.error(f"{what} must be a scalar; this expression has shape {jnp.shape(value)}",
                                  stmt.children[0], hint="reduce it, e.g. with sum(...) or mean(...)")
             return jnp.asarray(value, jnp.result_type(float))
         return None
@@ -494,6 +696,8 @@ class TextProgram:
         base = STRATEGIES[str(name)]
         if kwargs is None:
             return base
+        if not callable(base):
+            raise self.error(f"@{name} takes no arguments", kwargs)
         values = {}
         for kw in kwargs.children:
             key, value_node = str(kw.children[0]), kw.children[1]
@@ -505,6 +709,9 @@ class TextProgram:
                     values["learn"] = "ascent" if ctx.maximize else "descent"
                 continue
             values[key] = self._eval(value_node, env, ctx)
+            if _is_builtin(values[key]) or isinstance(values[key], (str, dist.Distribution)):
+                raise self.error(f"@{name}({key}=...) takes a number or an array; got {_describe_value(values[key])}",
+                                 value_node)
         try:
             inspect.signature(type(base).__call__).bind(base, **values)
         except TypeError:
@@ -514,8 +721,8 @@ class TextProgram:
                              kwargs) from None
         try:
             return base(**values)
-        except EstimaxError as e:
-            raise self.error(_first_line(e), kwargs) from None
+        except Exception as e:  # noqa: BLE001 -- the strategy's own check of its arguments
+            raise self.error(_in_text_terms(_describe_error(e)), kwargs) from None
 
     # -- expressions -----------------------------------------------------------------------------
     def _eval(self, node, env, ctx):
@@ -523,8 +730,20 @@ class TextProgram:
             return self._eval_inner(node, env, ctx)
         except TextError:
             raise
-        except (EstimaxError, TypeError, ValueError, IndexError, ZeroDivisionError, jax.errors.JAXTypeError) as e:
-            raise self.error(_first_line(e), node) from None
+        except Exception as e:  # noqa: BLE001 -- whatever the file asked for failed here: say where
+            raise self.error(_describe_error(e), node) from None
+
+    def _num(self, value, node, what: str):
+        """``value`` as an operand of ``what``: a number or an array (a list literal becomes one)."""
+        if _not_numeric(value):
+            raise self.error(f"{what} needs numbers or arrays; got {_describe_value(value)}", node)
+        return _arr(value)
+
+    def _same_shapes(self, x, y, node, what: str):
+        try:
+            np.broadcast_shapes(jnp.shape(x), jnp.shape(y))
+        except ValueError:
+            raise self.error(f"{what} got mismatched shapes {jnp.shape(x)} and {jnp.shape(y)}", node) from None
 
     def _eval_inner(self, node, env, ctx):
         kind = node.data
@@ -551,33 +770,40 @@ class TextProgram:
                 return items  # a static list (shapes: expand([3]))
             return jnp.stack([jnp.asarray(x) for x in items])
         if kind == "neg":
-            return -_arr(ev(node.children[0]))
-        if kind == "binop":
-            a, op, b = node.children
-            x, y = _arr(ev(a)), _arr(ev(b))
-            return {"+": jnp.add, "-": jnp.subtract, "*": jnp.multiply, "/": jnp.true_divide, "%": jnp.mod}[str(op)](x, y)
-        if kind == "pow":
-            return jnp.power(_arr(ev(node.children[0])), _arr(ev(node.children[1])))
-        if kind == "compare":
-            a, op, b = node.children
-            ops = {"==": jnp.equal, "!=": jnp.not_equal, "<": jnp.less, "<=": jnp.less_equal, ">": jnp.greater, ">=": jnp.greater_equal}
-            return ops[str(op)](_arr(ev(a)), _arr(ev(b)))
-        if kind == "and_expr":
-            return jnp.logical_and(ev(node.children[0]), ev(node.children[1]))
-        if kind == "or_expr":
-            return jnp.logical_or(ev(node.children[0]), ev(node.children[1]))
+            return -self._num(ev(node.children[0]), node.children[0], "'-'")
+        if kind in ("binop", "pow", "compare", "and_expr", "or_expr"):
+            if kind in ("binop", "compare"):
+                a, op, b = node.children
+                op = str(op)
+            else:
+                (a, b), op = node.children, {"pow": "**", "and_expr": "and", "or_expr": "or"}[kind]
+            x, y = self._num(ev(a), a, f"'{op}'"), self._num(ev(b), b, f"'{op}'")
+            self._same_shapes(x, y, node, f"'{op}'")
+            return _BINARY[op](x, y)
         if kind == "not_expr":
-            return jnp.logical_not(ev(node.children[0]))
+            return jnp.logical_not(self._num(ev(node.children[0]), node.children[0], "'not'"))
         if kind == "if_expr":
             cond_node, then_node, else_node = node.children
-            cond = ev(cond_node)
+            cond = self._num(ev(cond_node), cond_node, "the condition of `if`")
             if jnp.ndim(cond) == 0:
-                return jax.lax.cond(jnp.asarray(cond, bool), lambda: _arr(ev(then_node)), lambda: _arr(ev(else_node)))
-            return jnp.where(cond, _arr(ev(then_node)), _arr(ev(else_node)))
+                return self._cond(cond, then_node, else_node, node, ev)
+            x = self._num(ev(then_node), then_node, "`then`")
+            y = self._num(ev(else_node), else_node, "`else`")
+            try:
+                np.broadcast_shapes(jnp.shape(cond), jnp.shape(x), jnp.shape(y))
+            except ValueError:
+                raise self.error(f"`if ... then ... else ...` got mismatched shapes: the condition {jnp.shape(cond)}, "
+                                 f"`then` {jnp.shape(x)}, `else` {jnp.shape(y)}", node) from None
+            return jnp.where(cond, x, y)
         if kind == "index":
             target, *idx = node.children
-            x = _arr(ev(target))
+            x = jnp.asarray(self._num(ev(target), target, "indexing"))
             keys = tuple(ev(i) for i in idx)
+            if len(keys) > x.ndim:
+                raise self.error(f"{len(keys)} indices for an array with {x.ndim} axes (shape {x.shape})", node)
+            for axis, (k, k_node) in enumerate(zip(keys, idx)):
+                if isinstance(k, int) and not isinstance(k, bool) and not -x.shape[axis] <= k < x.shape[axis]:
+                    raise self.error(f"index {k} is out of range for axis {axis} of size {x.shape[axis]}", k_node)
             return x[keys[0] if len(keys) == 1 else keys]
         if kind == "attr":
             obj, name = ev(node.children[0]), str(node.children[1])
@@ -585,6 +811,8 @@ class TextProgram:
                 if name not in _DIST_METHODS:
                     raise self.error(f"distributions have no attribute {name!r} here; available: "
                                      f"{', '.join(sorted(_DIST_METHODS))}", node.children[1])
+                if name == "expand":
+                    return _expand(obj)
                 return getattr(obj, name)
             if inspect.ismodule(obj) and hasattr(obj, name):
                 return getattr(obj, name)
@@ -597,6 +825,8 @@ class TextProgram:
             args, kwargs = [], {}
             for a in ([] if args_node is None else args_node.children):
                 if isinstance(a, Tree) and a.data == "kwarg":
+                    if str(a.children[0]) in kwargs:
+                        raise self.error(f"argument {str(a.children[0])}= is given twice", a.children[0])
                     kwargs[str(a.children[0])] = ev(a.children[1])
                 else:
                     args.append(ev(a))
@@ -605,19 +835,56 @@ class TextProgram:
             return self._expect(node, env, ctx)
         raise self.error(f"unsupported expression ({kind})", node)
 
+    def _cond(self, cond, then_node, else_node, node, ev):
+        """A scalar condition: ``lax.cond``, only the taken branch's random choices run. The
+        branches are brought to one shape and dtype first, as ``where`` would."""
+        what = {"then": "`then`", "else": "`else`"}
+        branches = {"then": lambda: self._num(ev(then_node), then_node, what["then"]),
+                    "else": lambda: self._num(ev(else_node), else_node, what["else"])}
+        shapes = {k: jax.eval_shape(f) for k, f in branches.items()}
+        try:
+            shape = np.broadcast_shapes(shapes["then"].shape, shapes["else"].shape)
+        except ValueError:
+            raise self.error(f"the branches of `if ... then ... else ...` have mismatched shapes "
+                             f"{shapes['then'].shape} and {shapes['else'].shape}", node) from None
+        dtype = jnp.result_type(*(jax.ShapeDtypeStruct((), s.dtype, weak_type=s.weak_type) for s in shapes.values()))
+
+        def branch(k):
+            return lambda: jnp.broadcast_to(jnp.asarray(branches[k](), dtype), shape)
+
+        return jax.lax.cond(jnp.asarray(cond, bool), branch("then"), branch("else"))
+
     def _call(self, fn, args, kwargs, node, fn_node):
+        label = str(fn_node.children[-1]) if fn_node.data in ("name", "attr") else "the call"
         if any(fn is d for d in DISTRIBUTIONS.values()):
             init = fn.__init__ if isinstance(fn, type) else fn
             sig = inspect.signature(init)
             try:
-                sig.bind(*((None,) if isinstance(fn, type) else ()), *args, **kwargs)
+                bound = sig.bind(*((None,) if isinstance(fn, type) else ()), *args, **kwargs)
             except TypeError as e:
                 params = [p for p in sig.parameters if p not in ("self", "validate_args")]
                 raise self.error(f"{fn.__name__}: {e}; its arguments are ({', '.join(params)})", node) from None
+            for arg, value in bound.arguments.items():
+                if isinstance(value, str) or _is_builtin(value):
+                    raise self.error(f"{fn.__name__}: {arg}= must be a number, an array or a distribution; "
+                                     f"got {_describe_value(value)}", node)
+            args, kwargs = [_arr(a) for a in args], {k: _arr(v) for k, v in kwargs.items()}
+        elif not callable(fn):
+            what = f"{str(fn_node.children[0])!r} is {_describe_value(fn)}" if fn_node.data == "name" else _describe_value(fn)
+            raise self.error(f"{what}, not a function", fn_node)
+        elif any(fn is FUNCTIONS[f] for f in FUNCTIONS if f != "logp"):
+            for i, value in enumerate([*args, *kwargs.values()]):
+                if _not_numeric(value):
+                    raise self.error(f"{label}: its arguments must be numbers or arrays; argument {i + 1} is "
+                                     f"{_describe_value(value)}", node)
+            if fn not in (FUNCTIONS[f] for f in _SHAPE_FUNCTIONS):
+                args, kwargs = [_arr(a) for a in args], {k: _arr(v) for k, v in kwargs.items()}
+        try:
             return fn(*args, **kwargs)
-        if not callable(fn):
-            raise self.error(f"{_describe_value(fn)} is not a function", fn_node)
-        return fn(*args, **kwargs)
+        except TextError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- name the function that refused its arguments
+            raise self.error(f"{label}: {_describe_error(e)}", node) from None
 
     def _expect(self, node, env, ctx):
         kwargs, *stmts = node.children
@@ -625,7 +892,8 @@ class TextProgram:
         if kwargs is not None:
             n_value = self._eval(kwargs.children[0].children[1], env, ctx)
             if isinstance(n_value, bool) or not isinstance(n_value, int) or n_value < 1:
-                raise self.error(f"expect(n=...) needs a positive integer; got {n_value!r}", kwargs)
+                got = repr(n_value) if isinstance(n_value, (int, float)) else _describe_value(n_value)
+                raise self.error(f"expect(n=...) needs a positive integer written in the file; got {got}", kwargs)
             n = n_value
 
         def expect():
@@ -634,8 +902,61 @@ class TextProgram:
         return _expect(expect, n=n)()
 
 
+def _shown(source: str) -> str:
+    """``source`` as the error shows it: lines split where the parser splits them (at
+    ``\\n``); other characters that Python counts as line breaks shown as U+FFFD, so the
+    line and the caret are the ones the parser meant."""
+    return re.sub(r"[\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]", "\ufffd", source.replace("\r\n", "\n"))
+
+
+def _relative(path: str) -> str:
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive
+        return path
+    return path if rel.startswith(".." + os.sep) else rel
+
+
 def _arr(x):
     return jnp.asarray(x) if isinstance(x, list) else x
+
+
+_BINARY = {
+    "+": jnp.add, "-": jnp.subtract, "*": jnp.multiply, "/": jnp.true_divide, "%": jnp.mod, "**": jnp.power,
+    "==": jnp.equal, "!=": jnp.not_equal, "<": jnp.less, "<=": jnp.less_equal, ">": jnp.greater,
+    ">=": jnp.greater_equal, "and": jnp.logical_and, "or": jnp.logical_or,
+}
+
+
+def _not_numeric(x) -> bool:
+    """Whether ``x`` is something other than a number, a boolean, an array or a list of numbers."""
+    if isinstance(x, list):
+        return any(_not_numeric(v) for v in x)
+    return not isinstance(x, (bool, int, float, np.ndarray, np.generic, jax.Array))
+
+
+def _is_builtin(x) -> bool:
+    """A distribution or function of the language used as a value."""
+    return any(x is v for v in DISTRIBUTIONS.values()) or any(x is v for v in FUNCTIONS.values())
+
+
+_STRATEGY_NAMES = "|".join(STRATEGIES)
+
+
+def _in_text_terms(message: str) -> str:
+    """An estimax message about strategies, with the file's spelling: ``ex.enum`` -> ``@enum``."""
+    return re.sub(rf"(?:estimator=)?ex\.({_STRATEGY_NAMES})\b", r"@\1", message)
+
+
+def _describe_error(e: BaseException) -> str:
+    if isinstance(e, (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError,
+                      jax.errors.TracerArrayConversionError)):
+        return ("this needs a number written in the file, not a value computed from parameters, "
+                "data or random choices")
+    text = _first_line(e)
+    if isinstance(e, (EstimaxError, TypeError, ValueError, IndexError, ArithmeticError)):
+        return text
+    return f"{type(e).__name__}: {text}"
 
 
 def _fmt_shape(shape) -> str:
@@ -643,12 +964,26 @@ def _fmt_shape(shape) -> str:
 
 
 def _describe_value(x) -> str:
+    if isinstance(x, dist.Distribution):
+        return f"the distribution {type(x).__name__}"
+    if (isinstance(x, type) and issubclass(x, dist.Distribution)) or any(x is f for f in DISTRIBUTIONS.values()):
+        return f"the distribution family {x.__name__} (not called)"
     if isinstance(x, type):
         return f"the class {x.__name__}"
+    if inspect.ismodule(x):
+        return f"the module {x.__name__}"
     if callable(x):
-        return f"the function {getattr(x, '__name__', repr(x))}"
-    if hasattr(x, "shape"):
-        return f"an array of shape {tuple(x.shape)}"
+        return f"the function {getattr(x, '__name__', type(x).__name__)}"
+    if isinstance(x, bool):
+        return "a boolean"
+    if isinstance(x, (int, float)):
+        return f"the number {x!r}"
+    if isinstance(x, str):
+        return f"the string {x!r}"
+    if isinstance(x, list):
+        return f"a list of {len(x)}"
+    if isinstance(x, (np.ndarray, np.generic, jax.Array)):
+        return f"an array of shape {tuple(jnp.shape(x))}"
     return f"a {type(x).__name__}"
 
 
@@ -666,7 +1001,10 @@ def load(path: str | os.PathLike) -> TextProgram:
     """Parse and check the objective file at ``path``."""
     path = os.fspath(path)
     try:
-        source = Path(path).read_text()
+        source = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise EstimaxError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        line = Path(path).read_bytes()[: e.start].count(b"\n") + 1
+        raise EstimaxError(f"{path}:{line}: the file is not UTF-8 text (byte {e.object[e.start]:#04x})") from None
     return TextProgram(source, path)

@@ -1,0 +1,1058 @@
+"""The ``estimax`` command: check, explain and train objective files.
+
+    estimax check FILE [--data DATA.npz]
+    estimax explain FILE [--data DATA.npz] [--params PARAMS.npz] [--variance] [--seed S]
+    estimax run FILE [--data DATA.npz] [--steps N] [--optimizer adam] [--lr LR] [--seed S]
+                     [--chunk C] [--out DIR] [--fresh] [--no-progress]
+    estimax demo [--steps N] [--out DIR]
+
+``main(argv)`` runs one command and returns its exit status:
+
+- 0: done.
+- 1: an error in the objective file, the data, a parameter file or a checkpoint. Errors in
+  the file read ``file:line:column: error: message``, then the line with a caret under the
+  offending text (and, for syntax errors, what was expected there).
+- 2: a usage error: a bad option, a file that does not exist or cannot be read.
+- 3: an internal error of estimax (one line; ``--debug`` shows the traceback).
+- 130: interrupted (SIGINT, Ctrl-C); 143: terminated (SIGTERM). An interrupted ``run``
+  saves its checkpoint first; the same command then resumes it.
+
+Sharp edges:
+
+- ``run`` resumes bit for bit: its checkpoint holds the parameters, the optimizer state, the
+  PRNG key, the step and the history, and step ``i`` of :func:`estimax.fit` uses the
+  ``i``-th key split off the run's key whatever the chunking. A resumed run therefore ends
+  with the parameters an uninterrupted run would have (on the same machine and JAX
+  version). A checkpoint is refused when the file's parameters, the optimizer, the
+  learning rate, the seed or the data differ from the run that wrote it.
+- ``check`` and ``explain`` without ``--data`` stage the objective with every named size
+  (``real[N]``) set to a small default; pass ``--data`` to use the data's sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+_EXIT_OK, _EXIT_ERROR, _EXIT_USAGE, _EXIT_INTERNAL = 0, 1, 2, 3
+_EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
+_OPTIMIZERS = ("adam", "sgd", "rmsprop", "adagrad")
+_CHECKPOINT_FORMAT = "estimax-run-checkpoint/1"
+
+
+class _Fail(Exception):
+    """An error the command reports in one message, with its exit status."""
+
+    def __init__(self, message: str, code: int = _EXIT_ERROR):
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+@dataclasses.dataclass
+class _Session:
+    """What error reporting needs to know: the file being worked on and its program."""
+
+    path: str | None = None
+    program: Any = None
+    note: str | None = None  # printed after a TextError (e.g. where the data came from)
+
+
+# --- reading inputs ------------------------------------------------------------------------
+
+
+def _load_program(path: str, session: _Session):
+    """The parsed, checked objective file at ``path`` (an ``ex.text.TextProgram``)."""
+    import estimax as ex
+
+    session.path = path
+    if not os.path.exists(path):
+        raise _Fail(f"no such file: {path}", _EXIT_USAGE)
+    if os.path.isdir(path):
+        raise _Fail(f"{path} is a directory, not an objective file", _EXIT_USAGE)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise _Fail(f"cannot read {path}: {e.strerror or e}", _EXIT_USAGE) from None
+    try:
+        source = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise _Fail(
+            f"{path}:{line}: the file is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})"
+        ) from None
+    program = ex.text.parse(source, path)
+    session.program = program
+    return program
+
+
+def _load_npz(path: str, what: str, hint: str | None = None) -> dict:
+    """The named arrays of the ``.npz`` file at ``path``, read eagerly (no pickles)."""
+    import numpy as np
+
+    if not os.path.exists(path):
+        raise _Fail(f"no such {what} file: {path}", _EXIT_USAGE)
+    if os.path.isdir(path):
+        raise _Fail(f"{path} is a directory, not a {what} file (.npz)", _EXIT_USAGE)
+    hint = hint or f"write it with numpy.savez({path!r}, name=array, ...)"
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+            f.seek(0)
+            if not (magic.startswith(b"PK") or magic == b"\x93NUMPY"):
+                raise _Fail(f"{path} is not a .npz file (not a zip archive of arrays); {hint}")
+            loaded = np.load(f, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise _Fail(f"{path} holds a single array (.npy), not named arrays; {hint}")
+            with loaded:
+                return {name: np.asarray(loaded[name]) for name in loaded.files}
+    except _Fail:
+        raise
+    except PermissionError as e:
+        raise _Fail(f"cannot read {path}: {e.strerror or e}", _EXIT_USAGE) from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise _Fail(f"{path} is not a readable .npz file of arrays ({detail}); {hint}") from None
+
+
+def _read_data(program, data_path: str | None, *, needed: bool, session: _Session):
+    """``(data, dims)``: the validated data (``None`` when none is given) and the named sizes."""
+    if data_path is None:
+        if needed and program.data:
+            raise _Fail(
+                f"{program.filename} declares data ({_declarations(program.data.values())}); "
+                "pass it with --data DATA.npz",
+                _EXIT_USAGE,
+            )
+        return None, {}
+    raw = _load_npz(data_path, "data")
+    session.note = f"(the data come from {data_path})"  # errors below point at a declaration
+    _check_data_types(program, raw)
+    data = program.validate_data(raw)
+    dims = program.dims_from(raw)
+    session.note = None
+    return data, dims
+
+
+def _check_data_types(program, raw: dict):
+    """Each declared array holds numbers of a kind its declaration can take (no strings, no
+    complex numbers; whole numbers for ``int``)."""
+    import numpy as np
+
+    for name, decl in program.data.items():
+        if name not in raw:
+            continue  # validate_data names what is missing
+        a = raw[name]
+        declared = _type_text(decl)
+        if not (
+            np.issubdtype(a.dtype, np.bool_)
+            or np.issubdtype(a.dtype, np.integer)
+            or np.issubdtype(a.dtype, np.floating)
+        ):
+            raise program.error(
+                f"data {name!r} holds {a.dtype} values; the file declares it {declared}",
+                line=decl.line,
+                column=1,
+                hint="save numbers: real or integer arrays",
+            )
+        whole = not np.issubdtype(a.dtype, np.floating) or np.all(np.isfinite(a) & (a == np.round(a)))
+        if declared.startswith("int") and not whole:
+            raise program.error(
+                f"data {name!r} holds fractional numbers; the file declares it {declared}",
+                line=decl.line,
+                column=1,
+                hint="declare it real, or save whole numbers",
+            )
+
+
+def _declarations(decls) -> str:
+    return ", ".join(f"{d.name}: {_type_text(d)}" for d in decls)
+
+
+def _type_text(decl) -> str:
+    import jax.numpy as jnp
+
+    base = "int" if jnp.issubdtype(decl.dtype, jnp.integer) else "real"
+    return base + (f"[{', '.join(str(s) for s in decl.shape)}]" if decl.shape else "")
+
+
+def _summary(program, dims: dict, dims_given: bool) -> str:
+    direction = "maximize" if program.maximize else "minimize"
+    parts = [direction]
+    if program.params:
+        parts.append("parameters " + _declarations(program.params.values()))
+    if program.data:
+        parts.append("data " + _declarations(program.data.values()))
+    named = {}  # each named size, as the declarations resolve it (a default without data)
+    for d in (*program.params.values(), *program.data.values()):
+        for size, value in zip(d.shape, d.concrete_shape(dims)):
+            if isinstance(size, str):
+                named.setdefault(size, value)
+    if named:
+        sizes = ", ".join(f"{n}={named[n]}" for n in sorted(named))
+        parts.append(f"sizes {sizes}" + ("" if dims_given else " (a default; --data gives the data's sizes)"))
+    return "; ".join(parts)
+
+
+# --- staging and the plan ------------------------------------------------------------------
+
+
+def _stage(program, params, data):
+    """The plan of the program at these inputs; also traces its gradient estimator, so that
+    every error that training would meet at trace time is met here."""
+    import jax
+
+    import estimax as ex
+
+    plan = ex.explain(program.objective, params, data)
+    jax.eval_shape(ex.value_and_grad(program.objective), jax.random.PRNGKey(0), params, data)
+    return plan
+
+
+def _site_location(program, site: str) -> tuple[int, int] | None:
+    """Where the site named ``site`` is written (nested sites are named ``"expect/z"``)."""
+    return program.sites.get(site) or program.sites.get(site.rsplit("/", 1)[-1])
+
+
+def _table(header: tuple, rows: list[tuple]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip()]
+    return lines + [fmt.format(*(str(c) for c in r)).rstrip() for r in rows]
+
+
+def _plan_table(program, plan) -> str:
+    """The per-site table with each site's line in the file (and its variance, if measured)."""
+    header = ("site", "line", "distribution", "strategy", "why", "where")
+    measured = plan.total_variance is not None
+    if measured:
+        header += ("grad variance",)
+    rows = []
+    for s in plan.sites:
+        at = _site_location(program, s.name)
+        row = (
+            s.name,
+            f"{at[0]}:{at[1]}" if at else "?",
+            s.distribution,
+            s.strategy.describe(),
+            s.reason,
+            s.context,
+        )
+        if measured:
+            row += ("n/a" if s.variance is None else f"{s.variance:.4g} ± {s.variance_se:.2g}",)
+        rows.append(row)
+    lines = [f"estimator plan for {os.path.basename(program.filename)}"]
+    lines += _table(header, rows) if rows else ["(no random choices)"]
+    per_element = [f"{s.name} ({s.elements} elements)" for s in plan.sites if s.elements]
+    if per_element:
+        lines.append("score terms Rao-Blackwellized per element: " + ", ".join(per_element))
+    if measured:
+        lines.append(f"total gradient variance (trace of the covariance): {plan.total_variance:.4g}")
+    lines.append(f"certificate: {plan.certificate}")
+    return "\n".join(lines)
+
+
+# --- check, explain ------------------------------------------------------------------------
+
+
+def _cmd_check(args, session: _Session) -> int:
+    program = _load_program(args.file, session)
+    _, dims = _read_data(program, args.data, needed=False, session=session)
+    params = program.init_params(dims)
+    plan = _stage(program, params, program.abstract_data(dims))
+    print(f"{program.filename}: ok: {_summary(program, dims, args.data is not None)}")
+    print(_plan_table(program, plan))
+    return _EXIT_OK
+
+
+def _cmd_explain(args, session: _Session) -> int:
+    import jax
+
+    import estimax as ex
+
+    program = _load_program(args.file, session)
+    data, dims = _read_data(program, args.data, needed=args.variance, session=session)
+    params = program.init_params(dims)
+    if args.params is not None:
+        params = _tree_from_arrays(params, _load_npz(args.params, "parameter"), args.params, prefix="")
+    plan = _stage(program, params, program.abstract_data(dims))
+    if args.variance:
+        inputs = data if data is not None else {}
+        plan = ex.explain(program.objective, params, inputs, variance=True, key=jax.random.PRNGKey(args.seed))
+    print(f"{program.filename}: {_summary(program, dims, args.data is not None)}")
+    if args.params is not None:
+        print(f"parameters from {args.params}")
+    print(_plan_table(program, plan))
+    return _EXIT_OK
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+
+def _leaf_name(path) -> str:
+    import jax
+
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(k.key))
+        else:
+            parts.append(str(k).strip(".[]'\""))
+    return ".".join(parts)
+
+
+def _arrays_from_tree(tree, prefix: str) -> dict:
+    """The leaves of ``tree`` as NumPy arrays named by their tree paths (``opt_state.0.mu.m``)."""
+    import jax
+    import numpy as np
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {".".join(p for p in (prefix, _leaf_name(path)) if p): np.asarray(leaf) for path, leaf in leaves}
+
+
+def _tree_from_arrays(template, arrays: dict, source: str, prefix: str):
+    """``template``'s structure with its leaves read from ``arrays`` by name; an error naming
+    what is missing or has another shape or type."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+    out = []
+    for path, leaf in leaves:
+        name = ".".join(p for p in (prefix, _leaf_name(path)) if p)
+        if name not in arrays:
+            have = sorted(n for n in arrays if n.startswith(prefix))
+            raise _Fail(f"{source} has no array {name!r} (it has {', '.join(have) or 'none'})")
+        value = arrays[name]
+        want_shape, want_dtype = np.shape(leaf), np.asarray(leaf).dtype
+        if value.shape != want_shape:
+            raise _Fail(f"{source}: {name!r} has shape {list(value.shape)}; expected {list(want_shape)}")
+        if value.dtype != want_dtype:
+            if not (np.issubdtype(value.dtype, np.floating) and np.issubdtype(want_dtype, np.floating)):
+                raise _Fail(f"{source}: {name!r} has type {value.dtype}; expected {want_dtype}")
+            value = value.astype(want_dtype)
+        out.append(jnp.asarray(value))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _digest(*chunks) -> str:
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c if isinstance(c, bytes) else str(c).encode())
+    return h.hexdigest()
+
+
+def _data_digest(data: dict | None) -> str:
+    import numpy as np
+
+    parts = []
+    for name in sorted(data or {}):
+        a = np.ascontiguousarray(np.asarray(data[name]))
+        parts += [name, str(a.dtype), str(a.shape), a.tobytes()]
+    return _digest(*parts)
+
+
+def _save_npz_atomically(path: str, arrays: dict):
+    """Write ``arrays`` to ``path`` as one step: a temporary file in the same folder, then
+    ``os.replace`` (a reader, or a run killed while writing, never sees a partial file)."""
+    import numpy as np
+
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+    except OSError as e:
+        raise _Fail(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise _Fail(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@dataclasses.dataclass
+class _RunState:
+    params: Any
+    opt_state: Any
+    key: Any
+    step: int
+    history: Any  # np.ndarray
+
+
+def _save_checkpoint(path: str, state: _RunState, config: dict):
+    import numpy as np
+
+    arrays = {"meta": np.asarray(json.dumps(dict(config, format=_CHECKPOINT_FORMAT, step=state.step)))}
+    arrays["key"] = np.asarray(state.key)
+    arrays["history"] = np.asarray(state.history)
+    arrays.update(_arrays_from_tree(state.params, "params"))
+    arrays.update(_arrays_from_tree(state.opt_state, "opt_state"))
+    _save_npz_atomically(path, arrays)
+
+
+def _load_checkpoint(path: str, params_template, optimizer, config: dict) -> tuple[_RunState, dict]:
+    """The run state in the checkpoint at ``path``; refused (with what differs) when it was
+    written for other parameters, another optimizer, seed or data."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    again = "pass --fresh to start over, or --out another folder"
+    arrays = _load_npz(path, "checkpoint", hint=again)
+    try:
+        meta = json.loads(str(arrays["meta"]))
+        if not isinstance(meta, dict) or meta.get("format") != _CHECKPOINT_FORMAT:
+            raise ValueError(meta)
+    except (KeyError, ValueError, TypeError):
+        raise _Fail(f"{path} is not a checkpoint written by `estimax run`; {again}") from None
+    if meta.get("params") != config["params"]:
+        old = ", ".join(f"{n}{s}" for n, s in (meta.get("params") or {}).items())
+        new = ", ".join(f"{n}{s}" for n, s in config["params"].items())
+        raise _Fail(
+            f"{path} was written for other parameters ({old or 'none'}); "
+            f"{os.path.basename(config['file'])} declares {new or 'none'}; {again}"
+        )
+    differences = [
+        f"{what} {meta.get(field)!r} (now {config[field]!r})"
+        for field, what in (("optimizer", "optimizer"), ("lr", "learning rate"), ("seed", "seed"))
+        if meta.get(field) != config[field]
+    ]
+    if differences:
+        raise _Fail(f"{path} was written by a run with another {'; '.join(differences)}; {again}")
+    if meta.get("data_sha256") != config["data_sha256"]:
+        raise _Fail(f"{path} was written by a run on other data; {again}")
+    params = _tree_from_arrays(params_template, arrays, path, prefix="params")
+    opt_state = _tree_from_arrays(optimizer.init(params), arrays, path, prefix="opt_state")
+    key = arrays.get("key")
+    history = arrays.get("history")
+    step = meta.get("step")
+    if (
+        key is None
+        or key.shape != (2,)
+        or key.dtype != np.uint32
+        or history is None
+        or not isinstance(step, int)
+    ):
+        raise _Fail(f"{path} is damaged (no key, history or step); {again}")
+    if history.shape != (step,):
+        raise _Fail(
+            f"{path} is damaged: its history has shape {list(history.shape)} for {step} steps; {again}"
+        )
+    return _RunState(params, opt_state, jnp.asarray(key), step, history), meta
+
+
+# --- run -----------------------------------------------------------------------------------
+
+
+def _optimizer(name: str, lr: float):
+    import optax
+
+    return {"adam": optax.adam, "sgd": optax.sgd, "rmsprop": optax.rmsprop, "adagrad": optax.adagrad}[name](
+        lr
+    )
+
+
+class _StopFlag:
+    """A signal handler that asks the run to stop after the current chunk; a second signal
+    stops at once (``KeyboardInterrupt``). It prints nothing: the signal may arrive while
+    the progress bar writes to stderr."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def __call__(self, signum, frame):
+        del frame
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_on_signals(flag: _StopFlag):
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed in the main thread
+        return
+    previous = {s: signal.signal(s, flag) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _format_value(x) -> str:
+    import numpy as np
+
+    a = np.asarray(x)
+    if a.ndim == 0:
+        return f"{a.item():.6g}"
+    if a.size <= 8:
+        return " ".join(np.array2string(a, precision=4, separator=", ", suppress_small=True).split())
+    summary = f"mean {a.mean():.4g}, std {a.std():.4g}, min {a.min():.4g}, max {a.max():.4g}"
+    return f"array of shape {list(a.shape)}: {summary}"
+
+
+def _plot_history(history, path: str, title: str, maximize: bool) -> bool:
+    """Write the loss curve to ``path``; ``False`` when matplotlib is not installed."""
+    import numpy as np
+
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    steps = len(history)
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x = np.arange(steps)
+    finite = np.isfinite(history)
+    ax.plot(x[finite], history[finite], color="C0", alpha=0.3, lw=0.8, label="estimate (one per step)")
+    window = max(1, min(50, steps // 20))
+    if steps >= window and window > 1 and finite.all():
+        smooth = np.convolve(history, np.ones(window) / window, mode="valid")
+        ax.plot(
+            np.arange(window - 1, steps), smooth, color="C0", lw=2, label=f"moving average ({window} steps)"
+        )
+    low, high = np.percentile(history[finite], [2, 100]) if finite.any() else (0.0, 1.0)
+    if high > low:
+        ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"objective ({'maximized' if maximize else 'minimized'})")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def _train(
+    program,
+    data,
+    dims,
+    *,
+    steps: int,
+    optimizer_name: str,
+    lr: float,
+    seed: int,
+    chunk: int,
+    out: str,
+    fresh: bool,
+    progress: bool,
+) -> tuple[int, dict | None]:
+    """Train ``program`` with checkpoints in ``out``; ``(exit status, learned params)``."""
+    import jax
+    import numpy as np
+
+    import estimax as ex
+
+    if not program.params:
+        raise _Fail(
+            f"{program.filename} declares no parameters (`param name: real = ...`): there is nothing to train"
+        )
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise _Fail(f"cannot create the output folder {out}: {e.strerror or e}", _EXIT_USAGE) from None
+    checkpoint = os.path.join(out, "checkpoint.npz")
+    optimizer = _optimizer(optimizer_name, lr)
+    params0 = program.init_params(dims)
+    data = data if data is not None else {}
+    config = {
+        "file": os.path.abspath(program.filename),
+        "source_sha256": _digest(program.source),
+        "data_sha256": _data_digest(data),
+        "optimizer": optimizer_name,
+        "lr": lr,
+        "seed": seed,
+        "chunk": chunk,
+        "maximize": bool(program.maximize),
+        "params": {n: list(np.shape(v)) for n, v in params0.items()},
+    }
+
+    plan = _stage(program, params0, program.abstract_data(dims))
+    print(_plan_table(program, plan))
+
+    if fresh and os.path.exists(checkpoint):
+        os.unlink(checkpoint)
+    if os.path.exists(checkpoint):
+        state, meta = _load_checkpoint(checkpoint, params0, optimizer, config)
+        print(f"resuming from {checkpoint} at step {state.step} of {steps}")
+        if meta.get("source_sha256") != config["source_sha256"]:
+            print(f"note: {program.filename} has changed since the checkpoint was written")
+        if state.step > steps:
+            raise _Fail(
+                f"{checkpoint} already holds {state.step} steps, more than --steps {steps}; pass "
+                f"--steps {state.step} or more to continue it, or --fresh to start over"
+            )
+    else:
+        state = _RunState(
+            params0, optimizer.init(params0), jax.random.PRNGKey(seed), 0, np.zeros(0, np.float32)
+        )
+
+    remaining = steps - state.step
+    flag = _StopFlag()
+    status = _EXIT_OK
+    if remaining > 0:
+        start = state.step
+        parts = [state.history]
+
+        def on_chunk(info) -> bool:
+            parts.append(np.asarray(info.estimates))
+            snapshot = _RunState(
+                info.params, info.opt_state, info.key, start + info.step, np.concatenate(parts)
+            )
+            _save_checkpoint(checkpoint, snapshot, config)
+            return flag.signum is not None
+
+        with _stop_on_signals(flag), warnings.catch_warnings():
+            # from here on, Ctrl-C stops the run after the current chunk, with a checkpoint
+            print(
+                f"training: {steps} steps of {optimizer_name}(lr={lr:g}), seed {seed}, chunks of {chunk}; "
+                f"checkpoint {checkpoint}",
+                flush=True,
+            )
+            # a non-finite value is reported below, from the result
+            warnings.filterwarnings("ignore", message=r"fit\(.*\): non-finite", category=RuntimeWarning)
+            result = ex.fit(
+                program.objective,
+                state.params,
+                data,
+                optimizer=optimizer,
+                steps=remaining,
+                key=state.key,
+                opt_state=state.opt_state,
+                maximize=program.maximize,
+                chunk=chunk,
+                callback=on_chunk,
+                progress=progress,
+            )
+            state = _RunState(
+                result.params,
+                result.opt_state,
+                result.key,
+                start + result.steps_run,
+                np.concatenate([parts[0], result.history]),
+            )
+            _save_checkpoint(checkpoint, state, config)
+        if result.nonfinite_step is not None:
+            print(f"estimax: error: {program.filename}: training stopped: {result.reason}", file=sys.stderr)
+            status = _EXIT_ERROR
+        elif flag.signum is not None and state.step < steps:
+            print(
+                f"interrupted at step {state.step} of {steps}; {checkpoint} holds the run: "
+                "run the same command to resume it",
+                file=sys.stderr,
+            )
+            return _EXIT_SIGNAL.get(flag.signum, 130), None
+    else:
+        print(f"{checkpoint} already holds all {steps} steps")
+
+    history = np.asarray(state.history)
+    learned = {n: np.asarray(state.params[n]) for n in program.params}  # in the file's order
+    _save_npz_atomically(os.path.join(out, "params.npz"), learned)
+    np.save(os.path.join(out, "history.npy"), history)
+    written = [os.path.join(out, "params.npz"), os.path.join(out, "history.npy")]
+    png = os.path.join(out, "loss.png")
+    if len(history) and _plot_history(history, png, os.path.basename(program.filename), program.maximize):
+        written.append(png)
+    elif len(history):
+        print("matplotlib is not installed: loss.png not written (install matplotlib for the plot)")
+    window = min(len(history), max(chunk, 1))
+    if window:
+        tail = history[-window:]
+        print(f"{state.step} steps; objective (mean of the last {window} estimates): {np.mean(tail):.6g}")
+    print("learned parameters:")
+    for name, value in learned.items():
+        print(f"  {name} = {_format_value(value)}")
+    print("wrote " + ", ".join(written))
+    return status, learned
+
+
+def _cmd_run(args, session: _Session) -> int:
+    program = _load_program(args.file, session)
+    data, dims = _read_data(program, args.data, needed=True, session=session)
+    print(f"{program.filename}: {_summary(program, dims, args.data is not None)}")
+    out = args.out if args.out is not None else os.path.join("out", Path(program.filename).stem)
+    status, _ = _train(
+        program,
+        data,
+        dims,
+        steps=args.steps,
+        optimizer_name=args.optimizer,
+        lr=args.lr,
+        seed=args.seed,
+        chunk=args.chunk,
+        out=out,
+        fresh=args.fresh,
+        progress=not args.no_progress,
+    )
+    return status
+
+
+# --- demo ----------------------------------------------------------------------------------
+
+_DEMO_FILE = "mixture.emx"
+_DEMO_WEIGHTS = (0.35, 0.65)  # of the components
+_DEMO_MEANS = (-2.0, 2.0)
+_DEMO_SCALES = (0.5, 0.7)
+
+
+def _demo_data(n: int, seed: int):
+    """``(x, labels)``: ``n`` points of a known two-component mixture."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(2, size=n, p=_DEMO_WEIGHTS)
+    x = rng.normal(np.asarray(_DEMO_MEANS)[labels], np.asarray(_DEMO_SCALES)[labels])
+    return x.astype(np.float32), labels
+
+
+def _cmd_demo(args, session: _Session) -> int:
+    import importlib.resources
+
+    import numpy as np
+
+    out = args.out
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise _Fail(f"cannot create the output folder {out}: {e.strerror or e}", _EXIT_USAGE) from None
+    source = importlib.resources.files("estimax.dsl.text").joinpath("demos", _DEMO_FILE)
+    path = os.path.join(out, _DEMO_FILE)
+    with importlib.resources.as_file(source) as packaged:
+        shutil.copyfile(packaged, path)
+    x, labels = _demo_data(args.n, seed=0)
+    data_path = os.path.join(out, "mixture-data.npz")
+    np.savez(data_path, x=x)
+    print(f"the demo: a two-component Gaussian mixture fitted by variational inference, written in {path}")
+    print(
+        f"{len(x)} points of a mixture with weights {list(_DEMO_WEIGHTS)}, means {list(_DEMO_MEANS)}, "
+        f"scales {list(_DEMO_SCALES)} (in {data_path})\n"
+    )
+    program = _load_program(path, session)
+    data, dims = _read_data(program, data_path, needed=True, session=session)
+    status, learned = _train(
+        program,
+        data,
+        dims,
+        steps=args.steps,
+        optimizer_name="adam",
+        lr=args.lr,
+        seed=args.seed,
+        chunk=args.chunk,
+        out=out,
+        fresh=True,
+        progress=not args.no_progress,
+    )
+    if learned is None:
+        return status
+    weight1 = 1.0 / (1.0 + math.exp(-float(learned["w_logit"])))
+    rows = [
+        (
+            "weights",
+            list(_DEMO_WEIGHTS),
+            [float(np.mean(labels == k)) for k in (0, 1)],
+            [1.0 - weight1, weight1],
+        ),
+        ("means", list(_DEMO_MEANS), [float(x[labels == k].mean()) for k in (0, 1)], learned["m"].tolist()),
+        (
+            "scales",
+            list(_DEMO_SCALES),
+            [float(x[labels == k].std()) for k in (0, 1)],
+            np.exp(learned["log_sigma"]).tolist(),
+        ),
+    ]
+
+    def fmt(v):
+        return "[" + ", ".join(f"{a:+.2f}" for a in v) + "]"
+
+    print("\nthe fitted mixture:")
+    print(
+        "\n".join(
+            _table(
+                ("", "true", "in the sample", "fitted"),
+                [(r[0], fmt(r[1]), fmt(r[2]), fmt(r[3])) for r in rows],
+            )
+        )
+    )
+    again = f"estimax run {path} --data {data_path} --out {out} --steps {args.steps} --lr {args.lr:g}"
+    print(f"\nto run it again: {again}")
+    return status
+
+
+# --- the command line ----------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected a seed between 0 and 2**32 - 1, got {value}")
+    return value
+
+
+def _learning_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the Python traceback of an internal error",
+    )
+    parser = argparse.ArgumentParser(
+        prog="estimax",
+        description="Check, explain and train objective files written in the estimax language "
+        "(see docs/objective-language.md).",
+        epilog="exit status: 0 ok, 1 an error in the file/data/checkpoint, 2 a usage error, "
+        "3 an internal error, 130 interrupted",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", default=False, help="show the Python traceback of an internal error"
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "check",
+        parents=[common],
+        help="parse and check a file; print its estimator plan",
+        description="Parse FILE, resolve its names, stage the objective and its gradient "
+        "estimator (checking shapes and types) and print the estimator plan and certificate.",
+    )
+    p.add_argument("file", metavar="FILE", help="the objective file (.emx)")
+    p.add_argument("--data", metavar="DATA.npz", help="take the named sizes (real[N]) from these arrays")
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser(
+        "explain",
+        parents=[common],
+        help="the per-site table and certificate",
+        description="Print the per-site table of FILE's estimator (each random choice, its "
+        "line, distribution and gradient strategy) and its certificate; with --variance, "
+        "how much gradient variance each site contributes at the initial (or given) parameters.",
+    )
+    p.add_argument("file", metavar="FILE", help="the objective file (.emx)")
+    p.add_argument(
+        "--data", metavar="DATA.npz", help="the data (needed with --variance when FILE declares data)"
+    )
+    p.add_argument(
+        "--params", metavar="PARAMS.npz", help="parameters to explain at (e.g. a run's params.npz)"
+    )
+    p.add_argument("--variance", action="store_true", help="measure each site's gradient variance")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the variance measurement (default: 0)")
+    p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser(
+        "run",
+        parents=[common],
+        help="train the parameters of a file's objective",
+        description="Train FILE's parameters with estimax.fit, with a progress bar. "
+        "The whole state is checkpointed to OUT/checkpoint.npz after every chunk and "
+        "on Ctrl-C; running the same command again resumes from it. At the end, "
+        "writes OUT/params.npz, OUT/history.npy and OUT/loss.png.",
+    )
+    p.add_argument("file", metavar="FILE", help="the objective file (.emx)")
+    p.add_argument("--data", metavar="DATA.npz", help="the data: one array per `data` declaration")
+    p.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps (default: 1000)")
+    p.add_argument("--optimizer", choices=_OPTIMIZERS, default="adam", help="the optimizer (default: adam)")
+    p.add_argument("--lr", type=_learning_rate, default=1e-2, help="learning rate (default: 0.01)")
+    p.add_argument(
+        "--seed", type=_seed, default=0, help="seed of the estimator's random numbers (default: 0)"
+    )
+    p.add_argument(
+        "--chunk",
+        type=_positive_int,
+        default=100,
+        help="steps per compiled chunk, and between checkpoints (default: 100)",
+    )
+    p.add_argument("--out", metavar="DIR", help="output folder (default: out/<file name>)")
+    p.add_argument("--fresh", action="store_true", help="start over, ignoring a checkpoint in DIR")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="fit the demo mixture and report the result",
+        description="Fit a two-component Gaussian mixture (an objective file shipped with "
+        "estimax, with a discrete and a continuous latent) to generated data: prints the "
+        "plan, trains, and compares the fit with the truth. Writes the file, the data and "
+        "the run's outputs to DIR.",
+    )
+    p.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps (default: 1000)")
+    p.add_argument("--lr", type=_learning_rate, default=0.1, help="Adam's learning rate (default: 0.1)")
+    p.add_argument(
+        "--seed", type=_seed, default=0, help="seed of the estimator's random numbers (default: 0)"
+    )
+    p.add_argument("--chunk", type=_positive_int, default=100, help="steps per compiled chunk (default: 100)")
+    p.add_argument("--n", type=_positive_int, default=200, help="number of data points (default: 200)")
+    p.add_argument(
+        "--out", metavar="DIR", default=os.path.join("out", "demo"), help="output folder (default: out/demo)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("estimax")
+    except Exception:  # noqa: BLE001 -- not installed: the source tree's version
+        return "unknown"
+
+
+def _exit_status(code) -> int:
+    if code is None:
+        return _EXIT_OK
+    return code if isinstance(code, int) else _EXIT_USAGE
+
+
+def _paragraph(message: str) -> str:
+    return "\n".join(line for line in message.strip().splitlines() if line.strip()) or "(no message)"
+
+
+def _estimax_error(e: Exception, session: _Session) -> str:
+    """An estimax error as one paragraph naming the file; at the site's line when it names one."""
+    message = _paragraph(str(e))
+    program = session.program
+    if program is not None:
+        for name in re.findall(r"'([^'\s]+)'", message):
+            at = _site_location(program, name)
+            if at is not None:
+                line, column = at
+                first, _, rest = message.partition("\n")
+                located = program.error(
+                    first, line=line, column=column, end_column=column + len(name.rsplit("/", 1)[-1])
+                )
+                return str(located) + ("\n" + rest if rest else "")
+    where = session.path or "estimax"
+    return f"{where}: error: {message}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``estimax`` command with ``argv`` (default: ``sys.argv[1:]``); the exit status."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error (already printed)
+        return _exit_status(e.code)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return _EXIT_USAGE
+    session = _Session()
+    try:
+        from estimax import EstimaxError
+        from estimax.dsl.text import TextError
+
+        try:
+            return args.func(args, session)
+        except _Fail as e:
+            print(f"estimax: error: {e.message}", file=sys.stderr)
+            return e.code
+        except TextError as e:
+            print(str(e), file=sys.stderr)
+            if session.note:
+                print(session.note, file=sys.stderr)
+            return _EXIT_ERROR
+        except EstimaxError as e:
+            print(_estimax_error(e, session), file=sys.stderr)
+            return _EXIT_ERROR
+        except RecursionError:
+            print(
+                f"estimax: error: {session.path}: the expressions nest too deeply to be read; "
+                "split them with `let`",
+                file=sys.stderr,
+            )
+            return _EXIT_ERROR
+        except SystemExit as e:  # from Python code the file imports
+            print(
+                f"estimax: error: {session.path}: Python code imported by the file called "
+                f"sys.exit({e.code!r})",
+                file=sys.stderr,
+            )
+            return _EXIT_ERROR
+        except Exception as e:  # the device ran out of memory: the sizes are too large
+            if "RESOURCE_EXHAUSTED" not in str(e) or type(e).__name__ not in (
+                "JaxRuntimeError",
+                "XlaRuntimeError",
+            ):
+                raise
+            print(
+                f"estimax: error: {session.path}: out of memory: {_paragraph(str(e)).splitlines()[0]}",
+                file=sys.stderr,
+            )
+            return _EXIT_ERROR
+    except KeyboardInterrupt:
+        print("estimax: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `estimax explain FILE | head`: quiet, as other tools are
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return _EXIT_ERROR
+    except Exception as e:  # a bug of estimax: one line, not a traceback
+        if args.debug:
+            raise
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(
+            f"estimax: internal error: {type(e).__name__}: {detail}"
+            " (run with --debug for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return _EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

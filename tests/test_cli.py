@@ -1,0 +1,457 @@
+"""The ``estimax`` command: check, explain, run (checkpoints, resume, signals), demo, and
+that no bad input reaches the user as a Python traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from estimax import cli
+from estimax.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "objectives"
+DEMO = ROOT / "src" / "estimax" / "dsl" / "text" / "demos" / "mixture.emx"
+DOC = ROOT / "docs" / "objective-language.md"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, str]:
+    """The examples' data files, written by ``examples/objectives/make_data.py``."""
+    spec = importlib.util.spec_from_file_location("make_data", EXAMPLES / "make_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.write(str(tmp_path_factory.mktemp("data")))
+
+
+def cmd(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "Traceback" not in out
+    return code, out, err
+
+
+def write(tmp_path, text: str, name: str = "objective.emx") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def on_cpu():
+    """Runs compared bit for bit are pinned to the CPU (as the subprocess is)."""
+    return jax.default_device(jax.devices("cpu")[0])
+
+
+# --- check and explain -----------------------------------------------------------------------
+
+
+def test_check_prints_the_plan_and_certificate(capsys):
+    code, out, err = cmd(capsys, "check", EXAMPLES / "gaussian_mean.emx")
+    assert code == 0, err
+    assert "ok: maximize; parameters m: real, log_s: real; data x: real[N]" in out
+    assert "estimator plan for gaussian_mean.emx" in out
+    assert re.search(r"^z\s+14:1\s+Normal\s+reparam", out, re.MULTILINE)
+    assert out.rstrip().endswith("certificate: unbiased")
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.emx")) + [DEMO], ids=lambda p: p.name)
+def test_every_example_passes_check(path, capsys):
+    code, out, err = cmd(capsys, "check", path)
+    assert code == 0, err
+    assert "certificate:" in out
+
+
+def test_check_takes_the_sizes_from_data(capsys, data):
+    code, out, _ = cmd(capsys, "check", EXAMPLES / "regression.emx", "--data", data["regression"])
+    assert code == 0
+    assert "sizes D=3, N=50" in out and "Normal(event=(3,))" in out
+    code, out, _ = cmd(capsys, "check", EXAMPLES / "regression.emx")
+    assert code == 0 and "sizes D=2, N=2 (a default" in out
+
+
+def test_explain_measures_the_variance_per_site(tmp_path, capsys):
+    path = write(
+        tmp_path,
+        "param mu: real = 0.5\nparam l: real = 0.0\n"
+        "z ~ Normal(mu, 1.0)\nb ~ Bernoulli(logits=l) @mvd\n"
+        "minimize (z - 1.0) ** 2 + float(b)\n",
+    )
+    code, out, err = cmd(capsys, "explain", path, "--variance", "--seed", "1")
+    assert code == 0, err
+    assert re.search(r"^z\s+3:1\s+Normal\s+reparam.*\d ± \d", out, re.MULTILINE)
+    assert re.search(r"^b\s+4:1\s+Bernoulli\s+mvd.*\d ± \d", out, re.MULTILINE)
+    assert "total gradient variance" in out and "certificate: unbiased" in out
+
+
+def test_explain_at_learned_parameters(tmp_path, capsys, data):
+    np.savez(tmp_path / "params.npz", m=np.float32(1.2), log_s=np.float32(-1.0))
+    code, out, err = cmd(
+        capsys, "explain", EXAMPLES / "gaussian_mean.emx", "--params", tmp_path / "params.npz"
+    )
+    assert code == 0, err
+    assert "parameters from" in out
+    np.savez(tmp_path / "wrong.npz", m=np.zeros(3, np.float32), log_s=np.float32(-1.0))
+    code, _, err = cmd(capsys, "explain", EXAMPLES / "gaussian_mean.emx", "--params", tmp_path / "wrong.npz")
+    assert code == 1 and "'m' has shape [3]; expected []" in err
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def test_syntax_error_has_location_caret_and_expected(tmp_path, capsys):
+    path = write(tmp_path, "param mu: real = 0.5\nz ~ Normal(mu, 1.0\nminimize z\n")
+    code, out, err = cmd(capsys, "check", path)
+    assert code == 1 and out == ""
+    lines = err.splitlines()
+    assert lines[0] == f"{path}:2:19: error: syntax error: unexpected end of line; expected ')' or ','"
+    assert lines[1] == "    z ~ Normal(mu, 1.0"
+    assert lines[2] == "    " + " " * 18 + "^"
+
+
+def test_semantic_error_has_location_and_caret(tmp_path, capsys):
+    path = write(tmp_path, "param mu: real = 0.5\nz ~ Normal(mu, 1.0)\nminimize (z - y) ** 2\n")
+    code, _, err = cmd(capsys, "check", path)
+    assert code == 1
+    assert err.splitlines()[:3] == [
+        f"{path}:3:15: error: unknown name 'y'",
+        "    minimize (z - y) ** 2",
+        "                  ^",
+    ]
+
+
+def test_error_of_a_strategy_points_at_the_site(tmp_path, capsys):
+    path = write(tmp_path, "param l: real = 0.5\nb ~ Bernoulli(logits=l) @reparam\nminimize float(b)\n")
+    code, _, err = cmd(capsys, "check", path)
+    assert code == 1
+    assert err.startswith(f"{path}:2:") and "site 'b'" in err and "^" in err
+
+
+def test_estimax_error_naming_a_site_points_at_it(tmp_path, monkeypatch, capsys):
+    # an error of a pass that the front-end did not locate, naming a site (nested sites are
+    # named "expect/<name>")
+    from estimax import ProgramError
+
+    def fail(*args, **kwargs):
+        raise ProgramError("the site 'expect/z' is wrong somehow.\nA second line.")
+
+    monkeypatch.setattr(cli, "_stage", fail)
+    path = write(
+        tmp_path,
+        "param mu: real = 0.5\nlet a = expect(n=2) {\n  z ~ Normal(mu, 1.0)\n  return z\n}\nminimize a\n",
+    )
+    code, _, err = cmd(capsys, "check", path)
+    assert code == 1
+    assert err.splitlines() == [
+        f"{path}:3:3: error: the site 'expect/z' is wrong somehow.",
+        "      z ~ Normal(mu, 1.0)",
+        "      ^",
+        "A second line.",
+    ]
+
+
+def test_estimax_error_without_a_site_names_the_file(monkeypatch, capsys):
+    from estimax import ProgramError
+
+    def fail(*args, **kwargs):
+        raise ProgramError("something about the program\n\nover two lines")
+
+    monkeypatch.setattr(cli, "_stage", fail)
+    path = EXAMPLES / "gaussian_mean.emx"
+    code, _, err = cmd(capsys, "check", path)
+    assert code == 1
+    assert err == f"{path}: error: something about the program\nover two lines\n"
+
+
+@pytest.mark.parametrize(
+    "case, code, message",
+    [
+        ("missing file", 2, "no such file: "),
+        ("directory", 2, "is a directory"),
+        ("not utf-8", 1, "the file is not UTF-8 text"),
+        ("missing data file", 2, "no such data file"),
+        ("not an npz", 1, "is not a .npz file"),
+        ("a .npy file", 1, "holds a single array (.npy)"),
+        ("missing array", 1, "error: no data given for 'x'"),
+        ("wrong shape", 1, "error: data 'x' is declared with 1 axes"),
+        ("strings", 1, "error: data 'x' holds <U1 values"),
+        ("no --data", 2, "declares data (x: real[N]); pass it with --data"),
+        ("bad option", 2, "--steps: expected a number >= 1"),
+        ("bad optimizer", 2, "invalid choice: 'lbfgs'"),
+    ],
+)
+def test_bad_input_is_a_message_and_an_exit_status(case, code, message, tmp_path, capsys):
+    objective = EXAMPLES / "gaussian_mean.emx"
+    npz = tmp_path / "data.npz"
+    argv = ["check", objective, "--data", npz]
+    if case == "missing file":
+        argv = ["check", tmp_path / "nope.emx"]
+    elif case == "directory":
+        argv = ["check", tmp_path]
+    elif case == "not utf-8":
+        (tmp_path / "binary.emx").write_bytes(b"param mu: real = 0.5\n\xff\xfe\n")
+        argv = ["check", tmp_path / "binary.emx"]
+    elif case == "missing data file":
+        pass
+    elif case == "not an npz":
+        npz.write_text("x = 1, 2, 3\n")
+    elif case == "a .npy file":
+        with open(npz, "wb") as f:
+            np.save(f, np.ones(3))
+    elif case == "missing array":
+        np.savez(npz, y=np.ones(3))
+    elif case == "wrong shape":
+        np.savez(npz, x=np.ones((3, 2)))
+    elif case == "strings":
+        np.savez(npz, x=np.array(["a", "b"]))
+    elif case == "no --data":
+        argv = ["run", objective, "--out", tmp_path]
+    elif case == "bad option":
+        argv = ["run", objective, "--steps", "0"]
+    elif case == "bad optimizer":
+        argv = ["run", objective, "--optimizer", "lbfgs"]
+    got, _, err = cmd(capsys, *argv)
+    assert got == code, err
+    assert message in err
+    if case in ("missing array", "wrong shape", "strings"):  # at the declaration, with a caret
+        line = (
+            objective.read_text()
+            .splitlines()
+            .index("data x: real[N]                      # N is read off the data")
+            + 1
+        )
+        assert err.startswith(f"{objective}:{line}:1: error:") and "\n    data x: real[N]  " in err
+        assert f"(the data come from {npz})" in err
+
+
+def test_internal_error_is_one_line_and_debug_shows_it(monkeypatch, capsys):
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "_stage", fail)
+    path = EXAMPLES / "gaussian_mean.emx"
+    code, _, err = cmd(capsys, "check", path)
+    assert code == 3
+    assert err.startswith("estimax: internal error: RuntimeError: boom") and len(err.splitlines()) == 1
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["check", str(path), "--debug"])
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["--debug", "check", str(path)])
+
+
+def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_stage", interrupt)
+    code, _, err = cmd(capsys, "check", EXAMPLES / "gaussian_mean.emx")
+    assert code == 130 and "interrupted" in err
+
+
+# --- run -------------------------------------------------------------------------------------
+
+
+def run_args(data, out, steps, *extra):
+    return (
+        "run",
+        EXAMPLES / "gaussian_mean.emx",
+        "--data",
+        data["gaussian_mean"],
+        "--steps",
+        steps,
+        "--chunk",
+        10,
+        "--lr",
+        0.05,
+        "--out",
+        out,
+        "--no-progress",
+        *extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data) -> tuple[Path, str]:
+    """The folder of a finished 30-step run of gaussian_mean.emx (tests copy it to change
+    it), and what the run printed."""
+    out = tmp_path_factory.mktemp("run")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main([str(a) for a in run_args(data, out, 30)]) == 0
+    return out, printed.getvalue()
+
+
+def test_run_writes_parameters_history_and_plot(finished_run):
+    out, printed = finished_run
+    params = np.load(out / "params.npz")
+    assert sorted(params.files) == ["log_s", "m"] and params["m"].shape == ()
+    assert np.load(out / "history.npy").shape == (30,)
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    checkpoint = np.load(out / "checkpoint.npz")
+    assert json.loads(str(checkpoint["meta"]))["step"] == 30
+    assert {"key", "history", "params.m", "opt_state.0.count", "opt_state.0.mu.m"} <= set(checkpoint.files)
+    # and says what it did
+    assert (
+        "estimator plan for gaussian_mean.emx" in printed and "training: 30 steps of adam(lr=0.05)" in printed
+    )
+    assert "learned parameters:\n  m = " in printed and "\n  log_s = " in printed
+    assert f"wrote {out / 'params.npz'}, {out / 'history.npy'}, {out / 'loss.png'}" in printed
+
+
+def test_run_refuses_a_checkpoint_of_another_run(finished_run, capsys, data):
+    finished_run, _ = finished_run
+    code, _, err = cmd(capsys, *run_args(data, finished_run, 40, "--optimizer", "sgd"))
+    assert code == 1 and "another optimizer 'adam' (now 'sgd')" in err and "--fresh" in err
+    code, _, err = cmd(capsys, *run_args(data, finished_run, 40, "--seed", "3"))
+    assert code == 1 and "another seed 0 (now 3)" in err
+    code, _, err = cmd(capsys, *run_args(data, finished_run, 5))
+    assert code == 1 and "already holds 30 steps, more than --steps 5" in err
+    other = EXAMPLES / "minimize.emx"
+    code, _, err = cmd(capsys, "run", other, "--out", finished_run, "--steps", 20)
+    assert (
+        code == 1
+        and "was written for other parameters (m[], log_s[]); minimize.emx declares aim[2], log_spread[]"
+        in err
+    )
+    np.savez(finished_run / "other.npz", x=np.ones(20, np.float32))
+    code, _, err = cmd(capsys, *run_args({"gaussian_mean": finished_run / "other.npz"}, finished_run, 40))
+    assert code == 1 and "was written by a run on other data" in err
+    assert json.loads(str(np.load(finished_run / "checkpoint.npz")["meta"]))["step"] == 30  # untouched
+
+
+def test_run_without_data_and_fresh(finished_run, tmp_path, capsys):
+    # a file without `data` needs no --data; --fresh replaces the checkpoint of another run
+    shutil.copytree(finished_run[0], tmp_path / "out")
+    code, out, err = cmd(
+        capsys,
+        "run",
+        EXAMPLES / "minimize.emx",
+        "--steps",
+        10,
+        "--chunk",
+        5,
+        "--out",
+        tmp_path / "out",
+        "--no-progress",
+        "--fresh",
+    )
+    assert code == 0, err
+    assert "resuming" not in out
+    assert sorted(np.load(tmp_path / "out" / "params.npz").files) == ["aim", "log_spread"]
+    assert np.load(tmp_path / "out" / "history.npy").shape == (10,)
+
+
+def _subprocess_env():
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT / "src"))
+
+
+def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, capsys, data):
+    # The first run is asked for far more steps than it will get: SIGINT stops it once its
+    # first checkpoint is on disk. Step i draws the i-th key whatever the total, so the
+    # resumed run, finishing at `total` steps, must match a run of `total` steps exactly.
+    out = tmp_path / "interrupted"
+    argv = [str(a) for a in run_args(data, out, 100_000) if a != "--no-progress"]  # with the progress bar
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "estimax", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_subprocess_env(),
+    )
+    checkpoint = out / "checkpoint.npz"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted at step" in stderr and "step/s" in stderr
+    stopped = json.loads(str(np.load(checkpoint)["meta"]))["step"]
+    assert 0 < stopped < 100_000 and stopped % 10 == 0
+    assert not (out / "params.npz").exists()
+
+    total = stopped + 30
+    with on_cpu():
+        code, resumed, err = cmd(capsys, *run_args(data, out, total))
+        assert code == 0, err
+        assert f"resuming from {checkpoint} at step {stopped} of {total}" in resumed
+        code, _, err = cmd(capsys, *run_args(data, tmp_path / "whole", total))
+        assert code == 0, err
+    whole, parts = np.load(tmp_path / "whole" / "params.npz"), np.load(out / "params.npz")
+    for name in whole.files:
+        np.testing.assert_array_equal(whole[name], parts[name])
+    np.testing.assert_array_equal(np.load(tmp_path / "whole" / "history.npy"), np.load(out / "history.npy"))
+
+
+# --- help, the entry point, the demo ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [[], ["check"], ["explain"], ["run"], ["demo"]])
+def test_help_for_every_command(command, capsys):
+    code, out, _ = cmd(capsys, *command, "--help")
+    assert code == 0
+    assert out.startswith("usage: estimax" + (f" {command[0]}" if command else ""))
+
+
+def test_no_command_prints_the_usage(capsys):
+    code, _, err = cmd(capsys)
+    assert code == 2 and "usage: estimax" in err
+
+
+def test_entry_point_is_installed():
+    script = Path(sys.executable).with_name("estimax")
+    if not script.exists():
+        pytest.skip("the package is not installed with its entry point (pip install -e .)")
+    proc = subprocess.run(
+        [str(script), "run", "--help"], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("usage: estimax run") and "--optimizer" in proc.stdout
+
+
+def test_demo_trains_and_reports(tmp_path, capsys):
+    code, out, err = cmd(
+        capsys, "demo", "--steps", 20, "--chunk", 10, "--n", 40, "--out", tmp_path, "--no-progress"
+    )
+    assert code == 0, err
+    assert "estimator plan for mixture.emx" in out and "reinforce(baseline=<learned, ascent>)" in out
+    assert "the fitted mixture:" in out and "estimax run" in out
+    assert (tmp_path / "mixture.emx").read_text() == DEMO.read_text()
+    assert np.load(tmp_path / "params.npz")["phi"].shape == (40,)
+
+
+# --- the documentation -----------------------------------------------------------------------
+
+
+def test_the_documented_examples_are_the_example_files():
+    text = DOC.read_text()
+    shown = re.findall(r"<!-- file: (\S+) -->\n```[a-z]*\n(.*?)```", text, re.DOTALL)
+    assert len(shown) >= 8
+    for name, body in shown:
+        assert (ROOT / name).read_text() == body, f"{name} differs from its copy in {DOC.name}"
+
+
+@pytest.mark.parametrize("document", [DOC, ROOT / "README.md"], ids=lambda p: p.name)
+def test_the_documented_objectives_pass_check(document, tmp_path, capsys):
+    blocks = re.findall(r"```emx\n(.*?)```", document.read_text(), re.DOTALL)
+    complete = [b for b in blocks if re.search(r"^(maximize|minimize) ", b, re.MULTILINE)]
+    assert complete
+    for i, block in enumerate(complete):
+        path = write(tmp_path, block, name=f"block{i}.emx")
+        if "from " in block:  # imports are relative to the example's folder
+            continue
+        code, _, err = cmd(capsys, "check", path)
+        assert code == 0, f"{document.name}, block {i}:\n{block}\n{err}"
