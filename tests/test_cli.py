@@ -455,3 +455,30 @@ def test_the_documented_objectives_pass_check(document, tmp_path, capsys):
             continue
         code, _, err = cmd(capsys, "check", path)
         assert code == 0, f"{document.name}, block {i}:\n{block}\n{err}"
+
+
+@pytest.mark.slow
+def test_end_to_end_in_a_subprocess(tmp_path, data):
+    """check, explain and a short run of an example file, as a user runs them."""
+    example = EXAMPLES / "iwae_bound.emx"
+    npz = data["iwae_bound"]
+
+    def estimax(*argv):
+        proc = subprocess.run(
+            [sys.executable, "-m", "estimax", *map(str, argv)],
+            capture_output=True, text=True, timeout=300, env=_subprocess_env(), cwd=tmp_path,
+        )
+        assert "Traceback" not in proc.stderr, proc.stderr
+        return proc
+
+    check = estimax("check", example, "--data", npz)
+    assert check.returncode == 0 and "certificate: biased" in check.stdout, check.stdout + check.stderr  # log of an expect
+    explain = estimax("explain", example, "--data", npz)
+    assert explain.returncode == 0 and "estimator plan" in explain.stdout
+    run = estimax("run", example, "--data", npz, "--steps", 20, "--chunk", 10, "--out", tmp_path / "run")
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "run" / "params.npz").exists() and (tmp_path / "run" / "history.npy").exists()
+    bad = tmp_path / "bad.emx"
+    bad.write_text("param mu: real\nz ~ Normal(mu, 1.0\nminimize z\n")
+    failed = estimax("check", bad)
+    assert failed.returncode == 1 and "bad.emx:2:" in failed.stderr and "^" in failed.stderr

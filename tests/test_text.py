@@ -829,3 +829,22 @@ def test_data_and_file_mistakes(tmp_path):
     bad.write_bytes(b"param mu: real\n\xff minimize mu\n")
     with pytest.raises(ex.EstimaxError, match=r"bad.emx:2: the file is not UTF-8 text"):
         ex.text.load(bad)
+
+
+@given(st.text(max_size=300))
+def test_random_text_raises_only_estimax_errors(source):
+    try:
+        prog = ex.text.parse(source, _FUZZ_FILE)
+        prog.objective.estimate(KEYS[0], prog.init_params({"N": 2}), {k: jnp.ones(v.shape, v.dtype) for k, v in prog.abstract_data({"N": 2}).items()})
+    except ex.text.TextError as e:
+        _check_located(e, source)
+
+
+@given(st.binary(max_size=300))
+def test_random_bytes_files_raise_only_estimax_errors(tmp_path_factory, blob):
+    path = tmp_path_factory.mktemp("bytes") / "random.emx"
+    path.write_bytes(blob)
+    try:
+        ex.text.load(path)
+    except ex.EstimaxError:
+        pass
