@@ -63,8 +63,8 @@ class Reinforce(LocalStrategy):
             return Reinforce(baseline=baseline, learn=learn)
         if learn is not None:
             raise StrategyError(
-                "ex.reinforce(learn=...) needs a baseline computed in the program from its "
-                f"parameters (a traced scalar); got {type(baseline).__name__} {baseline!r}."
+                "ex.reinforce(learn=...) needs a baseline computed in the program from its own "
+                f"parameters (a traced value); got {type(baseline).__name__} {baseline!r}."
             )
         if baseline is not None and not callable(baseline):
             try:
@@ -121,8 +121,7 @@ class Reinforce(LocalStrategy):
         site = ctx.site
         b = site.extras[0]
         if site.spec.levels:
-            lane_b = site.lane_map(_identity, x, (b,))
-            if jnp.ndim(lane_b) != len(site.spec.levels):
+            if jnp.ndim(site.lane_map(_identity, x, (b,))) != len(site.spec.levels):  # shape check only
                 raise StrategyError(
                     f"site {ctx.name!r}: inside ex.vmap a baseline is a scalar per lane; got a "
                     "vector baseline."
@@ -135,6 +134,12 @@ class Reinforce(LocalStrategy):
             return (lambda leaves: site.log_prob_elements(x, leaves), lambda v: v)
         return (lambda leaves: site.log_prob(x, leaves), lambda v: v)
 
+    def _baseline_tangent(self, ctx: SiteContext):
+        """The tangent of a learned baseline (its parameters' direction), or ``None``."""
+        if self.learn is None or not ctx.mode or not ctx.extra_tangents:
+            return None
+        return ctx.extra_tangents[0]
+
     def _traced_terms(self, ctx: SiteContext, x, reduce):
         """Score and offset tangents ``(s, o)`` for a traced baseline, reduced by ``reduce``
         from per-unit values."""
@@ -146,7 +151,7 @@ class Reinforce(LocalStrategy):
         else:
             score = jnp.zeros(jnp.shape(b_u), jnp.result_type(float))
         offset = b_u * score
-        b_dot = ctx.extra_tangents[0] if self.learn is not None and ctx.mode and ctx.extra_tangents else None
+        b_dot = self._baseline_tangent(ctx)
         if b_dot is not None:  # the baseline's loss: ∓(f − b)·ḃ per unit
             sign = 1.0 if self.learn == "descent" else -1.0
             _, b_dot_u = jax.jvp(b_units, (b,), (b_dot,))
@@ -156,8 +161,7 @@ class Reinforce(LocalStrategy):
 
     def forward(self, ctx: SiteContext):
         x = jax.lax.stop_gradient(ctx.site.sample(ctx.key))
-        learned = self.learn is not None and ctx.mode and bool(ctx.extra_tangents) and ctx.extra_tangents[0] is not None
-        if not ctx.has_tangent and not learned:
+        if not ctx.has_tangent and self._baseline_tangent(ctx) is None:
             return x, None, None
         if self.baseline is _TRACED:
             return x, None, self._traced_terms(ctx, x, jnp.sum)
@@ -186,8 +190,7 @@ class Reinforce(LocalStrategy):
         site = ctx.site
         if not self.takes_elements(site.spec, site.extras):
             return None
-        learned = self.learn is not None and ctx.mode and bool(ctx.extra_tangents) and ctx.extra_tangents[0] is not None
-        if not ctx.has_tangent and not learned:
+        if not ctx.has_tangent and self._baseline_tangent(ctx) is None:
             return None
         x = jax.lax.stop_gradient(site.sample(ctx.key))
         per_element = lambda v: jnp.sum(v.reshape(v.shape[0], -1), axis=1)  # noqa: E731
