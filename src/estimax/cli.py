@@ -64,7 +64,7 @@ class _Fail(Exception):
 
 
 @dataclasses.dataclass
-class _Session:
+class _Invocation:
     """What error reporting needs to know: the file being worked on and its program."""
 
     path: str | None = None
@@ -75,11 +75,11 @@ class _Session:
 # --- reading inputs ------------------------------------------------------------------------
 
 
-def _load_program(path: str, session: _Session):
+def _load_program(path: str, invocation: _Invocation):
     """The parsed, checked objective file at ``path`` (an ``ex.text.TextProgram``)."""
     import estimax as ex
 
-    session.path = path
+    invocation.path = path
     if not os.path.exists(path):
         raise _Fail(f"no such file: {path}", _EXIT_USAGE)
     if os.path.isdir(path):
@@ -96,7 +96,7 @@ def _load_program(path: str, session: _Session):
             f"{path}:{line}: the file is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})"
         ) from None
     program = ex.text.parse(source, path)
-    session.program = program
+    invocation.program = program
     return program
 
 
@@ -129,7 +129,7 @@ def _load_npz(path: str, what: str, hint: str | None = None) -> dict:
         raise _Fail(f"{path} is not a readable .npz file of arrays ({detail}); {hint}") from None
 
 
-def _read_data(program, data_path: str | None, *, needed: bool, session: _Session):
+def _read_data(program, data_path: str | None, *, needed: bool, invocation: _Invocation):
     """``(data, dims)``: the validated data (``None`` when none is given) and the named sizes."""
     if data_path is None:
         if needed and program.data:
@@ -140,11 +140,11 @@ def _read_data(program, data_path: str | None, *, needed: bool, session: _Sessio
             )
         return None, {}
     raw = _load_npz(data_path, "data")
-    session.note = f"(the data come from {data_path})"  # errors below point at a declaration
+    invocation.note = f"(the data come from {data_path})"  # errors below point at a declaration
     _check_data_types(program, raw)
     data = program.validate_data(raw)
     dims = program.dims_from(raw)
-    session.note = None
+    invocation.note = None
     return data, dims
 
 
@@ -269,9 +269,9 @@ def _plan_table(program, plan) -> str:
 # --- check, explain ------------------------------------------------------------------------
 
 
-def _cmd_check(args, session: _Session) -> int:
-    program = _load_program(args.file, session)
-    _, dims = _read_data(program, args.data, needed=False, session=session)
+def _cmd_check(args, invocation: _Invocation) -> int:
+    program = _load_program(args.file, invocation)
+    _, dims = _read_data(program, args.data, needed=False, invocation=invocation)
     params = program.init_params(dims)
     plan = _stage(program, params, program.abstract_data(dims))
     print(f"{program.filename}: ok: {_summary(program, dims, args.data is not None)}")
@@ -279,13 +279,13 @@ def _cmd_check(args, session: _Session) -> int:
     return _EXIT_OK
 
 
-def _cmd_explain(args, session: _Session) -> int:
+def _cmd_explain(args, invocation: _Invocation) -> int:
     import jax
 
     import estimax as ex
 
-    program = _load_program(args.file, session)
-    data, dims = _read_data(program, args.data, needed=args.variance, session=session)
+    program = _load_program(args.file, invocation)
+    data, dims = _read_data(program, args.data, needed=args.variance, invocation=invocation)
     params = program.init_params(dims)
     if args.params is not None:
         params = _tree_from_arrays(params, _load_npz(args.params, "parameter"), args.params, prefix="")
@@ -697,9 +697,9 @@ def _train(
     return status, learned
 
 
-def _cmd_run(args, session: _Session) -> int:
-    program = _load_program(args.file, session)
-    data, dims = _read_data(program, args.data, needed=True, session=session)
+def _cmd_run(args, invocation: _Invocation) -> int:
+    program = _load_program(args.file, invocation)
+    data, dims = _read_data(program, args.data, needed=True, invocation=invocation)
     print(f"{program.filename}: {_summary(program, dims, args.data is not None)}")
     out = args.out if args.out is not None else os.path.join("out", Path(program.filename).stem)
     status, _ = _train(
@@ -736,7 +736,7 @@ def _demo_data(n: int, seed: int):
     return x.astype(np.float32), labels
 
 
-def _cmd_demo(args, session: _Session) -> int:
+def _cmd_demo(args, invocation: _Invocation) -> int:
     import importlib.resources
 
     import numpy as np
@@ -758,8 +758,8 @@ def _cmd_demo(args, session: _Session) -> int:
         f"{len(x)} points of a mixture with weights {list(_DEMO_WEIGHTS)}, means {list(_DEMO_MEANS)}, "
         f"scales {list(_DEMO_SCALES)} (in {data_path})\n"
     )
-    program = _load_program(path, session)
-    data, dims = _read_data(program, data_path, needed=True, session=session)
+    program = _load_program(path, invocation)
+    data, dims = _read_data(program, data_path, needed=True, invocation=invocation)
     status, learned = _train(
         program,
         data,
@@ -964,10 +964,10 @@ def _paragraph(message: str) -> str:
     return "\n".join(line for line in message.strip().splitlines() if line.strip()) or "(no message)"
 
 
-def _estimax_error(e: Exception, session: _Session) -> str:
+def _estimax_error(e: Exception, invocation: _Invocation) -> str:
     """An estimax error as one paragraph naming the file; at the site's line when it names one."""
     message = _paragraph(str(e))
-    program = session.program
+    program = invocation.program
     if program is not None:
         for name in re.findall(r"'([^'\s]+)'", message):
             at = _site_location(program, name)
@@ -978,7 +978,7 @@ def _estimax_error(e: Exception, session: _Session) -> str:
                     first, line=line, column=column, end_column=column + len(name.rsplit("/", 1)[-1])
                 )
                 return str(located) + ("\n" + rest if rest else "")
-    where = session.path or "estimax"
+    where = invocation.path or "estimax"
     return f"{where}: error: {message}"
 
 
@@ -992,34 +992,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return _EXIT_USAGE
-    session = _Session()
+    invocation = _Invocation()
     try:
         from estimax import EstimaxError
         from estimax.dsl.text import TextError
 
         try:
-            return args.func(args, session)
+            return args.func(args, invocation)
         except _Fail as e:
             print(f"estimax: error: {e.message}", file=sys.stderr)
             return e.code
         except TextError as e:
             print(str(e), file=sys.stderr)
-            if session.note:
-                print(session.note, file=sys.stderr)
+            if invocation.note:
+                print(invocation.note, file=sys.stderr)
             return _EXIT_ERROR
         except EstimaxError as e:
-            print(_estimax_error(e, session), file=sys.stderr)
+            print(_estimax_error(e, invocation), file=sys.stderr)
             return _EXIT_ERROR
         except RecursionError:
             print(
-                f"estimax: error: {session.path}: the expressions nest too deeply to be read; "
+                f"estimax: error: {invocation.path}: the expressions nest too deeply to be read; "
                 "split them with `let`",
                 file=sys.stderr,
             )
             return _EXIT_ERROR
         except SystemExit as e:  # from Python code the file imports
             print(
-                f"estimax: error: {session.path}: Python code imported by the file called "
+                f"estimax: error: {invocation.path}: Python code imported by the file called "
                 f"sys.exit({e.code!r})",
                 file=sys.stderr,
             )
@@ -1031,7 +1031,7 @@ def main(argv: list[str] | None = None) -> int:
             ):
                 raise
             print(
-                f"estimax: error: {session.path}: out of memory: {_paragraph(str(e)).splitlines()[0]}",
+                f"estimax: error: {invocation.path}: out of memory: {_paragraph(str(e)).splitlines()[0]}",
                 file=sys.stderr,
             )
             return _EXIT_ERROR
