@@ -104,21 +104,21 @@ class Marginal(Approximate):
         except KeyError:  # a value for a site the proposal does not draw
             tr = None
         if tr is None or set(tr.sites) != set(aux):
-            drawn = sorted(_proposal_sites(self.proposal, kept, params, data)) if tr is None else sorted(tr.sites)
-            raise ProgramError(
-                f"{self!r}: the proposal must draw exactly the joint program's auxiliary sites "
-                f"{sorted(aux)}; it draws {drawn}."
-            )
+            drawn = _proposal_sites(self.proposal, kept, params, data) if tr is None else tr.sites
+            raise self._wrong_proposal(aux, drawn)
         return tr
+
+    def _wrong_proposal(self, expected, drawn) -> ProgramError:
+        return ProgramError(
+            f"{self!r}: the proposal must draw exactly the joint program's auxiliary sites "
+            f"{sorted(expected)}; it draws {sorted(drawn)}."
+        )
 
     def _fresh_log_weights(self, kept, aux_names, params, data, m):
         def one():
             tr = trace(self.proposal, prefix=f"{self.name}/")(kept, params, *data)
             if set(tr.sites) != set(aux_names):
-                raise ProgramError(
-                    f"{self!r}: the proposal must draw exactly the joint program's auxiliary "
-                    f"sites {sorted(aux_names)}; it draws {sorted(tr.sites)}."
-                )
+                raise self._wrong_proposal(aux_names, tr.sites)
             log_joint = trace(self.joint, values={**kept, **tr.sites})(params, *data).log_prob
             return log_joint - tr.log_prob
 
