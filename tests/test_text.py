@@ -203,6 +203,69 @@ def _logp(p, d):
     return x_term + jnp.sum(dist.Bernoulli(logits=p["mu"]).log_prob(d["k"]))
 
 
+def _program_call(p, d):
+    def step(a, b):  # a `program` is inlined where it is called
+        u = ex.sample(dist.Normal(a, 1.0), estimator=ex.reparam, name="u")
+        return u * b
+
+    w = step(p["mu"], 2.0)
+    return w + jnp.sum(d["x"])
+
+
+def _hvi_joint(p, d):
+    u = ex.sample(dist.Normal(p["m"], 1.0), estimator=ex.reparam, name="u")
+    return ex.sample(dist.Normal(u, jnp.exp(p["log_s"])), estimator=ex.reparam, name="z")
+
+
+def _hvi_reverse(kept, p, d):
+    return ex.sample(dist.Normal(p["a"] * kept["z"], jnp.exp(p["log_r"])), estimator=ex.reparam, name="u")
+
+
+def _marginal_case(particles):
+    def program(p, d):
+        q = ex.marginal(_hvi_joint, keep="z", proposal=_hvi_reverse, particles=particles)
+        sites, log_q = q.draw(p, d)
+        z = sites["z"]
+        log_lik = jnp.sum(dist.Normal(z, 1.0).log_prob(d["x"]))
+        other = q.log_density({"z": 0.5 * z}, p, d)
+        return dist.Normal(0.0, 1.0).log_prob(z) + log_lik - log_q + 0.1 * other
+
+    return program
+
+
+def _normalize_target(latents, p, d):
+    z = latents["z"]
+    return dist.Normal(0.0, 1.0).log_prob(z) + jnp.sum(dist.Normal(z, 1.0).log_prob(d["x"]))
+
+
+def _normalize_proposal(p, d):
+    return ex.sample(dist.Normal(p["m"], jnp.exp(p["log_s"])), estimator=ex.reparam, name="z")
+
+
+def _normalize(p, d):
+    q = ex.normalize(ex.objectives.LogJoint(_normalize_target), _normalize_proposal, particles=4)
+    sites, log_q = q.draw(p, d)
+    z = sites["z"]
+    return _normalize_target({"z": z}, p, d) - log_q
+
+
+def _plate_size(p, d):
+    def lane():
+        z = ex.sample(dist.Normal(p["mu"], 1.0), estimator=ex.reparam, name="z")
+        return jnp.stack([z, z**2])
+
+    zs = ex.vmap(lane, axis_size=d["x"].shape[0])()
+    return jnp.sum(zs[:, 1]) - jnp.mean(zs[:, 0])
+
+
+def _plate_over(p, d):
+    def lane(xi, ki):
+        b = ex.sample(dist.Bernoulli(logits=p["mu"] * xi), name="b")
+        return b * xi + ki
+
+    return jnp.sum(ex.vmap(lane)(d["x"], d["k"]))
+
+
 X4 = jnp.array([0.5, -1.0, 2.0, 0.25])
 CASES = {
     "declarations": Case(
@@ -447,6 +510,104 @@ CASES = {
         _logp,
         {"x": X4, "k": jnp.array([1, 0, 0, 1], jnp.int32)},
     ),
+    "program_call": Case(
+        """
+        param mu: real = 0.5
+        data x: real[N]
+        program step(a, b) {
+          u ~ Normal(a, 1.0) @reparam
+          return u * b
+        }
+        let w = step(mu, 2.0)
+        maximize w + sum(x)
+        """,
+        _program_call,
+        {"x": X4},
+    ),
+    "marginal_hvi": Case("""
+        data x: real[N]
+        param m: real = 0.3
+        param log_s: real = -1.0
+        param a: real = 0.5
+        param log_r: real = -0.5
+        program joint() {
+          u ~ Normal(m, 1.0) @reparam
+          z ~ Normal(u, exp(log_s)) @reparam
+          return z
+        }
+        program reverse(z) {
+          u ~ Normal(a * z, exp(log_r)) @reparam
+          return u
+        }
+        let q = marginal(joint, proposal=reverse, particles=0)
+        z ~ q
+        maximize logp(Normal(0.0, 1.0), z) + logp(Normal(z, 1.0), x) - logp(q, z) + 0.1 * logp(q, 0.5 * z)
+        """, _marginal_case(0), {"x": X4}),
+    "marginal_iwhvi": Case("""
+        data x: real[N]
+        param m: real = 0.3
+        param log_s: real = -1.0
+        param a: real = 0.5
+        param log_r: real = -0.5
+        program joint() {
+          u ~ Normal(m, 1.0) @reparam
+          z ~ Normal(u, exp(log_s)) @reparam
+          return z
+        }
+        program reverse(z) {
+          u ~ Normal(a * z, exp(log_r)) @reparam
+          return u
+        }
+        let q = marginal(joint, proposal=reverse, particles=3)
+        z ~ q
+        maximize logp(Normal(0.0, 1.0), z) + logp(Normal(z, 1.0), x) - logp(q, z) + 0.1 * logp(q, 0.5 * z)
+        """, _marginal_case(3), {"x": X4}),
+    "normalize": Case(
+        """
+        data x: real[N]
+        param m: real = 0.3
+        param log_s: real = -0.5
+        program target(z) {
+          return logp(Normal(0.0, 1.0), z) + logp(Normal(z, 1.0), x)
+        }
+        program proposal() {
+          z ~ Normal(m, exp(log_s)) @reparam
+          return z
+        }
+        let q = normalize(target, proposal, particles=4)
+        z ~ q
+        maximize target(z) - logp(q, z)
+        """,
+        _normalize,
+        {"x": X4},
+    ),
+    "plate_size": Case(
+        """
+        param mu: real = 0.5
+        data x: real[N]
+        let zs = plate(n=N) {
+          z ~ Normal(mu, 1.0) @reparam
+          return [z, z ** 2]
+        }
+        maximize sum(zs[:, 1]) - mean(zs[:, 0])
+        """,
+        _plate_size,
+        {"x": X4},
+    ),
+    "plate_over_data": Case(
+        """
+        param mu: real = 0.5
+        data x: real[N]
+        data k: int[N]
+        let terms = plate(xi in x, ki in k) {
+          b ~ Bernoulli(logits=mu * xi)
+          return b * xi + ki
+        }
+        maximize sum(terms)
+        """,
+        _plate_over,
+        {"x": X4, "k": jnp.array([1, 0, 0, 1], jnp.int32)},
+    ),
 }
 
 
@@ -493,9 +654,9 @@ def test_round_trip(name, tmp_path):
         _assert_trees_close(g_text, g_python, f"{name}: gradient")
 
 
-# Constant folding in Python (`2.0 ** -1`) and estimax's own log density (`logp`) stage a few
-# different equations; every other construct stages exactly the Python program's IR.
-_SAME_IR_EXCEPT = {"arithmetic", "logp"}
+# Constant folding in Python (`2.0 ** -1`) and estimax's own log density (`logp`, also in the
+# marginal and normalize cases) stage a few different equations; every other construct stages exactly the Python program's IR.
+_SAME_IR_EXCEPT = {"arithmetic", "logp", "marginal_hvi", "marginal_iwhvi", "normalize"}
 
 
 @pytest.mark.parametrize("name", sorted(set(CASES) - _SAME_IR_EXCEPT))
@@ -620,7 +781,7 @@ def _expressions(draw, names, depth=0):
             return draw(st.sampled_from(names))
         return draw(st.sampled_from(_NUMBERS))
     sub = lambda: draw(_expressions(names, depth + 1))  # noqa: E731
-    kind = draw(st.integers(0, 12))
+    kind = draw(st.integers(0, 14))
     if kind in (0, 1):
         return f"{sub()} {draw(st.sampled_from(_BINARY))} {sub()}"
     if kind == 2:
@@ -652,7 +813,32 @@ def _expressions(draw, names, depth=0):
             return f"jnp2.{draw(st.sampled_from(['tanh', 'exp', 'nothing']))}({sub()})"
         attribute = draw(st.sampled_from(["mean", "variance", "mean", "foo"]))
         return f"{draw(_distribution(names, depth + 1))}.{attribute}"
+    if kind == 13:
+        lanes = draw(st.sampled_from(["n=2", "n=N", "n=0", "e in [1.0, 2.0]", "e in x", "e in mu", "e in x, f in x"]))
+        inner = draw(st.sampled_from(["p", "q"]))
+        dist_text = draw(_distribution([*names, "e"], depth + 1))
+        value = draw(_expressions([*names, inner, "e"], depth + 1))
+        return f"plate({lanes}) {{\n    {inner} ~ {dist_text}\n    return {value}\n}}"
+    if kind == 14:
+        lo, hi = (draw(st.sampled_from(["", "0", "1", "-1", "mu", "N"])) for _ in range(2))
+        return f"{sub()}[{lo}:{hi}]"
     return f"sum({sub()}, axis={draw(st.sampled_from(['0', '0', '1', 'mu']))})"
+
+
+# Sub-programs and distributions built from them: (text, the name of a scalar they define).
+_PROGRAM_BLOCKS = [
+    ("program g{i}(a) {{\n  t{i} ~ Normal(a, 1.0) @reparam\n  return t{i} * 2.0\n}}\nlet a{i} = g{i}({s})", "a{i}"),
+    ("program g{i}(a, b) {{\n  return a * b\n}}\nlet a{i} = g{i}({s}, b=2.0)", "a{i}"),
+    ("program g{i}(a) {{\n  return a\n}}\nlet a{i} = g{i}()", "a{i}"),
+    ("program j{i}() {{\n  u{i} ~ Normal({s}, 1.0) @reparam\n  y{i} ~ Normal(u{i}, 0.5) @reparam\n  return y{i}\n}}\n"
+     "program r{i}(y{i}) {{\n  u{i} ~ Normal(y{i}, 1.0) @reparam\n  return u{i}\n}}\n"
+     "let q{i} = marginal(j{i}, proposal=r{i}, particles={m}, name=\"m{i}\")\na{i} ~ q{i}\nlet c{i} = logp(q{i}, a{i})", "c{i}"),
+    ("program t{i}(y{i}) {{\n  return logp(Normal(0.0, 1.0), y{i})\n}}\n"
+     "program p{i}() {{\n  y{i} ~ Normal({s}, 1.0) @reparam\n  return y{i}\n}}\n"
+     "let q{i} = normalize(t{i}, p{i}, particles={m}, name=\"n{i}\")\na{i} ~ q{i}\nlet c{i} = t{i}(a{i}) - logp(q{i}, a{i})", "c{i}"),
+    ("program j{i}() {{\n  y{i} ~ Normal({s}, 1.0) @reparam\n  return y{i}\n}}\n"
+     "program r{i}(w) {{\n  return w\n}}\nlet q{i} = marginal(j{i}, proposal=r{i})\na{i} ~ q{i}", "a{i}"),
+]
 
 
 @st.composite
@@ -716,7 +902,13 @@ def _programs(draw):
         if _rare(draw, 5):
             lines.append(draw(st.sampled_from(["", "# a comment", "   ", "let a9 = 1.0 + \\\n  2.0  # more"])))
         well_formed = not _rare(draw, 40)
-        if draw(st.booleans()):
+        if _rare(draw, 15):
+            block, value = draw(st.sampled_from(_PROGRAM_BLOCKS))
+            m = draw(st.sampled_from(["0", "2", "1", "-1", "mu"]))
+            lines.append(block.format(i=i, s=draw(st.sampled_from(scalars or ["0.5"])), m=m))
+            scalars.append(value.format(i=i))
+            name = value.format(i=i)
+        elif draw(st.booleans()):
             name = f"a{i}" if not _rare(draw, 5) else draw(st.sampled_from(["exp", "mu", "a0"]))
             if well_formed and draw(st.booleans()):
                 inner = draw(_well_formed_sample("u", scalars, params))

@@ -20,7 +20,7 @@ def datasets(seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     f32 = np.float32
 
-    # gaussian_mean, expect, iwae_bound: 20 draws around 1.5
+    # gaussian_mean, expect, iwae_bound, resampling: 20 draws around 1.5
     x = rng.normal(1.5, 1.0, size=20).astype(f32)
 
     # regression: y = X w + noise, 3 features
@@ -35,13 +35,27 @@ def datasets(seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     points = rng.normal(size=30).astype(f32)
     labels = (points + 0.5 * rng.normal(size=30) > 0).astype(np.int32)
 
+    baseline = rng.normal(size=16).astype(f32)
+
+    # hierarchical: x_i ~ Normal(z², 0.5²) with z = ±1.2 (two posterior modes)
+    squares = (1.44 + 0.5 * rng.normal(size=10)).astype(f32)
+
+    # robust_regression: y = 1 + 2 x + noise, with 8 of 60 points shifted up by 6 to 10
+    rx = rng.uniform(-2.0, 2.0, size=60).astype(f32)
+    ry = 1.0 + 2.0 * rx + rng.normal(0.0, 0.3, size=60)
+    ry[np.argsort(rx)[-8:]] += rng.uniform(6.0, 10.0, size=8)  # at the right end: they tilt the line
+    ry = ry.astype(f32)
+
     return {
         "gaussian_mean": {"x": x},
+        "resampling": {"x": x},
+        "hierarchical": {"x": squares},
+        "robust_regression": {"x": rx, "y": ry},
         "expect": {"x": x},
         "iwae_bound": {"x": x},
         "regression": {"X": X, "y": y},
         "imports": {"t": t, "y": curve},
-        "baseline": {"x": rng.normal(size=16).astype(f32)},
+        "baseline": {"x": baseline},
         "expressions": {"x": points, "label": labels},
     }
 

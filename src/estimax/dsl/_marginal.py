@@ -28,7 +28,9 @@ variational inference", following Ranganath et al. 2016 and Sobolev & Vetrov 201
 
 Both are written with ``ex.trace``, ``ex.vmap`` and ``ex.sample``: no pass knows about them,
 so the estimator pass, ``explain`` and the certificate treat their random choices like any
-other. Fresh auxiliary draws are named ``"<name>/<site>"`` in the enclosing program.
+other. Fresh auxiliary draws are named ``"<name>/<site>"`` in the enclosing program (those of
+``log_density`` ``"<name>/density/<site>"``, or as its ``name=`` says: each call of it in one
+program needs its own name).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class Approximate:
     def draw(self, params, *data) -> tuple[dict, Any]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def log_density(self, values: dict, params, *data):  # pragma: no cover - abstract
+    def log_density(self, values: dict, params, *data, name: str | None = None):  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -114,9 +116,9 @@ class Marginal(Approximate):
             f"{sorted(expected)}; it draws {sorted(drawn)}."
         )
 
-    def _fresh_log_weights(self, kept, aux_names, params, data, m):
+    def _fresh_log_weights(self, kept, aux_names, params, data, m, prefix):
         def one():
-            tr = trace(self.proposal, prefix=f"{self.name}/")(kept, params, *data)
+            tr = trace(self.proposal, prefix=f"{prefix}/")(kept, params, *data)
             if set(tr.sites) != set(aux_names):
                 raise self._wrong_proposal(aux_names, tr.sites)
             log_joint = trace(self.joint, values={**kept, **tr.sites})(params, *data).log_prob
@@ -130,11 +132,11 @@ class Marginal(Approximate):
         log_w0 = tr.log_prob - self._reverse(kept, aux, params, data, values=aux).log_prob
         if self.particles == 0:
             return kept, log_w0
-        fresh = self._fresh_log_weights(kept, tuple(aux), params, data, self.particles)
+        fresh = self._fresh_log_weights(kept, tuple(aux), params, data, self.particles, self.name)
         log_w = jnp.concatenate([log_w0[None], fresh.astype(log_w0.dtype)])
         return kept, logsumexp(log_w) - math.log(self.particles + 1)
 
-    def log_density(self, values: dict, params, *data):
+    def log_density(self, values: dict, params, *data, name: str | None = None):
         values = dict(values)
         unknown = sorted(set(values) - set(self.keep))
         if unknown or len(values) != len(self.keep):
@@ -144,8 +146,17 @@ class Marginal(Approximate):
             )
         m = max(self.particles, 1)
         aux_names = _proposal_sites(self.proposal, values, params, data)
-        log_w = self._fresh_log_weights(values, aux_names, params, data, m)
+        log_w = self._fresh_log_weights(values, aux_names, params, data, m, _density_prefix(self, name))
         return logsumexp(log_w) - math.log(m)
+
+
+def _density_prefix(q: Approximate, name: str | None) -> str:
+    """Where ``log_density``'s fresh draws are named: ``"<q's name>/density/<site>"`` unless
+    ``name`` is given (each call in one program needs its own)."""
+    if name is None:
+        return f"{q.name}/density"
+    _check_name(name, f"{q!r}.log_density")
+    return name
 
 
 def _proposal_sites(proposal, kept, params, data) -> tuple[str, ...]:
@@ -174,9 +185,9 @@ class Normalized(Approximate):
 
         return model_log_density(self.target, values, params, data)
 
-    def _particles(self, params, data, k):
+    def _particles(self, params, data, k, prefix):
         def one():
-            tr = trace(self.proposal, prefix=f"{self.name}/")(params, *data)
+            tr = trace(self.proposal, prefix=f"{prefix}/")(params, *data)
             log_p = self._log_target(tr.sites, params, data)
             return tr.sites, log_p, log_p - tr.log_prob
 
@@ -186,19 +197,19 @@ class Normalized(Approximate):
         return vmap(one, axis_size=k)()
 
     def draw(self, params, *data):
-        sites, log_p, log_w = self._particles(params, data, self.particles)
+        sites, log_p, log_w = self._particles(params, data, self.particles, self.name)
         j = sample(dist.Categorical(logits=log_w), estimator=self.index_estimator, name=f"{self.name}/index")
         chosen = jax.tree.map(lambda a: a[j], sites)
         log_z = logsumexp(log_w) - math.log(self.particles)
         return chosen, log_p[j] - log_z
 
-    def log_density(self, values: dict, params, *data):
+    def log_density(self, values: dict, params, *data, name: str | None = None):
         values = dict(values)
         log_r = trace(self.proposal, values=values)(params, *data).log_prob
         log_p = self._log_target(values, params, data)
         log_w = (log_p - log_r)[None]
         if self.particles > 1:
-            _, _, others = self._particles(params, data, self.particles - 1)
+            _, _, others = self._particles(params, data, self.particles - 1, _density_prefix(self, name))
             log_w = jnp.concatenate([log_w, others.astype(log_w.dtype)])
         return log_p - (logsumexp(log_w) - math.log(self.particles))
 

@@ -32,18 +32,25 @@ from jax.scipy.special import logsumexp
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
-from ..._errors import EstimaxError
+from ..._errors import EstimaxError, ProgramError
 from ...transforms.estimators import enum as _enum
 from ...transforms.estimators import gumbel_softmax as _gumbel_softmax
 from ...transforms.estimators import mvd as _mvd
 from ...transforms.estimators import reinforce as _reinforce
 from ...transforms.estimators import reparam as _reparam
 from ...transforms.estimators import straight_through as _straight_through
+from .._marginal import Approximate
+from .._marginal import marginal as _marginal
+from .._marginal import normalize as _normalize
 from .._primitives import expect as _expect
 from .._primitives import sample as _sample
 from .._primitives import source_location
+from .._primitives import stage as _stage
+from .._primitives import sample_p as _sample_p
+from .._primitives import vmap as _vmap
 from .._program import Expectation
 from .._site import log_density
+from ...objectives._vi import LogJoint
 from ...transforms._certify import collect_sites
 from ._errors import TextError
 
@@ -91,6 +98,164 @@ def _reduction(fn):
     return reduce
 
 
+class _Program:
+    """A ``program name(args) { ... }`` of the file: a function whose statements run (and whose
+    random choices are drawn) where it is called, seeing what was defined before it."""
+
+    def __init__(self, text: "TextProgram", node: Tree, env: dict, ctx):
+        self.__name__ = str(node.children[0])
+        self.args = [str(a) for a in (node.children[1].children if node.children[1] is not None else [])]
+        self.node, self.stmts, self._text, self._env, self._ctx = node, node.children[2:], text, env, ctx
+
+    def __call__(self, *args, **kwargs):
+        takes = f"it takes ({', '.join(self.args)})"
+        if len(args) > len(self.args):
+            raise TypeError(f"{len(args)} arguments given; {takes}")
+        bound = dict(zip(self.args, args))
+        for k, v in kwargs.items():
+            if k not in self.args:
+                raise TypeError(f"no argument named {k!r}; {takes}")
+            if k in bound:
+                raise TypeError(f"argument {k!r} is given twice")
+            bound[k] = v
+        missing = [a for a in self.args if a not in bound]
+        if missing:
+            raise TypeError(f"missing argument{'s' if len(missing) > 1 else ''} {', '.join(missing)}; {takes}")
+        env = dict(self._env)
+        env.update(bound)
+        return self._text._run_block(self.stmts, env, self._ctx, "program")
+
+    def returned_site(self) -> str | None:
+        """The random choice the program returns, when its ``return`` is just a choice's name."""
+        value = self.stmts[-1].children[0]
+        drawn = {str(s.children[0]) for s in self.stmts if s.data == "sample_stmt"}
+        if isinstance(value, Tree) and value.data == "name" and str(value.children[0]) in drawn:
+            return str(value.children[0])
+        return None
+
+
+class _Record:
+    """The value of a draw from a distribution over several random choices; ``.name`` reads one."""
+
+    def __init__(self, values: dict):
+        self.values = values
+
+
+class _Drawable:
+    """``marginal(...)``/``normalize(...)`` in a file: ``z ~ q`` draws (and keeps the draw's
+    density estimate, whose reciprocal is unbiased); ``logp(q, z)`` gives that estimate at the
+    drawn value and an unbiased density estimate at any other value."""
+
+    def __init__(self, approx: Approximate, label: str, site_names: Callable[[], tuple]):
+        self.approx, self.label, self._site_names = approx, label, site_names
+        self._draws: list = []
+        self._densities = 0
+
+    def draw(self):
+        sites, log_q = self.approx.draw(None)
+        value = next(iter(sites.values())) if len(sites) == 1 else _Record(dict(sites))
+        self._draws.append((value, log_q))
+        return value
+
+    def logp(self, x):
+        for value, log_q in self._draws:
+            if x is value:
+                return log_q
+        names = self._site_names()
+        if isinstance(x, _Record):
+            values = x.values
+        elif len(names) == 1:
+            values = {names[0]: x}
+        else:
+            raise TypeError(f"{self.label} is over the random choices {', '.join(names)}: give logp a draw "
+                            f"`z ~ {self.label.split('(')[0]}(...)` of it")
+        self._densities += 1  # each estimate draws its own auxiliary choices: name them apart
+        name = None if self._densities == 1 else f"{self.approx.name}/density{self._densities}"
+        return self.approx.log_density(values, None, name=name)
+
+
+def _program_arg(value, what: str) -> _Program:
+    if not isinstance(value, _Program):
+        raise TypeError(f"{what} must be a program defined with `program name(...) {{ ... }}`; got "
+                        f"{_describe_value(value)}")
+    return value
+
+
+def _sites_of(fn: Callable, *args) -> tuple:
+    closed, _, _ = _stage(fn, args, "a program", fresh_names=True, float_outputs=False)
+    return tuple(e.params["spec"].name for e in closed.jaxpr.eqns if e.primitive is _sample_p)
+
+
+def _text_marginal(joint, keep=None, proposal=None, particles=0, name="marginal"):
+    joint = _program_arg(joint, "the joint (first argument)")
+    if joint.args:
+        raise TypeError(f"the joint program {joint.__name__} must take no arguments; it takes ({', '.join(joint.args)})")
+    if proposal is None:
+        raise TypeError("give the reverse model as proposal=<program>, a program of the kept random choices")
+    proposal = _program_arg(proposal, "proposal=")
+    if keep is None:
+        keep = joint.returned_site()
+        if keep is None:
+            raise TypeError(f"say which random choices the marginal is over: keep=\"z\", or end {joint.__name__} "
+                            "with `return z` for a random choice z")
+    keep = [keep] if isinstance(keep, str) else keep
+    if not (isinstance(keep, list) and keep and all(isinstance(k, str) for k in keep)):
+        raise TypeError(f"keep= takes the name of a random choice as a string, or a list of them; got {_describe_value(keep)}")
+    if sorted(proposal.args) != sorted(keep):
+        raise TypeError(f"the proposal takes the kept random choices as its arguments, by name: "
+                        f"{proposal.__name__}({', '.join(keep)}); it takes ({', '.join(proposal.args)})")
+    if isinstance(particles, bool) or not isinstance(particles, int):
+        raise TypeError(f"particles= must be a whole number written in the file; got {_describe_value(particles)}")
+    if not isinstance(name, str):
+        raise TypeError(f"name= must be a string; got {_describe_value(name)}")
+
+    def joint_fn(params, *data):
+        return joint()
+
+    def proposal_fn(kept, params, *data):
+        return proposal(**kept)
+
+    joint_fn.__name__, proposal_fn.__name__ = joint.__name__, proposal.__name__
+    approx = _marginal(joint_fn, keep=keep, proposal=proposal_fn, particles=particles, name=name)
+    return _Drawable(approx, f"marginal({joint.__name__})", lambda: tuple(keep))
+
+
+def _text_normalize(target, proposal=None, particles=None, name="normalize"):
+    target = _program_arg(target, "the target (first argument)")
+    if proposal is None:
+        raise TypeError("give the proposal as proposal=<program> (or the second argument)")
+    proposal = _program_arg(proposal, "proposal=")
+    if proposal.args:
+        raise TypeError(f"the proposal {proposal.__name__} must take no arguments; it takes ({', '.join(proposal.args)})")
+    if particles is None:
+        raise TypeError("give the number of proposal draws as particles=K")
+    if isinstance(particles, bool) or not isinstance(particles, int):
+        raise TypeError(f"particles= must be a whole number written in the file; got {_describe_value(particles)}")
+    if not isinstance(name, str):
+        raise TypeError(f"name= must be a string; got {_describe_value(name)}")
+
+    def log_target(latents, params, *data):
+        unknown = [a for a in target.args if a not in latents]
+        if unknown or len(latents) != len(target.args):
+            raise ProgramError(f"normalize: the target {target.__name__}({', '.join(target.args)}) takes the "
+                               f"proposal's random choices as its arguments, by name; {proposal.__name__} draws "
+                               f"{', '.join(sorted(latents))}")
+        return jnp.sum(jnp.asarray(target(**latents)))
+
+    def proposal_fn(params, *data):
+        return proposal()
+
+    log_target.__name__, proposal_fn.__name__ = target.__name__, proposal.__name__
+    approx = _normalize(LogJoint(log_target), proposal_fn, particles=particles, name=name)
+    return _Drawable(approx, f"normalize({target.__name__})", functools.partial(_sites_of, proposal))
+
+
+def _logp(d, x):
+    if isinstance(d, _Drawable):
+        return d.logp(x)
+    return jnp.sum(log_density(_distribution(d), x))
+
+
 FUNCTIONS: dict[str, Callable] = {
     "exp": jnp.exp, "log": jnp.log, "log1p": jnp.log1p, "expm1": jnp.expm1, "sqrt": jnp.sqrt,
     "abs": jnp.abs, "sin": jnp.sin, "cos": jnp.cos, "tan": jnp.tan, "tanh": jnp.tanh,
@@ -110,7 +275,9 @@ FUNCTIONS: dict[str, Callable] = {
     "zeros": lambda *shape: jnp.zeros(tuple(int(s) for s in shape)),
     "ones": lambda *shape: jnp.ones(tuple(int(s) for s in shape)),
     "float": lambda x: jnp.asarray(x, jnp.result_type(float)),
-    "logp": lambda d, x: jnp.sum(log_density(_distribution(d), x)),
+    "logp": _logp,
+    "marginal": _text_marginal,
+    "normalize": _text_normalize,
 }
 CONSTANTS: dict[str, Any] = {"pi": math.pi, "e": math.e, "inf": math.inf}
 STRATEGIES: dict[str, Any] = {
@@ -119,12 +286,13 @@ STRATEGIES: dict[str, Any] = {
 }
 _DIST_METHODS = {"to_event", "expand", "mask", "mean", "variance"}
 _SHAPE_FUNCTIONS = {"reshape", "zeros", "ones", "transpose"}  # take a list literal as a shape, not an array
+_OBJECT_FUNCTIONS = {"logp", "marginal", "normalize"}  # take distributions, programs or names, not only numbers
 _TYPES = {"real": jnp.float32, "int": jnp.int32}
 # The grammar's keywords. lark's contextual lexer reads a keyword as a name where no keyword
 # can stand (`let then = 1`), so declarations check for them.
 _KEYWORDS = {"from", "import", "as", "param", "data", "let", "maximize", "minimize", "return", "if", "then",
-             "else", "and", "or", "not", "true", "false", "expect"}
-_STATEMENT_KEYWORDS = ["param", "data", "let", "maximize", "minimize", "from", "return"]
+             "else", "and", "or", "not", "true", "false", "expect", "program", "plate", "in"}
+_STATEMENT_KEYWORDS = ["param", "data", "let", "maximize", "minimize", "from", "return", "program"]
 _DEFAULT_DIM = 2  # the size given to a named dimension when no data fixes it (check, explain)
 
 _TOKEN_NAMES = {
@@ -134,9 +302,9 @@ _TOKEN_NAMES = {
 }
 # What may start an expression, and the binary operators: listed as one item each in
 # "expected ..." rather than a dozen tokens.
-_EXPRESSION_START = {"NAME", "NUMBER", "STRING", "LPAR", "LSQB", "MINUS", "PLUS", "TRUE", "FALSE", "EXPECT"}
+_EXPRESSION_START = {"NAME", "NUMBER", "STRING", "LPAR", "LSQB", "MINUS", "PLUS", "TRUE", "FALSE", "EXPECT", "PLATE"}
 _OPERATORS = {"ADDOP", "MULOP", "COMPOP", "AND", "OR"}
-_STATEMENT_START = {"DATA", "FROM", "LET", "MAXIMIZE", "MINIMIZE", "PARAM", "RETURN", "NAME"}
+_STATEMENT_START = {"DATA", "FROM", "LET", "MAXIMIZE", "MINIMIZE", "PARAM", "RETURN", "NAME", "PROGRAM"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -291,6 +459,8 @@ class TextProgram:
         self._size_tokens: dict[tuple[str, str], Token] = {}  # (declared name, size name) -> the size
         self._site_tokens: dict[str, Any] = {}  # full site name ("expect/z") -> its strategy or name in the file
         self._site_names: dict[str, Token] = {}  # full site name -> its name in the file
+        self._program_sites: dict[str, Any] = {}  # a program's site name -> its strategy or name (first program wins)
+        self.programs: dict[str, Tree] = {}
         self.maximize = True
         self._objective_node: Tree | None = None
         self._read(tree)
@@ -360,9 +530,17 @@ class TextProgram:
         """An error an estimator pass raised about a site (``site 'z': ...``), at the site's
         strategy (or name) in the file; other errors (about the caller's arguments) unchanged."""
         m = re.match(r"site '([^']+)'|two random choices are named '([^']+)'", str(e))
-        token = self._site_tokens.get(m.group(1) or m.group(2)) if m else None
+        full = (m.group(1) or m.group(2)) if m else None
+        token = None
+        if full is not None:  # a program's choices are named where the program is called: match the last part
+            token = self._site_tokens.get(full) or self._program_sites.get(full.rsplit("/", 1)[-1])
         if token is None:
             return e
+        if m.group(2) is not None and full not in self._site_tokens:
+            # a program (or a marginal/normalize) drawn twice in one objective
+            return self.error(f"the random choice {full!r} is drawn twice: a program that draws random choices "
+                              "(or a marginal or normalize) can run once in an objective", token,
+                              hint="for several independent draws, run it inside `plate(n=...) { ... }`")
         return self.error(_in_text_terms(_first_line(e)), token)
 
     # -- reading the statements ------------------------------------------------------------------
@@ -379,6 +557,9 @@ class TextProgram:
                 self._declare(stmt)
             elif kind in ("let_stmt", "sample_stmt"):
                 self._note_binding(stmt)
+                self.body.append(stmt)
+            elif kind == "program_def":
+                self.programs[str(stmt.children[0])] = stmt
                 self.body.append(stmt)
             elif kind in ("maximize", "minimize"):
                 self.maximize = kind == "maximize"
@@ -397,6 +578,8 @@ class TextProgram:
         out = {n: "an import" for n in self.imports}
         out.update({n: "a parameter" for n in self.params})
         out.update({n: "a data array" for n in self.data})
+        for d in self.data.values():
+            out.update({n: "a size" for n in d.shape if isinstance(n, str) and n not in out})
         return out
 
     def _check_new_name(self, token: Token, what: str, defined: dict[str, str]):
@@ -491,9 +674,11 @@ class TextProgram:
                                      line=d.line, column=1, hint="give the size as a number, or declare data with it")
         self._resolve_block(self.body, known)
 
-    def _resolve_block(self, stmts, known: dict[str, str], prefix: str = ""):
+    def _resolve_block(self, stmts, known: dict[str, str], prefix: str = "", program: bool = False):
         for stmt in stmts:
-            if stmt.data in ("let_stmt", "sample_stmt"):
+            if stmt.data == "program_def":
+                self._resolve_program(stmt, known)
+            elif stmt.data in ("let_stmt", "sample_stmt"):
                 name, value = stmt.children[0], stmt.children[1]
                 self._resolve(value, known, prefix)
                 if stmt.data == "sample_stmt" and stmt.children[2] is not None:
@@ -502,19 +687,55 @@ class TextProgram:
                 self._check_new_name(name, what, known)
                 known[str(name)] = "a random choice" if stmt.data == "sample_stmt" else "a let-binding"
                 if stmt.data == "sample_stmt":
-                    self._note_site(prefix + str(name), name, stmt.children[2])
+                    if program:
+                        self._program_sites.setdefault(str(name), stmt.children[2] or name)
+                        self.sites.setdefault(str(name), (name.line, name.column))
+                    else:
+                        self._note_site(prefix + str(name), name, stmt.children[2])
             else:  # maximize, minimize, return
                 self._resolve(stmt.children[0], known, prefix)
 
+    def _resolve_program(self, stmt: Tree, known: dict[str, str]):
+        name, args_node, *body = stmt.children
+        self._check_new_name(name, "a program", known)
+        inner = dict(known)
+        for a in ([] if args_node is None else args_node.children):
+            self._check_new_name(a, "a program's argument", inner)
+            inner[str(a)] = "an argument"
+        self._check_block(stmt, body, "a `program`", "programs")
+        # the program sees what is defined before it; not itself (no recursion)
+        self._resolve_block(body, inner, program=True)
+        known[str(name)] = "a program"
+
+    def _check_block(self, node: Tree, stmts: list, what: str, plural: str):
+        for i, s in enumerate(stmts[:-1]):
+            if s.data == "return_stmt":
+                raise self.error(f"statements after `return`: it must be the last statement of {what} block",
+                                 stmts[i + 1], hint=f"the block's `return` is on line {s.meta.line}")
+        if not stmts or stmts[-1].data != "return_stmt":
+            raise self.error(f"{what} block must end with `return <expression>`", node)
+        for s in stmts[:-1]:
+            if s.data == "program_def":
+                raise self.error(f"programs are defined at the top level of the file, not inside {what} block", s)
+            if s.data not in ("let_stmt", "sample_stmt"):
+                raise self.error(f"only `let`, `~` and a final `return` are allowed inside {plural}", s)
+
     def _note_site(self, full: str, name: Token, strategy):
-        # Every block's function is `expect`, so two blocks' random choices of one name would be
-        # the same site ("expect/u").
+        # Blocks do not scope names of random choices (every `expect` block's function is
+        # `expect`; a plate's choices keep their names), so two blocks' random choices of one
+        # name would be the same site ("expect/u").
         if full in self._site_names:
             prev = self._site_names[full]
-            raise self.error(f"another `expect` block has a random choice named {str(name)!r} (line {prev.line}); "
-                             "random choices in `expect` blocks need distinct names", name)
+            raise self.error(f"another block has a random choice named {str(name)!r} (line {prev.line}); "
+                             "random choices in `expect` and `plate` blocks need distinct names", name)
         self._site_names[full] = name
         self._site_tokens[full] = strategy or name  # errors about the site point at its strategy, else its name
+
+    def _note_block_sites(self, stmts):
+        for s in stmts:
+            if s.data == "sample_stmt":
+                n = s.children[0]
+                self.sites.setdefault(str(n), (n.line, n.column))
 
     def _resolve_strategy(self, node: Tree, known, prefix: str = ""):
         name = node.children[0]
@@ -551,19 +772,27 @@ class TextProgram:
                     if str(kw.children[0]) != "n":
                         raise self.error(f"expect takes only n=...; got {str(kw.children[0])}=", kw.children[0])
                     self._resolve(kw.children[1], known, prefix)
-            for i, s in enumerate(stmts[:-1]):
-                if s.data == "return_stmt":
-                    raise self.error("statements after `return`: it must be the last statement of an `expect` block",
-                                     stmts[i + 1], hint=f"the block's `return` is on line {s.meta.line}")
-            if not stmts or stmts[-1].data != "return_stmt":
-                raise self.error("an `expect { ... }` block must end with `return <expression>`", node)
-            for s in stmts[:-1]:
-                if s.data not in ("let_stmt", "sample_stmt"):
-                    raise self.error("only `let`, `~` and a final `return` are allowed inside `expect`", s)
-                if s.data == "sample_stmt":
-                    n = s.children[0]
-                    self.sites.setdefault(str(n), (n.line, n.column))
+            self._check_block(node, stmts, "an `expect { ... }`", "`expect`")
+            self._note_block_sites(stmts)
             self._resolve_block(stmts, dict(known), prefix + "expect/")  # the block's function is `expect`
+            return
+        if node.data == "plate_block":
+            spec, *stmts = node.children
+            inner = dict(known)
+            if spec.data == "plate_size":
+                key = spec.children[0].children[0]
+                if str(key) != "n":
+                    raise self.error(f"plate takes n=... or `name in array`; got {str(key)}=", key)
+                self._resolve(spec.children[0].children[1], known, prefix)
+            else:
+                for item in spec.children:
+                    element, array = item.children
+                    self._resolve(array, known, prefix)
+                    self._check_new_name(element, "a plate's element", inner)
+                    inner[str(element)] = "a plate's element"
+            self._check_block(node, stmts, "a `plate { ... }`", "`plate`")
+            self._note_block_sites(stmts)
+            self._resolve_block(stmts, inner, prefix)  # a plate's random choices keep their names
             return
         if node.data == "kwarg":
             self._resolve(node.children[1], known, prefix)
@@ -643,27 +872,49 @@ class TextProgram:
             env: dict[str, Any] = dict(self.imports)
             env.update({k: params[k] for k in self.params})
             env.update({k: data[k] for k in self.data})
+            for decl in self.data.values():  # named sizes are numbers in the program: plate(n=N)
+                for axis, size in enumerate(decl.shape):
+                    if isinstance(size, str) and size not in env:
+                        env[size] = int(jnp.shape(data[decl.name])[axis])
             return self._run_block(body, env, ctx)
 
         objective.__name__ = Path(self.filename).stem if self.filename != "<string>" else "text_objective"
         return objective
 
-    def _run_block(self, stmts, env, ctx):
+    def _run_block(self, stmts, env, ctx, block: str = "objective"):
+        """Run a block's statements; its value is that of its last (``maximize``/``minimize``/
+        ``return``) statement. ``block``: "objective" or "expect" (a scalar), "plate" (an
+        array), "program" (any value)."""
         for stmt in stmts:
             where = f"{os.path.basename(self.filename)}:{stmt.meta.line}"
             with jax.named_scope(f"src={where}"), source_location(where):
-                value = self._run_statement(stmt, env, ctx)
-            if value is not None:
+                done, value = self._run_statement(stmt, env, ctx, block)
+            if done:
                 return value
         raise AssertionError("a block without a value")  # excluded by _read / _resolve
 
-    def _run_statement(self, stmt, env, ctx):
+    def _run_statement(self, stmt, env, ctx, block):
         kind = stmt.data
-        if kind == "let_stmt":
+        if kind == "program_def":
+            env[str(stmt.children[0])] = _Program(self, stmt, dict(env), ctx)
+        elif kind == "let_stmt":
             env[str(stmt.children[0])] = self._eval(stmt.children[1], env, ctx)
         elif kind == "sample_stmt":
             name, d_node, strategy_node = stmt.children
             d = self._eval(d_node, env, ctx)
+            if isinstance(d, _Drawable):
+                if strategy_node is not None:
+                    raise self.error(f"a strategy does not apply to a draw from {d.label}: its random choices "
+                                     "carry their own strategies (write them inside its programs)", strategy_node)
+                try:
+                    env[str(name)] = d.draw()
+                except TextError:
+                    raise
+                except EstimaxError as e:
+                    raise self.error(_in_text_terms(_first_line(e)), d_node) from None
+                except Exception as e:  # noqa: BLE001 -- a value its programs cannot use
+                    raise self.error(_describe_error(e), d_node) from None
+                return False, None
             if not isinstance(d, dist.Distribution):
                 hint = None
                 if (isinstance(d, type) and issubclass(d, dist.Distribution)) or any(d is f for f in DISTRIBUTIONS.values()):
@@ -680,16 +931,23 @@ class TextProgram:
             except Exception as e:  # noqa: BLE001 -- e.g. a parameter NumPyro cannot use
                 raise self.error(_describe_error(e), d_node) from None
         else:  # maximize / minimize / return: the block's value
-            what = "an `expect` block's value" if kind == "return_stmt" else "the objective"
             value = self._eval(stmt.children[0], env, ctx)
+            if block == "program":
+                return True, _arr(value)
+            what = {"objective": "the objective", "expect": "an `expect` block's value",
+                    "plate": "a `plate` block's value"}[block]
             if _not_numeric(value):
-                raise self.error(f"{what} must be a number; got {_describe_value(value)}", stmt.children[0])
+                raise self.error(f"{what} must be a number or an array; got {_describe_value(value)}"
+                                 if block == "plate" else f"{what} must be a number; got {_describe_value(value)}",
+                                 stmt.children[0])
             value = _arr(value)
+            if block == "plate":
+                return True, jnp.asarray(value)
             if jnp.ndim(value) != 0:
                 raise self.error(f"{what} must be a scalar; this expression has shape {jnp.shape(value)}",
                                  stmt.children[0], hint="reduce it, e.g. with sum(...) or mean(...)")
-            return jnp.asarray(value, jnp.result_type(float))
-        return None
+            return True, jnp.asarray(value, jnp.result_type(float))
+        return False, None
 
     def _strategy(self, node: Tree, env, ctx):
         name, kwargs = node.children
@@ -768,6 +1026,8 @@ class TextProgram:
             items = [ev(c) for c in node.children if c is not None]
             if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in items):
                 return items  # a static list (shapes: expand([3]))
+            if items and all(isinstance(x, str) for x in items):
+                return items  # names: keep=["z", "w"]
             return jnp.stack([jnp.asarray(x) for x in items])
         if kind == "neg":
             return -self._num(ev(node.children[0]), node.children[0], "'-'")
@@ -778,6 +1038,8 @@ class TextProgram:
             else:
                 (a, b), op = node.children, {"pow": "**", "and_expr": "and", "or_expr": "or"}[kind]
             x, y = self._num(ev(a), a, f"'{op}'"), self._num(ev(b), b, f"'{op}'")
+            if op in _WHOLE_NUMBER_OPS and _whole(x) and _whole(y):
+                return _WHOLE_NUMBER_OPS[op](x, y)  # stays a number written in the file: x[:N - 1]
             self._same_shapes(x, y, node, f"'{op}'")
             return _BINARY[op](x, y)
         if kind == "not_expr":
@@ -795,6 +1057,13 @@ class TextProgram:
                 raise self.error(f"`if ... then ... else ...` got mismatched shapes: the condition {jnp.shape(cond)}, "
                                  f"`then` {jnp.shape(x)}, `else` {jnp.shape(y)}", node) from None
             return jnp.where(cond, x, y)
+        if kind == "slice":
+            bounds = [None if c is None else ev(c) for c in node.children]
+            for b, b_node in zip(bounds, node.children):
+                if b is not None and (isinstance(b, bool) or not isinstance(b, int)):
+                    raise self.error(f"the bounds of a slice must be whole numbers written in the file (or sizes); "
+                                     f"got {_describe_value(b)}", b_node)
+            return slice(*bounds)
         if kind == "index":
             target, *idx = node.children
             x = jnp.asarray(self._num(ev(target), target, "indexing"))
@@ -814,6 +1083,11 @@ class TextProgram:
                 if name == "expand":
                     return _expand(obj)
                 return getattr(obj, name)
+            if isinstance(obj, _Record):
+                if name not in obj.values:
+                    raise self.error(f"this draw has no random choice {name!r}; it has {', '.join(obj.values)}",
+                                     node.children[1])
+                return obj.values[name]
             if inspect.ismodule(obj) and hasattr(obj, name):
                 return getattr(obj, name)
             if name == "T" and hasattr(obj, "shape"):
@@ -833,6 +1107,8 @@ class TextProgram:
             return self._call(fn, args, kwargs, node, fn_node)
         if kind == "expect_block":
             return self._expect(node, env, ctx)
+        if kind == "plate_block":
+            return self._plate(node, env, ctx)
         raise self.error(f"unsupported expression ({kind})", node)
 
     def _cond(self, cond, then_node, else_node, node, ev):
@@ -872,7 +1148,7 @@ class TextProgram:
         elif not callable(fn):
             what = f"{str(fn_node.children[0])!r} is {_describe_value(fn)}" if fn_node.data == "name" else _describe_value(fn)
             raise self.error(f"{what}, not a function", fn_node)
-        elif any(fn is FUNCTIONS[f] for f in FUNCTIONS if f != "logp"):
+        elif any(fn is FUNCTIONS[f] for f in FUNCTIONS if f not in _OBJECT_FUNCTIONS):
             for i, value in enumerate([*args, *kwargs.values()]):
                 if _not_numeric(value):
                     raise self.error(f"{label}: its arguments must be numbers or arrays; argument {i + 1} is "
@@ -897,9 +1173,40 @@ class TextProgram:
             n = n_value
 
         def expect():
-            return self._run_block(stmts, dict(env), ctx)
+            return self._run_block(stmts, dict(env), ctx, "expect")
 
         return _expect(expect, n=n)()
+
+    def _plate(self, node, env, ctx):
+        """``plate(n=K) {...}`` or ``plate(a in x, b in y) {...}``: ``ex.vmap`` over ``K`` lanes or
+        over the arrays' leading axis; each lane draws its own random choices."""
+        spec, *stmts = node.children
+        if spec.data == "plate_size":
+            n_node = spec.children[0].children[1]
+            n = self._eval(n_node, env, ctx)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                got = repr(n) if isinstance(n, (int, float)) else _describe_value(n)
+                raise self.error(f"plate(n=...) needs a positive integer written in the file or a size; got {got}",
+                                 n_node)
+            return _vmap(lambda: self._run_block(stmts, dict(env), ctx, "plate"), axis_size=n)()
+        names, arrays = [], []
+        for item in spec.children:
+            element, array_node = item.children
+            array = self._num(self._eval(array_node, env, ctx), array_node, "plate")
+            if jnp.ndim(array) == 0:
+                raise self.error(f"`{element} in ...` needs an array to take elements from; got a scalar", array_node)
+            if arrays and jnp.shape(array)[0] != jnp.shape(arrays[0])[0]:
+                raise self.error(f"the arrays of a plate must have the same length: {names[0]} takes "
+                                 f"{jnp.shape(arrays[0])[0]} elements, {element} {jnp.shape(array)[0]}", array_node)
+            names.append(str(element))
+            arrays.append(jnp.asarray(array))
+
+        def lane(*elements):
+            local = dict(env)
+            local.update(zip(names, elements))
+            return self._run_block(stmts, local, ctx, "plate")
+
+        return _vmap(lane)(*arrays)
 
 
 def _shown(source: str) -> str:
@@ -928,6 +1235,13 @@ _BINARY = {
 }
 
 
+_WHOLE_NUMBER_OPS = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}
+
+
+def _whole(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _not_numeric(x) -> bool:
     """Whether ``x`` is something other than a number, a boolean, an array or a list of numbers."""
     if isinstance(x, list):
@@ -945,6 +1259,7 @@ _STRATEGY_NAMES = "|".join(STRATEGIES)
 
 def _in_text_terms(message: str) -> str:
     """An estimax message about strategies, with the file's spelling: ``ex.enum`` -> ``@enum``."""
+    message = re.sub(r"\bex\.(marginal|normalize)\(", r"\1(", message)
     return re.sub(rf"(?:estimator=)?ex\.({_STRATEGY_NAMES})\b", r"@\1", message)
 
 
@@ -968,6 +1283,12 @@ def _describe_value(x) -> str:
         return f"the distribution {type(x).__name__}"
     if (isinstance(x, type) and issubclass(x, dist.Distribution)) or any(x is f for f in DISTRIBUTIONS.values()):
         return f"the distribution family {x.__name__} (not called)"
+    if isinstance(x, _Program):
+        return f"the program {x.__name__}"
+    if isinstance(x, _Drawable):
+        return f"the distribution {x.label}"
+    if isinstance(x, _Record):
+        return f"a draw of the random choices {', '.join(x.values)}"
     if isinstance(x, type):
         return f"the class {x.__name__}"
     if inspect.ismodule(x):
