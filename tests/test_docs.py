@@ -28,3 +28,19 @@ def test_readme_example_runs_and_prints_the_plan(capsys):
     # the plan printed in the README is the one the code prints
     shown = re.search(r"```\n(estimator plan for objective.*?)```", text, re.S).group(1)
     assert [line.split() for line in shown.strip().splitlines()] == [line.split() for line in out.strip().splitlines()]
+
+
+def test_constrained_doc_examples_run(tmp_path):
+    """Every Python example of docs/constrained.md runs (in a subprocess: they enable float64)."""
+    import subprocess
+    import sys
+
+    text = (ROOT / "docs" / "constrained.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 2
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"example{i}.py"
+        path.write_text(block)
+        done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"docs/constrained.md example {i}:\n{block}\n{done.stderr[-3000:]}"
+        assert "successful" in done.stdout or "Solution(" in done.stdout, done.stdout

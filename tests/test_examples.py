@@ -45,3 +45,11 @@ def test_vi_example_quick(script, figure, summary, tmp_path):
 def test_bench_core_quick(tmp_path):
     out = run([str(ROOT / "bench" / "bench_core.py"), "--quick"], tmp_path)
     assert "estimax" in out and "hand-written" in out
+
+
+def test_constrained_classification_quick(tmp_path):
+    out = run([str(ROOT / "examples" / "constrained_classification.py"), "--steps", "300", "--out", str(tmp_path / "o")],
+              tmp_path)
+    assert "full data, AugmentedLagrangian: Solution(successful" in out
+    assert "relative distance to the full-data solution" in out
+    assert (tmp_path / "o" / "constrained_classification.png").stat().st_size > 1000

@@ -700,6 +700,42 @@ def test_if_lowers_to_cond_or_where(name, scalar, tmp_path):
     assert ("name=_where" in jaxpr) == (not scalar)
 
 
+def test_constraints_round_trip(tmp_path):
+    """`subject_to` lowers to `ex.subject_to`: the same constraints, kinds and values as the
+    Python program, and `ex.solve` reaches the same solution."""
+    from estimax.transforms._constraints import split
+
+    path = tmp_path / "portfolio.emx"
+    path.write_text(textwrap.dedent("""
+        param w: real[3] = [0.5, 0.3, 0.2]
+        data r: real[3]
+        subject_to budget: sum(w) == 1.0
+        subject_to w >= 0.0
+        subject_to cap: w[0] <= 0.4
+        minimize sum(w ** 2 * r) - 0.1 * sum(w * r)
+    """).lstrip())
+    prog = ex.text.load(path)
+
+    def python(p, d):
+        w = p["w"]
+        ex.subject_to(eq=jnp.sum(w) - 1.0, name="budget")
+        ex.subject_to(ge=w - 0.0, name="le_1")
+        ex.subject_to(le=w[0] - 0.4, name="cap")
+        return jnp.sum(w**2 * d["r"]) - 0.1 * jnp.sum(w * d["r"])
+
+    params, data = prog.init_params(), {"r": jnp.array([1.0, 2.0, 3.0])}
+    args = (params, data)
+    text_parts, python_parts = split(prog.objective, args), split(python, args)
+    assert [(c.name, c.kind, c.shape) for c in text_parts.constraints] == [
+        (c.name, c.kind, c.shape) for c in python_parts.constraints
+    ] == [("budget", "eq", ()), ("le_1", "le", (3,)), ("cap", "le", ())]
+    flat = jax.tree_util.tree_leaves(args)
+    for a, b in zip((text_parts.objective, *text_parts.constraints), (python_parts.objective, *python_parts.constraints)):
+        np.testing.assert_allclose(a(*flat), b(*flat), rtol=1e-6)
+    plan = ex.explain(prog.objective, *args)
+    assert [c[0] for c in plan.constraints] == ["budget", "le_1", "cap"] and plan.constraints[0][3] == "portfolio.emx:3"
+
+
 def test_sites_report_the_file_line(tmp_path):
     prog, _, _ = _load_case("expect", tmp_path)
     plan = ex.explain(prog.objective, prog.init_params(), {})

@@ -46,7 +46,13 @@ def datasets(seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     ry[np.argsort(rx)[-8:]] += rng.uniform(6.0, 10.0, size=8)  # at the right end: they tilt the line
     ry = ry.astype(f32)
 
+    # portfolio: 250 days of returns of 5 assets, in percent; two of them poor
+    drift = np.array([0.25, 0.15, 0.05, -0.05, -0.1])
+    vol = np.array([2.0, 1.5, 1.0, 1.2, 1.8])
+    returns = (drift + vol * rng.standard_t(5, size=(250, 5)) * np.sqrt(3 / 5)).astype(f32)
+
     return {
+        "portfolio": {"R": returns},
         "gaussian_mean": {"x": x},
         "resampling": {"x": x},
         "hierarchical": {"x": squares},

@@ -14,6 +14,7 @@ from ._errors import NoKeyError as NoKeyError
 from ._errors import ProgramError as ProgramError
 from ._errors import StrategyError as StrategyError
 from ._errors import UnsupportedError as UnsupportedError
+from .dsl._constraints import subject_to as subject_to
 from .dsl._marginal import marginal as marginal
 from .dsl._marginal import normalize as normalize
 from .dsl._primitives import expect as expect
@@ -31,6 +32,8 @@ from .runtime._fit import EarlyStop as EarlyStop
 from .runtime._fit import FitProgress as FitProgress
 from .runtime._fit import FitResult as FitResult
 from .runtime._fit import fit as fit
+from . import solvers as solvers
+from .solvers._solve import solve as solve
 from .transforms._certify import Certificate as Certificate
 from .transforms._certify import Plan as Plan
 from .transforms._certify import SitePlan as SitePlan

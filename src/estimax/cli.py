@@ -42,7 +42,6 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import warnings
 import zipfile
@@ -219,7 +218,17 @@ def _stage(program, params, data):
     import estimax as ex
 
     plan = ex.explain(program.objective, params, data)
-    jax.eval_shape(ex.value_and_grad(program.objective), jax.random.PRNGKey(0), params, data)
+    key = jax.random.PRNGKey(0)
+    if not plan.constraints:
+        jax.eval_shape(ex.value_and_grad(program.objective), key, params, data)
+        return plan
+    from estimax.transforms._constraints import split
+
+    parts = split(program.objective, (params, data))
+    flat = jax.tree_util.tree_leaves((params, data))
+    for piece in (parts.objective, *parts.constraints):  # each expectation's estimator, as the solver builds it
+        if piece.stochastic:
+            jax.eval_shape(jax.grad(piece.flat_program().estimate, argnums=1), key, *flat)
     return plan
 
 
@@ -263,6 +272,10 @@ def _plan_table(program, plan) -> str:
     if measured:
         lines.append(f"total gradient variance (trace of the covariance): {plan.total_variance:.4g}")
     lines.append(f"certificate: {plan.certificate}")
+    if plan.constraints:
+        lines.append("constraints (`estimax run` solves the constrained problem with its Lagrangian):")
+        rows = [(name, f"{os.path.basename(where)}" if where else "?", kind, mult) for name, kind, mult, where in plan.constraints]
+        lines += _table(("constraint", "line", "kind", "multiplier"), rows)
     return "\n".join(lines)
 
 
@@ -374,29 +387,13 @@ def _data_digest(data: dict | None) -> str:
 
 
 def _save_npz_atomically(path: str, arrays: dict):
-    """Write ``arrays`` to ``path`` as one step: a temporary file in the same folder, then
-    ``os.replace`` (a reader, or a run killed while writing, never sees a partial file)."""
-    import numpy as np
+    """Write ``arrays`` to ``path`` in one step (see ``runtime._checkpoint``)."""
+    from .runtime._checkpoint import save_npz_atomically
 
-    folder = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+        save_npz_atomically(path, arrays)
     except OSError as e:
         raise _Fail(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise _Fail(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 @dataclasses.dataclass
@@ -697,11 +694,72 @@ def _train(
     return status, learned
 
 
+def _solve_constrained(program, data, dims, *, steps, solver_name, lr, seed, chunk, out, fresh, progress):
+    """``estimax run`` on a file with constraints: ``ex.solve``, checkpointed every chunk."""
+    import jax
+    import numpy as np
+    import optax
+
+    import estimax as ex
+
+    if not program.params:
+        raise _Fail(f"{program.filename} declares no parameters: there is nothing to solve for")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise _Fail(f"cannot create the output folder {out}: {e.strerror or e}", _EXIT_USAGE) from None
+    params0 = program.init_params(dims)
+    data = data if data is not None else {}
+    plan = _stage(program, params0, program.abstract_data(dims))
+    print(_plan_table(program, plan))
+    checkpoint = os.path.join(out, "solve-checkpoint.npz")
+    if fresh and os.path.exists(checkpoint):
+        os.unlink(checkpoint)
+    solvers = {
+        "auto": None,
+        "exact_al": ex.solvers.ExactAL(),
+        "al": ex.solvers.AugmentedLagrangian(),
+        "stochastic": ex.solvers.StochasticLagrangian(optimizer=optax.adam(lr)),
+    }
+    solver = solvers[solver_name]
+    print(f"solving: at most {steps} steps of {'the default solver' if solver is None else solver.name}, seed {seed}; "
+          f"checkpoint {checkpoint}", flush=True)
+    try:
+        solution = ex.solve(program.objective, params0, data, solver=solver, maximize=program.maximize,
+                            max_steps=steps, key=jax.random.PRNGKey(seed), checkpoint=checkpoint, every=chunk,
+                            progress=progress)
+    except KeyboardInterrupt:
+        print(f"interrupted; {checkpoint} holds the run: run the same command to resume it", file=sys.stderr)
+        return _EXIT_SIGNAL.get(signal.SIGINT, 130), None
+    except ex.EstimaxError as e:
+        raise _Fail(f"{program.filename}: {e}") from None
+    learned = {n: np.asarray(solution.params[n]) for n in program.params}
+    _save_npz_atomically(os.path.join(out, "params.npz"), learned)
+    np.save(os.path.join(out, "history.npy"), np.stack([solution.history[k] for k in ("value", "kkt", "infeasibility")], 1))
+    print(f"{solution.result.name}: {solution.message}")
+    print(f"{solution.steps} steps ({solution.stats['solver']}); objective {solution.value:.10g}; "
+          f"KKT residual {solution.kkt:.3g}; infeasibility {solution.infeasibility:.3g}")
+    print("solution:")
+    for name, value in learned.items():
+        print(f"  {name} = {_format_value(value)}")
+    print("multipliers:")
+    for name, value in solution.multipliers.items():
+        print(f"  {name} = {_format_value(np.asarray(value))}")
+    print(f"wrote {os.path.join(out, 'params.npz')}, {os.path.join(out, 'history.npy')} (value, KKT residual, "
+          "infeasibility per step)")
+    return (_EXIT_OK if solution.success else _EXIT_ERROR), learned
+
+
 def _cmd_run(args, invocation: _Invocation) -> int:
     program = _load_program(args.file, invocation)
     data, dims = _read_data(program, args.data, needed=True, invocation=invocation)
     print(f"{program.filename}: {_summary(program, dims, args.data is not None)}")
     out = args.out if args.out is not None else os.path.join("out", Path(program.filename).stem)
+    if program.constraints:
+        status, _ = _solve_constrained(program, data, dims, steps=args.steps, solver_name=args.solver, lr=args.lr,
+                                       seed=args.seed, chunk=args.chunk, out=out, fresh=args.fresh,
+                                       progress=not args.no_progress)
+        return status
     status, _ = _train(
         program,
         data,
@@ -919,6 +977,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output folder (default: out/<file name>)")
     p.add_argument("--fresh", action="store_true", help="start over, ignoring a checkpoint in DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--solver",
+        choices=("auto", "exact_al", "al", "stochastic"),
+        default="auto",
+        help="for a file with constraints: the solver (default: auto, chosen from the problem)",
+    )
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser(

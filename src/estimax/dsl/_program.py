@@ -88,7 +88,10 @@ class Expectation:
         from ..transforms._adev import build_estimator
         from ..transforms._certify import collect_sites
 
+        from ._constraints import refuse_constraints
+
         closed, in_tree, out_tree = self.stage(args)
+        refuse_constraints(closed.jaxpr)  # solved by ex.solve, never estimated as if unconstrained
         collect_sites(closed.jaxpr)  # validates names
         est = build_estimator(closed.jaxpr, len(closed.consts))
         consts = list(closed.consts)

@@ -193,3 +193,24 @@ if hasattr(jex.core, "DropVar"):
     DropVar = jex.core.DropVar
 else:  # JAX 0.6.x
     from jax._src.core import DropVar  # noqa: E402
+
+
+# --- dead-code elimination (``pe.dce_jaxpr``: internal, stable signature 0.4.x–0.10) -------
+def dce_jaxpr(jaxpr, used_outputs, instantiate=False):
+    """``(jaxpr restricted to what ``used_outputs`` need, which inputs it uses)``. With
+    ``instantiate=True`` every input is kept (the returned flags still say which are used)."""
+    from jax._src.interpreters import partial_eval as pe
+
+    _, used_inputs = pe.dce_jaxpr(jaxpr, used_outputs, instantiate=False)
+    if instantiate is False:
+        return pe.dce_jaxpr(jaxpr, used_outputs, instantiate=False)
+    kept, _ = pe.dce_jaxpr(jaxpr, used_outputs, instantiate=instantiate)
+    return kept, used_inputs
+
+
+def with_outputs(jaxpr, outvars, eqns):
+    """``jaxpr`` with other equations and outputs (same inputs and constants)."""
+    info = jaxpr.debug_info
+    if info is not None and hasattr(info, "_replace"):
+        info = info._replace(result_paths=None)  # the paths describe the old outputs
+    return jaxpr.replace(outvars=list(outvars), eqns=list(eqns), debug_info=info)

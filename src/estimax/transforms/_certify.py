@@ -64,6 +64,8 @@ class Plan:
     certificate: Certificate
     #: total gradient variance (trace of the covariance), when measured
     total_variance: float | None = None
+    #: a constrained program's constraints: (name, kind, multiplier, where) each
+    constraints: tuple = ()
 
     def site(self, name: str) -> SitePlan:
         for s in self.sites:
@@ -92,6 +94,13 @@ class Plan:
         if self.total_variance is not None:
             lines.append(f"total gradient variance (trace of the covariance): {self.total_variance:.4g}")
         lines.append(f"certificate: {self.certificate}")
+        if self.constraints:
+            rows = [("constraint", "kind", "multiplier", "where"), *self.constraints]
+            widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
+            fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+            lines.append("constraints (solved with ex.solve, which builds their Lagrangian):")
+            lines += [fmt.format(*rows[0]).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip()]
+            lines += [fmt.format(*r).rstrip() for r in rows[1:]]
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -315,7 +324,15 @@ def explain(objective, *args, variance: bool = False, key=None, argnums=0, sampl
             certificate = Certificate(kind, certificate.reasons + (reason,))
         else:
             certificate = Certificate(certificate.kind, certificate.reasons + (reason,))
-    return Plan(program.name, tuple(sites), certificate, total)
+    constraints = ()
+    from ._constraints import is_constrained, split
+
+    if is_constrained(closed.jaxpr):
+        constraints = tuple(
+            (c.name, c.describe(), f"λ[{c.name}]" if c.kind == "eq" else f"μ[{c.name}] >= 0", c.location or "?")
+            for c in split(program, args).constraints
+        )
+    return Plan(program.name, tuple(sites), certificate, total, constraints)
 
 
 __all__ = ["Plan", "SitePlan", "Certificate", "collect_sites", "certify", "explain"]

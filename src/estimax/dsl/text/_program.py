@@ -39,6 +39,7 @@ from ...transforms.estimators import mvd as _mvd
 from ...transforms.estimators import reinforce as _reinforce
 from ...transforms.estimators import reparam as _reparam
 from ...transforms.estimators import straight_through as _straight_through
+from .._constraints import subject_to as _subject_to
 from .._marginal import Approximate
 from .._marginal import marginal as _marginal
 from .._marginal import normalize as _normalize
@@ -291,8 +292,8 @@ _TYPES = {"real": jnp.float32, "int": jnp.int32}
 # The grammar's keywords. lark's contextual lexer reads a keyword as a name where no keyword
 # can stand (`let then = 1`), so declarations check for them.
 _KEYWORDS = {"from", "import", "as", "param", "data", "let", "maximize", "minimize", "return", "if", "then",
-             "else", "and", "or", "not", "true", "false", "expect", "program", "plate", "in"}
-_STATEMENT_KEYWORDS = ["param", "data", "let", "maximize", "minimize", "from", "return", "program"]
+             "else", "and", "or", "not", "true", "false", "expect", "program", "plate", "in", "subject_to"}
+_STATEMENT_KEYWORDS = ["param", "data", "let", "maximize", "minimize", "from", "return", "program", "subject_to"]
 _DEFAULT_DIM = 2  # the size given to a named dimension when no data fixes it (check, explain)
 
 _TOKEN_NAMES = {
@@ -304,7 +305,7 @@ _TOKEN_NAMES = {
 # "expected ..." rather than a dozen tokens.
 _EXPRESSION_START = {"NAME", "NUMBER", "STRING", "LPAR", "LSQB", "MINUS", "PLUS", "TRUE", "FALSE", "EXPECT", "PLATE"}
 _OPERATORS = {"ADDOP", "MULOP", "COMPOP", "AND", "OR"}
-_STATEMENT_START = {"DATA", "FROM", "LET", "MAXIMIZE", "MINIMIZE", "PARAM", "RETURN", "NAME", "PROGRAM"}
+_STATEMENT_START = {"DATA", "FROM", "LET", "MAXIMIZE", "MINIMIZE", "PARAM", "RETURN", "NAME", "PROGRAM", "SUBJECT_TO"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -403,11 +404,20 @@ class _TextExpectation(Expectation):
     def __init__(self, fn, name, program: "TextProgram"):
         super().__init__(fn, name=name)
         self._text = program
+        self._splitting = False
 
     def stage(self, args):
         try:
             out = super().stage(args)
             collect_sites(out[0].jaxpr)
+            if self._text.constraints and not self._splitting:  # the constraints pass's checks, at the file's lines
+                from ...transforms._constraints import split
+
+                self._splitting = True
+                try:
+                    split(self, args)
+                finally:
+                    self._splitting = False
         except TextError:
             raise
         except EstimaxError as e:
@@ -461,6 +471,7 @@ class TextProgram:
         self._site_names: dict[str, Token] = {}  # full site name -> its name in the file
         self._program_sites: dict[str, Any] = {}  # a program's site name -> its strategy or name (first program wins)
         self.programs: dict[str, Tree] = {}
+        self.constraints: dict[str, Tree] = {}  # name -> the `subject_to` statement
         self.maximize = True
         self._objective_node: Tree | None = None
         self._read(tree)
@@ -529,6 +540,11 @@ class TextProgram:
     def _located(self, e: EstimaxError) -> EstimaxError:
         """An error an estimator pass raised about a site (``site 'z': ...``), at the site's
         strategy (or name) in the file; other errors (about the caller's arguments) unchanged."""
+        c = re.match(r"constraint '([^']+)' \(at [^)]*\) (.*)", str(e))
+        if c is not None and c.group(1) in self.constraints:
+            why = c.group(2).replace(" (the program's first argument)", "")
+            return self.error(f"constraint {c.group(1)!r} {why}",
+                              self.constraints[c.group(1)].children[1])
         m = re.match(r"site '([^']+)'|two random choices are named '([^']+)'", str(e))
         full = (m.group(1) or m.group(2)) if m else None
         token = None
@@ -561,6 +577,9 @@ class TextProgram:
             elif kind == "program_def":
                 self.programs[str(stmt.children[0])] = stmt
                 self.body.append(stmt)
+            elif kind == "constraint_stmt":
+                self._note_constraint(stmt)
+                self.body.append(stmt)
             elif kind in ("maximize", "minimize"):
                 self.maximize = kind == "maximize"
                 self._objective_node = stmt
@@ -573,6 +592,19 @@ class TextProgram:
             line = max((i + 1 for i, t in enumerate(lines) if t.strip()), default=1)
             raise self.error("the file states no objective", line=line, column=1,
                              hint="end it with `maximize <expression>` or `minimize <expression>`")
+
+    def _note_constraint(self, stmt: Tree):
+        name_tok, value = stmt.children
+        if not (isinstance(value, Tree) and value.data == "compare" and str(value.children[1]) in ("==", "<=", ">=")):
+            what = f"`{value.children[1]}`" if isinstance(value, Tree) and value.data == "compare" else "an expression"
+            raise self.error(f"a constraint is a comparison with ==, <= or >=; this is {what}", value,
+                             hint="e.g. `subject_to budget: sum(w) == 1.0` or `subject_to cap: x <= 2.0`")
+        name = str(name_tok) if name_tok is not None else f"{'eq' if str(value.children[1]) == '==' else 'le'}_{len(self.constraints)}"
+        if name in self.constraints:
+            prev = self.constraints[name]
+            raise self.error(f"another constraint is named {name!r} (line {prev.meta.line}); constraint names must be unique",
+                             name_tok or stmt)
+        self.constraints[name] = stmt
 
     def _defined(self) -> dict[str, str]:
         out = {n: "an import" for n in self.imports}
@@ -692,6 +724,10 @@ class TextProgram:
                         self.sites.setdefault(str(name), (name.line, name.column))
                     else:
                         self._note_site(prefix + str(name), name, stmt.children[2])
+            elif stmt.data == "constraint_stmt":
+                if prefix or program:
+                    raise self.error("constraints are stated at the top level of the file", stmt)
+                self._resolve(stmt.children[1], known, prefix)
             else:  # maximize, minimize, return
                 self._resolve(stmt.children[0], known, prefix)
 
@@ -717,6 +753,8 @@ class TextProgram:
         for s in stmts[:-1]:
             if s.data == "program_def":
                 raise self.error(f"programs are defined at the top level of the file, not inside {what} block", s)
+            if s.data == "constraint_stmt":
+                raise self.error(f"constraints are stated at the top level of the file, not inside {what} block", s)
             if s.data not in ("let_stmt", "sample_stmt"):
                 raise self.error(f"only `let`, `~` and a final `return` are allowed inside {plural}", s)
 
@@ -897,6 +935,8 @@ class TextProgram:
         kind = stmt.data
         if kind == "program_def":
             env[str(stmt.children[0])] = _Program(self, stmt, dict(env), ctx)
+        elif kind == "constraint_stmt":
+            self._constrain(stmt, env, ctx)
         elif kind == "let_stmt":
             env[str(stmt.children[0])] = self._eval(stmt.children[1], env, ctx)
         elif kind == "sample_stmt":
@@ -948,6 +988,20 @@ class TextProgram:
                                  stmt.children[0], hint="reduce it, e.g. with sum(...) or mean(...)")
             return True, jnp.asarray(value, jnp.result_type(float))
         return False, None
+
+    def _constrain(self, stmt: Tree, env, ctx):
+        name = next(n for n, s in self.constraints.items() if s is stmt)
+        lhs_node, op, rhs_node = stmt.children[1].children
+        lhs = self._num(self._eval(lhs_node, env, ctx), lhs_node, "a constraint")
+        rhs = self._num(self._eval(rhs_node, env, ctx), rhs_node, "a constraint")
+        self._same_shapes(lhs, rhs, stmt.children[1], "the constraint")
+        with jax.numpy_rank_promotion("allow"):
+            value = jnp.asarray(lhs, jnp.result_type(float)) - jnp.asarray(rhs, jnp.result_type(float))
+        kind = {"==": "eq", "<=": "le", ">=": "ge"}[str(op)]
+        try:
+            _subject_to(**{kind: value}, name=name)
+        except EstimaxError as e:
+            raise self.error(_first_line(e), stmt.children[1]) from None
 
     def _strategy(self, node: Tree, env, ctx):
         name, kwargs = node.children
@@ -1041,7 +1095,8 @@ class TextProgram:
             if op in _WHOLE_NUMBER_OPS and _whole(x) and _whole(y):
                 return _WHOLE_NUMBER_OPS[op](x, y)  # stays a number written in the file: x[:N - 1]
             self._same_shapes(x, y, node, f"'{op}'")
-            return _BINARY[op](x, y)
+            with jax.numpy_rank_promotion("allow"):  # the language broadcasts as NumPy does
+                return _BINARY[op](x, y)
         if kind == "not_expr":
             return jnp.logical_not(self._num(ev(node.children[0]), node.children[0], "'not'"))
         if kind == "if_expr":

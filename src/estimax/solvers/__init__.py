@@ -1,0 +1,18 @@
+"""Solvers for constrained programs, all on one driver (:mod:`estimax.solvers._driver`).
+
+- :class:`ExactAL`: exact augmented Lagrangian with a randomized sketching Newton solver
+  (equality constraints; exact derivatives; matrix-free).
+- :class:`AugmentedLagrangian`: the classical method of multipliers for equalities,
+  inequalities and bounds, with inner solves by L-BFGS and infeasibility detection.
+- :class:`StochasticLagrangian`: stochastic gradient descent–ascent on the augmented
+  Lagrangian (optax updates) for objectives and constraints that are expectations.
+
+``estimax.solve(program, params, *data, solver=...)`` runs one; see its documentation.
+"""
+
+from ._al import AugmentedLagrangian as AugmentedLagrangian
+from ._driver import RESULTS as RESULTS
+from ._driver import Solution as Solution
+from ._driver import SolverError as SolverError
+from ._exact_al import ExactAL as ExactAL
+from ._stochastic import StochasticLagrangian as StochasticLagrangian

@@ -1,0 +1,195 @@
+"""The constraints pass: a program with ``ex.subject_to`` becomes an objective and constraints.
+
+:func:`split` stages the program once and cuts its jaxpr into pieces: the objective (the
+program's value) and one piece per ``subject_to`` (the constraint's value), each the part of
+the program that piece needs (dead-code elimination), each an ordinary program again. The
+solvers build the (augmented) Lagrangian from these pieces; a piece whose value depends on
+random choices is an expectation, whose gradient the estimator pass estimates, so a
+constraint ``E[g(x, ξ)] <= 0`` gets an unbiased gradient like an objective does.
+
+The checks that name the user's mistake happen here: a constraint that does not depend on
+the optimized parameters, a constraint inside ``jax.jit``/``lax.cond``/``lax.scan`` (state
+it at the top level), two constraints with one name, an objective that is not a scalar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from .._errors import ProgramError, UnsupportedError
+from ..dsl._constraints import ConstraintSpec, constraint_p, first_constraint
+from ..dsl._program import Expectation, _as_program
+from ..runtime import _jax_compat as compat
+from ._adev import contains_random
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Piece:
+    """The objective or one constraint of a constrained program."""
+
+    name: str
+    kind: str  # "objective", "eq" (value == 0) or "le" (value <= 0)
+    shape: tuple
+    dtype: Any
+    location: str | None
+    stochastic: bool  # depends on random choices: an expectation
+    jaxpr: Any  # open Jaxpr over (consts, *flat args), one output
+    consts: tuple
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def __call__(self, *flat_args):
+        """The piece's value (deterministic pieces only; random ones need an estimator)."""
+        return compat.eval_jaxpr(self.jaxpr, self.consts, *flat_args)[0]
+
+    def flat_program(self) -> Expectation:
+        """The piece as a program of the flat arguments: its ``.estimate`` is an unbiased
+        estimate, and ``jax.grad`` of that an unbiased gradient estimate."""
+        jaxpr, consts = self.jaxpr, self.consts
+
+        def fn(*flat_args):
+            return compat.eval_jaxpr(jaxpr, consts, *flat_args)[0]
+
+        fn.__name__ = self.name
+        return Expectation(fn, name=self.name)
+
+    def describe(self) -> str:
+        shape = "scalar" if not self.shape else f"shape {self.shape}"
+        expect = "E[...] " if self.stochastic else ""
+        return f"{expect}{'== 0' if self.kind == 'eq' else '<= 0'} ({shape})"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Constrained:
+    """A program split into its objective and constraints (see :func:`split`)."""
+
+    name: str
+    objective: Piece
+    constraints: tuple[Piece, ...]
+    in_tree: Any
+    n_param_leaves: int  # the first leaves of the flat arguments are the optimized parameters
+
+    @property
+    def stochastic(self) -> bool:
+        return self.objective.stochastic or any(c.stochastic for c in self.constraints)
+
+    def of_kind(self, kind: str) -> tuple[Piece, ...]:
+        return tuple(c for c in self.constraints if c.kind == kind)
+
+    def table(self) -> str:
+        """The constraints, their kinds and multipliers, as ``explain`` prints them."""
+        rows = [("constraint", "kind", "multiplier", "where")]
+        for c in self.constraints:
+            mult = f"λ[{c.name}]" if c.kind == "eq" else f"μ[{c.name}] >= 0"
+            rows.append((c.name, c.describe(), mult, c.location or "?"))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        obj = self.objective
+        head = f"constrained problem {self.name}: objective {'E[...]' if obj.stochastic else 'deterministic'}, " \
+               f"{len(self.of_kind('eq'))} equality and {len(self.of_kind('le'))} inequality constraint(s)"
+        return "\n".join([head, *lines])
+
+
+def _nested_constraint(jaxpr) -> Any:
+    """The first ``constraint`` equation nested inside another equation of ``jaxpr``, if any."""
+    for eqn in jaxpr.eqns:
+        for sub in compat.subjaxprs_of(eqn):
+            for inner in sub.eqns:
+                if inner.primitive is constraint_p:
+                    return eqn, inner
+            hit = _nested_constraint(sub)
+            if hit is not None:
+                return eqn, hit[1]
+    return None
+
+
+def split(program, args: Sequence, *, n_param_leaves: int | None = None) -> Constrained:
+    """Split ``program(*args)`` into its objective and its constraints.
+
+    ``n_param_leaves``: how many leading leaves of the flattened ``args`` are the optimized
+    parameters (default: those of ``args[0]``); every constraint must depend on them.
+    """
+    program = _as_program(program, "ex.solve")
+    args = tuple(args)
+    closed, in_tree, out_tree = program.stage(args)
+    jaxpr = closed.jaxpr
+    if n_param_leaves is None:
+        n_param_leaves = len(jax.tree_util.tree_leaves(args[0]))
+    if len(jaxpr.outvars) != 1 or jaxpr.outvars[0].aval.shape != ():
+        shapes = [tuple(v.aval.shape) for v in jaxpr.outvars]
+        raise ProgramError(
+            f"program {program.name!r}: the objective (the program's value) must be a scalar; it "
+            f"returns {shapes[0] if len(shapes) == 1 else f'{len(shapes)} values {shapes}'}. Reduce it, "
+            "e.g. with jnp.sum or jnp.mean."
+        )
+    nested = _nested_constraint(jaxpr)
+    if nested is not None:
+        outer, inner = nested
+        spec: ConstraintSpec = inner.params["spec"]
+        raise UnsupportedError(
+            f"constraint {spec.name!r} (at {spec.location or '?'}) is stated inside `{outer.primitive.name}` "
+            "(jax.jit, lax.cond, lax.scan, a custom derivative, ...); state constraints at the top "
+            "level of the program, where their values can be read."
+        )
+    eqns = [e for e in jaxpr.eqns if e.primitive is not constraint_p]
+    specs, values = [], []
+    seen: dict[str, ConstraintSpec] = {}
+    for e in jaxpr.eqns:
+        if e.primitive is not constraint_p:
+            continue
+        spec = e.params["spec"]
+        if spec.name in seen:
+            raise ProgramError(
+                f"two constraints are named {spec.name!r} (at {seen[spec.name].location or '?'} and "
+                f"{spec.location or '?'}); constraint names must be unique in a program."
+            )
+        seen[spec.name] = spec
+        specs.append(spec)
+        values.append(e.invars[0])
+    full = compat.with_outputs(jaxpr, [jaxpr.outvars[0], *values], eqns)
+
+    def piece(i: int, name: str, kind: str, location) -> Piece:
+        used = [j == i for j in range(len(full.outvars))]
+        kept, used_inputs = compat.dce_jaxpr(full, used, instantiate=True)
+        var = full.outvars[i]
+        aval = var.aval
+        if kind != "objective" and not any(used_inputs[:n_param_leaves]):
+            raise ProgramError(
+                f"constraint {name!r} (at {location or '?'}) does not depend on the optimized parameters "
+                "(the program's first argument): it cannot be changed by the solver. Remove it, or "
+                "make it a function of the parameters."
+            )
+        return Piece(
+            name=name, kind=kind, shape=tuple(aval.shape), dtype=aval.dtype, location=location,
+            stochastic=contains_random(kept), jaxpr=kept, consts=tuple(closed.consts),
+        )
+
+    objective = piece(0, program.name, "objective", None)
+    constraints = tuple(piece(i + 1, s.name, s.kind, s.location) for i, s in enumerate(specs))
+    del out_tree
+    return Constrained(program.name, objective, constraints, in_tree, n_param_leaves)
+
+
+def explain_constraints(program, *args) -> str:
+    """The table of a program's constraints (kinds, multipliers, where they are written)."""
+    return split(program, args).table()
+
+
+def is_constrained(jaxpr) -> bool:
+    """Whether ``jaxpr`` (or a jaxpr nested in it) states a constraint."""
+    return first_constraint(jaxpr) is not None
+
+
+def flat_value(piece: Piece, flat_args) -> jax.Array:
+    """A deterministic piece's value, flattened to a vector."""
+    return jnp.ravel(piece(*flat_args))
