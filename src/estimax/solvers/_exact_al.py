@@ -11,7 +11,7 @@ Randomized Iterative Sketching". Each iteration at ``(x, λ)``:
    by sketch-and-project: ``d <- d - Y (YᵀY)⁺ Sᵀ(K d + r)`` with ``Y = K S`` for a random
    sketch ``S`` (Gaussian, or columns of the identity: block randomized Kaczmarz) of
    ``sketch_size`` columns, until ``‖K d + r‖ <= δ_k ‖r‖``. A sketch as wide as the system
-   is the identity and solves it in one projection (the default up to ``n + m = 512``: a
+   is the identity and solves it in one projection (the default up to ``n + m = 2048``: a
    randomized solver pays off on large systems; its iteration count grows with the
    condition number of ``K``). The accuracy ``δ_k = min(δ, ‖r‖^½)`` sharpens as ``r -> 0``
    (the paper's route from linear to superlinear convergence).
@@ -80,7 +80,7 @@ class ExactAL:
     - ``xi_b``: the curvature the Hessian block must have along the step;
     - ``beta``: the Armijo constant; ``nu``: the penalty's growth factor;
     - ``sketch``: ``"gaussian"`` or ``"coordinate"`` (block randomized Kaczmarz);
-    - ``sketch_size``: columns per sketch (default ``min(n + m, 512)``; the full size is an
+    - ``sketch_size``: columns per sketch (default ``min(n + m, 2048)``; the full size is an
       exact solve);
     - ``max_inner``: sketch-and-project iterations per Newton solve;
     - ``max_backtracks``: halvings of the step in the line search.
@@ -154,7 +154,7 @@ class ExactAL:
 
     def _least_squares_multiplier(self, p, x, grad_f):
         _, jvp = jax.linearize(p.eq, x)
-        if p.n + p.m_eq <= (self.sketch_size or 512):  # dense, as the Newton systems are
+        if p.n + p.m_eq <= (self.sketch_size or 2048):  # dense, as the Newton systems are
             j_mat = jax.vmap(jvp, out_axes=1)(jnp.eye(p.n, dtype=x.dtype)).reshape(p.m_eq, p.n)
             lam = -jnp.linalg.lstsq(j_mat.T, grad_f)[0]
             return jnp.where(jnp.all(jnp.isfinite(lam)), lam, jnp.zeros_like(lam))
@@ -169,7 +169,7 @@ class ExactAL:
         x, lam = s.x, s.lam
         dtype = x.dtype
         size = p.n + p.m_eq
-        width = min(size, self.sketch_size or 512)
+        width = min(size, self.sketch_size or 2048)
         dense = width >= size
         grad_l_fn = lambda y: jax.grad(self._lagrangian, argnums=1)(p, y, lam)  # noqa: E731
         _, hvp = jax.linearize(grad_l_fn, x)  # H v
