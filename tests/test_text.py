@@ -266,6 +266,27 @@ def _plate_over(p, d):
     return jnp.sum(ex.vmap(lane)(d["x"], d["k"]))
 
 
+# hierarchical VI in the file: `marginal` of a two-site joint with a reverse model
+_HVI_SOURCE = """
+    data x: real[N]
+    param m: real = 0.3
+    param log_s: real = -1.0
+    param a: real = 0.5
+    param log_r: real = -0.5
+    program joint() {
+      u ~ Normal(m, 1.0) @reparam
+      z ~ Normal(u, exp(log_s)) @reparam
+      return z
+    }
+    program reverse(z) {
+      u ~ Normal(a * z, exp(log_r)) @reparam
+      return u
+    }
+    let q = marginal(joint, proposal=reverse, particles=PARTICLES)
+    z ~ q
+    maximize logp(Normal(0.0, 1.0), z) + logp(Normal(z, 1.0), x) - logp(q, z) + 0.1 * logp(q, 0.5 * z)
+"""
+
 X4 = jnp.array([0.5, -1.0, 2.0, 0.25])
 CASES = {
     "declarations": Case(
@@ -524,44 +545,8 @@ CASES = {
         _program_call,
         {"x": X4},
     ),
-    "marginal_hvi": Case("""
-        data x: real[N]
-        param m: real = 0.3
-        param log_s: real = -1.0
-        param a: real = 0.5
-        param log_r: real = -0.5
-        program joint() {
-          u ~ Normal(m, 1.0) @reparam
-          z ~ Normal(u, exp(log_s)) @reparam
-          return z
-        }
-        program reverse(z) {
-          u ~ Normal(a * z, exp(log_r)) @reparam
-          return u
-        }
-        let q = marginal(joint, proposal=reverse, particles=0)
-        z ~ q
-        maximize logp(Normal(0.0, 1.0), z) + logp(Normal(z, 1.0), x) - logp(q, z) + 0.1 * logp(q, 0.5 * z)
-        """, _marginal_case(0), {"x": X4}),
-    "marginal_iwhvi": Case("""
-        data x: real[N]
-        param m: real = 0.3
-        param log_s: real = -1.0
-        param a: real = 0.5
-        param log_r: real = -0.5
-        program joint() {
-          u ~ Normal(m, 1.0) @reparam
-          z ~ Normal(u, exp(log_s)) @reparam
-          return z
-        }
-        program reverse(z) {
-          u ~ Normal(a * z, exp(log_r)) @reparam
-          return u
-        }
-        let q = marginal(joint, proposal=reverse, particles=3)
-        z ~ q
-        maximize logp(Normal(0.0, 1.0), z) + logp(Normal(z, 1.0), x) - logp(q, z) + 0.1 * logp(q, 0.5 * z)
-        """, _marginal_case(3), {"x": X4}),
+    "marginal_hvi": Case(_HVI_SOURCE.replace("PARTICLES", "0"), _marginal_case(0), {"x": X4}),
+    "marginal_iwhvi": Case(_HVI_SOURCE.replace("PARTICLES", "3"), _marginal_case(3), {"x": X4}),
     "normalize": Case(
         """
         data x: real[N]
