@@ -9,7 +9,6 @@ import os
 import signal
 import time
 
-
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
