@@ -482,3 +482,22 @@ def test_end_to_end_in_a_subprocess(tmp_path, data):
     bad.write_text("param mu: real\nz ~ Normal(mu, 1.0\nminimize z\n")
     failed = estimax("check", bad)
     assert failed.returncode == 1 and "bad.emx:2:" in failed.stderr and "^" in failed.stderr
+
+
+def test_run_solves_a_file_with_constraints(data, tmp_path, capsys):
+    """`run` on a file with `subject_to`: ex.solve, the solution and the multipliers; the bound
+    multipliers are >= 0 and the budget holds; a second run resumes from the finished checkpoint."""
+    args = ("run", EXAMPLES / "portfolio.emx", "--data", data["portfolio"], "--steps", 200, "--chunk", 20,
+            "--out", tmp_path, "--no-progress")
+    code, out, err = cmd(capsys, *args)
+    assert code == 0, err
+    assert "long_only" in out and "μ[long_only] >= 0" in out  # the constraints table
+    assert "successful: converged" in out and "multipliers:" in out
+    weights = np.load(tmp_path / "params.npz")["w"]
+    assert abs(weights.sum() - 1.0) < 1e-3 and (weights > -1e-3).all()
+    history = np.load(tmp_path / "history.npy")
+    assert history.ndim == 2 and history.shape[1] == 3
+    assert (tmp_path / "solve-checkpoint.npz").exists()
+    code, again, err = cmd(capsys, *args)
+    assert code == 0, err
+    np.testing.assert_array_equal(np.load(tmp_path / "params.npz")["w"], weights)
