@@ -728,9 +728,9 @@ def _solve_constrained(program, data, dims, *, steps, solver_name, lr, seed, chu
         solution = ex.solve(program.objective, params0, data, solver=solver, maximize=program.maximize,
                             max_steps=steps, key=jax.random.PRNGKey(seed), checkpoint=checkpoint, every=chunk,
                             progress=progress)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print(f"interrupted; {checkpoint} holds the run: run the same command to resume it", file=sys.stderr)
-        return _EXIT_SIGNAL.get(signal.SIGINT, 130), None
+        return _EXIT_SIGNAL.get(getattr(stop, "signum", signal.SIGINT), 130), None
     except ex.EstimaxError as e:
         raise _Fail(f"{program.filename}: {e}") from None
     learned = {n: np.asarray(solution.params[n]) for n in program.params}

@@ -296,8 +296,10 @@ def _chunked(entry: _Compiled, x0, lam0, mu0, key, data, checkpoint, every, prog
             if progress:
                 print(f"\r{name}: step {int(carry.steps)}  KKT {float(carry.state.kkt):.3e}  "
                       f"value {float(carry.state.value):.8g}", end="", flush=True)
-            if interrupted:
-                raise KeyboardInterrupt
+            if interrupted:  # the exception says which signal stopped the run
+                stop = KeyboardInterrupt(f"stopped by signal {int(interrupted[0])}; the checkpoint holds the run")
+                stop.signum = interrupted[0]
+                raise stop
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
