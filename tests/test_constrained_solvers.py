@@ -311,7 +311,7 @@ def test_stochastic_lagrangian_solves_a_constraint_in_expectation():
 
 def _bound_problem():
     args = (jnp.asarray(0.0), M, S)
-    problem = Problem(split(_budget, args), args[0], 2)
+    problem = Problem(split(_budget, args), args[0])
     return problem.bind(jax.tree_util.tree_leaves(args[1:]))
 
 

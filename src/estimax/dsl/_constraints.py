@@ -30,9 +30,6 @@ from .._errors import EstimaxError, ProgramError
 from ..runtime import _jax_compat as compat
 from ._primitives import _caller_location, _current_scope
 
-KINDS = {"eq": "== 0", "le": "<= 0"}
-
-
 @dataclasses.dataclass(frozen=True)
 class ConstraintSpec:
     """A constraint's name, kind (``"eq"``: value = 0, ``"le"``: value <= 0) and where it is written."""

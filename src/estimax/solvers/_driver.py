@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._errors import EstimaxError
-from ..runtime import _jax_compat as compat
+from ..runtime._fit import _all_finite as all_finite
 
 
 class RESULTS(enum.IntEnum):
@@ -118,11 +118,6 @@ class Carry(NamedTuple):
     result: jax.Array  # int32: a RESULTS code
     bad_field: jax.Array  # int32: the state field that went non-finite (-1: none)
     history: Any  # dict of float arrays, length max_steps + 1
-
-
-def all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if compat.is_float_dtype(jnp.result_type(x))]
-    return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
 
 
 def _field_finite(state) -> jax.Array:

@@ -46,7 +46,7 @@ class Segment:
 class Problem:
     """A constrained program, flattened for solvers (see the module doc)."""
 
-    def __init__(self, split: Constrained, params, data_leaves: int, *, bounds=None, maximize: bool = False):
+    def __init__(self, split: Constrained, params, *, bounds=None, maximize: bool = False):
         self.split = split
         x0, self.unravel = ravel_pytree(params)
         if not jnp.issubdtype(x0.dtype, jnp.floating):
@@ -54,7 +54,6 @@ class Problem:
         self.dtype = x0.dtype
         self.n = int(x0.size)
         self.maximize = bool(maximize)
-        self.n_data_leaves = data_leaves
         self._programs: dict[str, Any] = {}
         self.eq_segments: list[Segment] = []
         self.ineq_segments: list[Segment] = []

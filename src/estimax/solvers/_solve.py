@@ -177,11 +177,10 @@ def solve(
     if not (isinstance(every, int) and every >= 1):
         raise ProgramError(f"ex.solve: every must be a positive integer; got {every!r}.")
     args = (params, *data)
-    n_data = len(jax.tree_util.tree_leaves(data))
     signature = _signature(args)
 
     def build() -> _Compiled:
-        problem = Problem(split(program, args), params, n_data, bounds=bounds, maximize=maximize)
+        problem = Problem(split(program, args), params, bounds=bounds, maximize=maximize)
         chosen = solver if solver is not None else _default_solver(problem)
         chosen.check(problem)
         steps = max_steps or getattr(chosen, "max_steps", None) or 500

@@ -18,7 +18,6 @@ import dataclasses
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 
 from .._errors import ProgramError, UnsupportedError
 from ..dsl._constraints import ConstraintSpec, constraint_p, first_constraint
@@ -39,13 +38,6 @@ class Piece:
     stochastic: bool  # depends on random choices: an expectation
     jaxpr: Any  # open Jaxpr over (consts, *flat args), one output
     consts: tuple
-
-    @property
-    def size(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
 
     def __call__(self, *flat_args):
         """The piece's value (deterministic pieces only; random ones need an estimator)."""
@@ -81,23 +73,6 @@ class Constrained:
     @property
     def stochastic(self) -> bool:
         return self.objective.stochastic or any(c.stochastic for c in self.constraints)
-
-    def of_kind(self, kind: str) -> tuple[Piece, ...]:
-        return tuple(c for c in self.constraints if c.kind == kind)
-
-    def table(self) -> str:
-        """The constraints, their kinds and multipliers, as ``explain`` prints them."""
-        rows = [("constraint", "kind", "multiplier", "where")]
-        for c in self.constraints:
-            mult = f"λ[{c.name}]" if c.kind == "eq" else f"μ[{c.name}] >= 0"
-            rows.append((c.name, c.describe(), mult, c.location or "?"))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = ["  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        obj = self.objective
-        head = f"constrained problem {self.name}: objective {'E[...]' if obj.stochastic else 'deterministic'}, " \
-               f"{len(self.of_kind('eq'))} equality and {len(self.of_kind('le'))} inequality constraint(s)"
-        return "\n".join([head, *lines])
 
 
 def _nested_constraint(jaxpr) -> Any:
@@ -180,16 +155,6 @@ def split(program, args: Sequence, *, n_param_leaves: int | None = None) -> Cons
     return Constrained(program.name, objective, constraints, in_tree, n_param_leaves)
 
 
-def explain_constraints(program, *args) -> str:
-    """The table of a program's constraints (kinds, multipliers, where they are written)."""
-    return split(program, args).table()
-
-
 def is_constrained(jaxpr) -> bool:
     """Whether ``jaxpr`` (or a jaxpr nested in it) states a constraint."""
     return first_constraint(jaxpr) is not None
-
-
-def flat_value(piece: Piece, flat_args) -> jax.Array:
-    """A deterministic piece's value, flattened to a vector."""
-    return jnp.ravel(piece(*flat_args))
