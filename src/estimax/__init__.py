@@ -14,6 +14,7 @@ from ._errors import NoKeyError as NoKeyError
 from ._errors import ProgramError as ProgramError
 from ._errors import StrategyError as StrategyError
 from ._errors import UnsupportedError as UnsupportedError
+from .dsl._argmin import argmin as argmin
 from .dsl._constraints import subject_to as subject_to
 from .dsl._marginal import marginal as marginal
 from .dsl._marginal import normalize as normalize

@@ -148,8 +148,9 @@ def user_frame(eqn) -> str | None:
         return None
 
 
-def register_rules(prim, *, impl, abstract_eval, batching_rule, jvp_rule, lowering_error):
-    """Register the rules of an estimax primitive."""
+def register_rules(prim, *, impl, abstract_eval, batching_rule, jvp_rule, lowering_error=None):
+    """Register the rules of an estimax primitive. Without ``lowering_error`` the primitive
+    lowers to nothing (a marker with no operands and no results)."""
     prim.def_impl(impl)
     prim.def_abstract_eval(abstract_eval)
     batching.primitive_batchers[prim] = batching_rule
@@ -157,6 +158,8 @@ def register_rules(prim, *, impl, abstract_eval, batching_rule, jvp_rule, loweri
 
     def _lower(ctx, *args, **params):
         del ctx, args
+        if lowering_error is None:
+            return []
         raise lowering_error(**params)
 
     mlir.register_lowering(prim, _lower)

@@ -7,6 +7,10 @@
 - :class:`StochasticLagrangian`: stochastic gradient descent–ascent on the augmented
   Lagrangian (optax updates) for objectives and constraints that are expectations.
 
+Unconstrained solvers (the inner solvers of ``ex.argmin``): :class:`Newton` (dense or
+conjugate-gradient Newton steps, Armijo line search), :class:`LBFGS` (``optax.lbfgs``) and
+:class:`GradientDescent` (``optax.sgd``; differentiable steps, for unrolled hypergradients).
+
 ``estimax.solve(program, params, *data, solver=...)`` runs one; see its documentation.
 """
 
@@ -16,3 +20,6 @@ from ._driver import Solution as Solution
 from ._driver import SolverError as SolverError
 from ._exact_al import ExactAL as ExactAL
 from ._stochastic import StochasticLagrangian as StochasticLagrangian
+from ._unconstrained import LBFGS as LBFGS
+from ._unconstrained import GradientDescent as GradientDescent
+from ._unconstrained import Newton as Newton

@@ -10,7 +10,8 @@ A solver is three pure functions over a state pytree (as in optax and optimistix
 and the state exposes ``x``, ``lam`` (equality multipliers), ``mu`` (inequality
 multipliers), ``value``, ``kkt`` (the KKT residual) and ``infeasibility`` at its iterate.
 Every floating-point leaf of the state must stay finite (the driver stops on NaN or Inf):
-a "not yet set" value is the dtype's largest float, not ``inf``.
+a "not yet set" value is the dtype's largest float, not ``inf``. The exception is a field
+named ``extra``: a solver's own bookkeeping (an optax state), not checked.
 
 The driver owns everything else: the bounded loop (one ``lax.while_loop``, compiled once;
 or, when progress is shown or a checkpoint is written, the same loop run in chunks between
@@ -121,8 +122,10 @@ class Carry(NamedTuple):
 
 
 def _field_finite(state) -> jax.Array:
-    """One flag per field of the state (a NamedTuple): all of its float leaves finite."""
-    return jnp.stack([all_finite(getattr(state, f)) for f in state._fields])
+    """One flag per field of the state (a NamedTuple): all of its float leaves finite. A field
+    named ``extra`` (a solver's own bookkeeping, such as an optax state, which may hold
+    infinities by design) is not checked."""
+    return jnp.stack([jnp.bool_(True) if f == "extra" else all_finite(getattr(state, f)) for f in state._fields])
 
 
 def _record(history, i, state):
@@ -136,7 +139,7 @@ def start(solver, problem, x0, lam0, mu0, key, max_steps: int, tol) -> Carry:
     history = {k: jnp.full((max_steps + 1,), jnp.nan, dtype) for k in ("value", "kkt", "infeasibility")}
     history = _record(history, 0, state)
     done, result = solver.terminate(problem, state, tol)
-    finite = all_finite(state)
+    finite = jnp.all(_field_finite(state))
     return Carry(
         state=state, key=key, steps=jnp.int32(0),
         done=done | ~finite,

@@ -25,6 +25,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from .._errors import ProgramError
+from ..runtime import _jax_compat as compat
 from ..transforms._constraints import Constrained, Piece
 
 
@@ -77,12 +78,16 @@ class Problem:
     def stochastic(self) -> bool:
         return self.split.stochastic
 
-    def bind(self, data_leaves) -> "Bound":
-        return Bound(self, tuple(data_leaves))
+    def bind(self, data_leaves, consts=None) -> "Bound":
+        """The problem with its data; ``consts`` replace the staged program's constants (the
+        values it closes over) when given: ``ex.argmin`` passes them in as inputs."""
+        return Bound(self, tuple(data_leaves), None if consts is None else tuple(consts))
 
-    def _value(self, piece: Piece, x, data, key):
+    def _value(self, piece: Piece, x, data, key, consts=None):
         leaves = jax.tree_util.tree_leaves(self.unravel(x))
         if not piece.stochastic:
+            if consts is not None:
+                return compat.eval_jaxpr(piece.jaxpr, consts, *leaves, *data)[0]
             return piece(*leaves, *data)
         prog = self._programs.get(id(piece))  # by identity: the objective may share a constraint's name
         if prog is None:
@@ -103,8 +108,8 @@ class Problem:
 class Bound:
     """A :class:`Problem` with its data: ``f``, ``eq``, ``ineq`` of ``(x, key)``."""
 
-    def __init__(self, problem: Problem, data):
-        self.problem, self.data = problem, data
+    def __init__(self, problem: Problem, data, consts=None):
+        self.problem, self.data, self.consts = problem, data, consts
         self.n, self.m_eq, self.m_in = problem.n, problem.m_eq, problem.m_in
         self.stochastic = problem.stochastic
         self.dtype = problem.dtype
@@ -114,7 +119,7 @@ class Bound:
 
     def f(self, x, key=None) -> jax.Array:
         p = self.problem
-        value = p._value(p.split.objective, x, self.data, _key(key)).astype(self.dtype)
+        value = p._value(p.split.objective, x, self.data, _key(key), self.consts).astype(self.dtype)
         return -value if p.maximize else value
 
     def eq(self, x, key=None) -> jax.Array:
@@ -135,7 +140,7 @@ class Bound:
         key = _key(key)
         keys = self._keys(key, len(segments))
         pieces = {c.name: c for c in self.problem.split.constraints}
-        vals = [jnp.ravel(self.problem._value(pieces[s.name], x, self.data, k)).astype(self.dtype)
+        vals = [jnp.ravel(self.problem._value(pieces[s.name], x, self.data, k, self.consts)).astype(self.dtype)
                 for s, k in zip(segments, keys)]
         return jnp.concatenate(vals)
 

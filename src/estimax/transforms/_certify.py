@@ -66,6 +66,8 @@ class Plan:
     total_variance: float | None = None
     #: a constrained program's constraints: (name, kind, multiplier, where) each
     constraints: tuple = ()
+    #: the program's inner problems (``ex.argmin``): an ``ArgminSpec`` each
+    argmins: tuple = ()
 
     def site(self, name: str) -> SitePlan:
         for s in self.sites:
@@ -99,6 +101,16 @@ class Plan:
             widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
             fmt = "  ".join(f"{{:<{w}}}" for w in widths)
             lines.append("constraints (solved with ex.solve, which builds their Lagrangian):")
+            lines += [fmt.format(*rows[0]).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip()]
+            lines += [fmt.format(*r).rstrip() for r in rows[1:]]
+        if self.argmins:
+            rows = [("argmin", "variables", "inner solver", "hypergradient", "certificate", "where")]
+            for a in self.argmins:
+                size = f"{a.n}" + (f", {a.m_eq} eq" if a.m_eq else "") + (f", {a.m_in} ineq" if a.m_in else "")
+                rows.append((a.name, size, a.solver, a.describe_method(), a.certificate, a.location or "?"))
+            widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+            fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+            lines.append("inner problems (ex.argmin):")
             lines += [fmt.format(*rows[0]).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip()]
             lines += [fmt.format(*r).rstrip() for r in rows[1:]]
         return "\n".join(lines)
@@ -324,6 +336,19 @@ def explain(objective, *args, variance: bool = False, key=None, argnums=0, sampl
             certificate = Certificate(kind, certificate.reasons + (reason,))
         else:
             certificate = Certificate(certificate.kind, certificate.reasons + (reason,))
+    from ..dsl._argmin import find_argmins
+
+    argmins = tuple(find_argmins(closed.jaxpr))
+    for a in argmins:
+        if a.method == "implicit":
+            reason = (f"argmin {a.name!r}: implicit differentiation, exact up to the inner solver's tolerance "
+                      "(a converged inner solve is checked at run time)")
+        else:
+            reason = (f"argmin {a.name!r}: {a.linear_solver}: the exact derivative of a truncated solve, "
+                      "consistent as the solve converges")
+        kind = certificate.kind if a.method == "implicit" or _RANK[certificate.kind] >= _RANK["consistent"] \
+            else "consistent"
+        certificate = Certificate(kind, certificate.reasons + (reason,))
     constraints = ()
     from ._constraints import is_constrained, split
 
@@ -332,7 +357,7 @@ def explain(objective, *args, variance: bool = False, key=None, argnums=0, sampl
             (c.name, c.describe(), f"λ[{c.name}]" if c.kind == "eq" else f"μ[{c.name}] >= 0", c.location or "?")
             for c in split(program, args).constraints
         )
-    return Plan(program.name, tuple(sites), certificate, total, constraints)
+    return Plan(program.name, tuple(sites), certificate, total, constraints, argmins)
 
 
 __all__ = ["Plan", "SitePlan", "Certificate", "collect_sites", "certify", "explain"]

@@ -1,0 +1,265 @@
+"""``ex.argmin``: inner problems as values, and their hypergradients, against closed forms.
+
+Ridge regression (unconstrained inner problem) has a closed-form solution, so its
+hypergradient, forward and reverse, and its second derivatives are exact here; an
+equality-constrained projection and a separable inequality-constrained problem have closed
+forms too. Implicit and (long) unrolled hypergradients agree; a truncated unrolled one does
+not, and says so in its certificate. A stochastic outer program with an inner argmin is
+unbiased (a statistical test against quadrature). Then the errors.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+
+import estimax as ex
+from estimax.solvers import RESULTS
+from estimax.testing import assert_unbiased
+
+
+@pytest.fixture(autouse=True)
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def _data(n=40, d=6, seed=0):
+    rng = np.random.default_rng(seed)
+    X, Xv = rng.standard_normal((n, d)), rng.standard_normal((n // 2, d))
+    w = rng.standard_normal(d)
+    return X, X @ w + 0.5 * rng.standard_normal(n), Xv, Xv @ w + 0.5 * rng.standard_normal(n // 2)
+
+
+X, Y, XV, YV = _data()  # NumPy float64: the tests run in float64
+D = X.shape[1]
+
+
+def ridge(w, log_lam, X, y):
+    return 0.5 * jnp.mean((X @ w - y) ** 2) + 0.5 * jnp.sum(jnp.exp(log_lam) * w**2)
+
+
+def val_loss(w):
+    return 0.5 * jnp.mean((XV @ w - YV) ** 2)
+
+
+def outer(log_lam, **kw):
+    return val_loss(ex.argmin(ridge, jnp.zeros(D), log_lam, X, Y, **kw))
+
+
+def outer_exact(log_lam):
+    a = X.T @ X / X.shape[0] + jnp.diag(jnp.exp(log_lam) * jnp.ones(D))
+    return val_loss(jnp.linalg.solve(a, X.T @ Y / X.shape[0]))
+
+
+def _rel(a, b):
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+SCALAR, PER_FEATURE = np.asarray(-1.0), np.linspace(-2.0, 0.5, D)
+
+METHODS = [
+    dict(),
+    dict(linear_solver="cg"),
+    dict(linear_solver="gmres"),
+    dict(linear_solver="dense"),
+    dict(linear_solver="neumann"),
+    dict(solver=ex.solvers.Newton(linear_solver="cg")),
+    dict(solver=ex.solvers.LBFGS()),
+    dict(method="unrolled", steps=3),  # Newton(line_search=False): exact after one step on a quadratic
+]
+
+
+@pytest.mark.parametrize("kw", METHODS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+def test_ridge_hypergradient_matches_the_closed_form(kw):
+    """A scalar penalty and one per feature, in one compiled call."""
+    grads = jax.jit(lambda a, b: (jax.grad(lambda l: outer(l, **kw))(a), jax.grad(lambda l: outer(l, **kw))(b)))
+    # L-BFGS stops at ‖∇f‖ <= 1e-10, so its solution (and hypergradient) is that close
+    tol = 1e-7 if isinstance(kw.get("solver"), ex.solvers.LBFGS) else 1e-9
+    for g, lam in zip(grads(SCALAR, PER_FEATURE), (SCALAR, PER_FEATURE)):
+        assert _rel(g, jax.grad(outer_exact)(lam)) < tol
+
+
+def test_forward_mode_second_order_and_vmap():
+    v = jnp.arange(1.0, D + 1.0)
+    lams = jnp.linspace(-2.0, 1.0, 5)
+
+    @jax.jit
+    def derivatives(lam):
+        return (jax.jacfwd(outer)(lam), jax.hessian(outer)(lam),
+                jax.jvp(jax.grad(outer), (lam,), (v,))[1],  # forward over reverse
+                jax.vmap(jax.grad(outer))(lams))
+
+    fwd, hess, hvp, batched = derivatives(PER_FEATURE)
+    assert _rel(fwd, jax.grad(outer_exact)(PER_FEATURE)) < 1e-9
+    assert _rel(hess, jax.hessian(outer_exact)(PER_FEATURE)) < 1e-8
+    assert _rel(hvp, jax.hessian(outer_exact)(PER_FEATURE) @ v) < 1e-8
+    assert _rel(batched, jax.vmap(jax.grad(outer_exact))(lams)) < 1e-9
+
+
+def test_closed_over_values_get_derivatives():
+    def outer_closure(log_lam):
+        w = ex.argmin(lambda w: ridge(w, log_lam, X, Y), jnp.zeros(D))
+        return val_loss(w)
+
+    assert _rel(jax.jit(jax.grad(outer_closure))(PER_FEATURE), jax.grad(outer_exact)(PER_FEATURE)) < 1e-9
+
+
+def test_inner_value_is_differentiable_by_the_envelope_theorem():
+    def value(log_lam):
+        _, info = ex.argmin(ridge, jnp.zeros(D), log_lam, X, Y, full_output=True)
+        return info.value
+
+    def value_exact(log_lam):
+        a = X.T @ X / X.shape[0] + jnp.diag(jnp.exp(log_lam) * jnp.ones(D))
+        return ridge(jnp.linalg.solve(a, X.T @ Y / X.shape[0]), log_lam, X, Y)
+
+    assert _rel(jax.grad(value)(PER_FEATURE), jax.grad(value_exact)(PER_FEATURE)) < 1e-9
+
+
+def quartic(w, t):
+    return 0.5 * jnp.sum((w - t) ** 2) + 0.1 * jnp.sum(w**4)
+
+
+def test_implicit_and_long_unrolled_agree_truncated_does_not():
+    t = jnp.array([0.5, -1.5, 2.0])
+
+    def outer_q(t, **kw):
+        return jnp.sum(jnp.sin(ex.argmin(quartic, jnp.zeros(3), t, **kw)))
+
+    gd = ex.solvers.GradientDescent(learning_rate=0.2)
+
+    @jax.jit
+    def grads(t):
+        return (jax.grad(outer_q)(t), jax.grad(lambda t: outer_q(t, method="unrolled", solver=gd, steps=400))(t),
+                jax.grad(lambda t: outer_q(t, method="unrolled", solver=gd, steps=400, truncate=2))(t))
+
+    implicit, unrolled, truncated = grads(t)
+    assert _rel(unrolled, implicit) < 1e-8  # gradient descent stops (freezes) at ‖∇f‖ <= 1e-10
+    assert _rel(truncated, implicit) > 1e-2
+    # the closed form: w + 0.4 w³ = t, so dw/dt = 1 / (1 + 1.2 w²)
+    w = ex.argmin(quartic, jnp.zeros(3), t)
+    assert _rel(implicit, jnp.cos(w) / (1 + 1.2 * w**2)) < 1e-9
+
+
+def simplex_projection(w, a):
+    ex.subject_to(eq=jnp.sum(w) - 1.0, name="sum_to_one")
+    return 0.5 * jnp.sum((w - a**2) ** 2)
+
+
+@pytest.mark.parametrize("linear_solver", ["auto", "gmres", "dense"])
+def test_equality_constrained_inner_problem(linear_solver):
+    a = jnp.array([0.3, -1.2, 0.8, 2.0])
+
+    def exact(a):
+        b = a**2
+        return b - (jnp.sum(b) - 1.0) / b.size
+
+    def f(a):
+        return ex.argmin(simplex_projection, jnp.zeros(4), a, linear_solver=linear_solver, full_output=True)
+
+    @jax.jit
+    def everything(a):
+        return f(a), jax.jacrev(lambda a: f(a)[0])(a), jax.jacfwd(lambda a: f(a)[0])(a)
+
+    (w, info), rev, fwd = everything(a)
+    assert _rel(w, exact(a)) < 1e-10
+    assert _rel(rev, jax.jacfwd(exact)(a)) < 1e-9
+    assert _rel(fwd, jax.jacfwd(exact)(a)) < 1e-9
+    # the multiplier of sum(w) = 1 is -(w - a²) for every coordinate: (sum(a²) - 1) / n
+    assert abs(float(info.multipliers["sum_to_one"]) - float((jnp.sum(a**2) - 1.0) / 4)) < 1e-9
+
+
+def capped(w, t):
+    ex.subject_to(le=w - 1.0, name="cap")
+    return quartic(w, t)
+
+
+def test_inequality_constrained_inner_problem():
+    t = jnp.array([0.5, 3.0, -2.0, 1.5])  # caps active at coordinates 1 and 3
+    f = lambda t: ex.argmin(capped, jnp.zeros(4), t)  # noqa: E731
+    (w, info), jac = jax.jit(lambda t: (ex.argmin(capped, jnp.zeros(4), t, full_output=True), jax.jacrev(f)(t)))(t)
+    assert int(info.result) == RESULTS.successful
+    free = np.array([True, False, True, False])
+    assert np.allclose(np.asarray(w)[~free], 1.0, atol=1e-9)
+    wf = np.asarray(w)[free]
+    assert np.allclose(wf + 0.4 * wf**3, np.asarray(t)[free], atol=1e-9)
+    expected = np.diag(np.where(free, 1.0 / (1.0 + 1.2 * np.asarray(w) ** 2), 0.0))
+    assert np.max(np.abs(np.asarray(jac) - expected)) < 1e-7
+    # an active cap's multiplier: t - w - 0.4 w³ at w = 1
+    assert np.allclose(np.asarray(info.multipliers["cap"])[~free], np.asarray(t)[~free] - 1.4, atol=1e-7)
+
+
+def shrink(w, t):
+    return 0.5 * jnp.sum((w - t) ** 2) + 0.25 * jnp.sum(w**4)
+
+
+@ex.expectation
+def noisy_outer(theta):
+    xi = ex.sample(dist.Normal(theta, 1.0), name="xi")
+    return ex.argmin(shrink, jnp.zeros(()), xi) ** 2
+
+
+@pytest.mark.slow
+def test_stochastic_outer_program_with_an_inner_argmin_is_unbiased():
+    theta = 0.7
+    xs, wts = np.polynomial.hermite_e.hermegauss(80)
+
+    def w_star(x):  # the real root of w³ + w - x
+        roots = np.roots([1.0, 0.0, 1.0, -x])
+        return float(np.real(roots[np.argmin(np.abs(np.imag(roots)))]))
+
+    ws = np.array([w_star(theta + x) for x in xs])
+    exact = float(np.sum(wts * 2 * ws / (1 + 3 * ws**2)) / np.sqrt(2 * np.pi))  # E[d/dθ w*(θ + ε)²]
+    assert_unbiased(jax.jit(lambda k: ex.grad(noisy_outer)(k, theta)), exact, seed=("argmin-unbiased", theta),
+                    n=4000)
+
+
+def test_explain_lists_the_inner_problems():
+    def program(log_lam):
+        w = ex.argmin(ridge, jnp.zeros(D), log_lam, X, Y, name="ridge")
+        v = ex.argmin(quartic, jnp.zeros(3), w[:3], method="unrolled", steps=50,
+                      solver=ex.solvers.GradientDescent(0.2), name="smooth")
+        return jnp.sum(v)
+
+    plan = ex.explain(program, SCALAR)
+    assert [a.name for a in plan.argmins] == ["ridge", "smooth"]
+    assert plan.argmins[0].solver == "Newton" and plan.argmins[0].linear_solver == "dense"
+    assert plan.argmins[0].certificate.startswith("exact")
+    assert plan.certificate.kind == "consistent"  # the unrolled one
+    text = str(plan)
+    assert "inner problems (ex.argmin)" in text and "unrolled, 50 steps" in text and "test_bilevel.py" in text
+
+
+def test_a_solve_that_does_not_converge_is_reported():
+    w, info = ex.argmin(quartic, jnp.zeros(3), jnp.array([3.0, -3.0, 1.0]), max_steps=1, throw=False,
+                        full_output=True)
+    assert int(info.result) == RESULTS.max_steps_reached and int(info.steps) == 1
+    with pytest.raises(Exception, match="did not converge"):
+        jax.block_until_ready(ex.argmin(quartic, jnp.zeros(3), jnp.array([3.0, -3.0, 1.0]), max_steps=1))
+
+
+def test_errors_name_the_mistake():
+    with pytest.raises(ex.ProgramError, match="does not depend on the inner variables"):
+        ex.argmin(lambda w, t: jnp.sum(t**2), jnp.zeros(2), jnp.ones(2))
+
+    def random_inner(w, t):
+        return jnp.sum((w - t - ex.sample(dist.Normal(0.0, 1.0), name="noise")) ** 2)
+
+    with pytest.raises(ex.ProgramError, match="random choices"):
+        ex.argmin(random_inner, jnp.zeros(2), jnp.ones(2))
+    with pytest.raises(ex.ProgramError, match="must be a scalar"):
+        ex.argmin(lambda w, t: (w - t) ** 2, jnp.zeros(2), jnp.ones(2))
+    with pytest.raises(ex.ProgramError, match="floating-point"):
+        ex.argmin(quartic, jnp.zeros(3, jnp.int32), jnp.ones(3))
+    with pytest.raises(ex.ProgramError, match="method is one of"):
+        ex.argmin(quartic, jnp.zeros(3), jnp.ones(3), method="magic")
+    with pytest.raises(ex.ProgramError, match="cannot"):
+        ex.argmin(quartic, jnp.zeros(3), jnp.ones(3), method="unrolled", solver=ex.solvers.LBFGS())
+    with pytest.raises(ex.ProgramError, match="indefinite"):
+        ex.argmin(simplex_projection, jnp.zeros(3), jnp.ones(3), linear_solver="cg")
+    with pytest.raises(ex.ProgramError, match="unconstrained inner problems"):
+        ex.argmin(simplex_projection, jnp.zeros(3), jnp.ones(3), method="unrolled")
