@@ -51,7 +51,15 @@ def datasets(seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     vol = np.array([2.0, 1.5, 1.0, 1.2, 1.8])
     returns = (drift + vol * rng.standard_t(5, size=(250, 5)) * np.sqrt(3 / 5)).astype(f32)
 
+    # ridge_tuning: 8 features, the last 4 irrelevant; few training points, many held out
+    w_true = np.array([1.5, -1.0, 0.8, 0.5, 0.0, 0.0, 0.0, 0.0])
+    Xr, Xr_val = rng.normal(size=(40, 8)), rng.normal(size=(400, 8))
+    yr = Xr @ w_true + rng.normal(0.0, 1.0, size=40)
+    yr_val = Xr_val @ w_true + rng.normal(0.0, 1.0, size=400)
+
     return {
+        "ridge_tuning": {"X": Xr.astype(f32), "y": yr.astype(f32), "X_val": Xr_val.astype(f32),
+                         "y_val": yr_val.astype(f32)},
         "portfolio": {"R": returns},
         "gaussian_mean": {"x": x},
         "resampling": {"x": x},

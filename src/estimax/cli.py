@@ -276,6 +276,11 @@ def _plan_table(program, plan) -> str:
         lines.append("constraints (`estimax run` solves the constrained problem with its Lagrangian):")
         rows = [(name, f"{os.path.basename(where)}" if where else "?", kind, mult) for name, kind, mult, where in plan.constraints]
         lines += _table(("constraint", "line", "kind", "multiplier"), rows)
+    if plan.argmins:
+        lines.append("inner problems (argmin):")
+        rows = [(a.name, os.path.basename(a.location) if a.location else "?", a.solver, a.describe_method(),
+                 a.certificate) for a in plan.argmins]
+        lines += _table(("argmin", "line", "inner solver", "hypergradient", "certificate"), rows)
     return "\n".join(lines)
 
 

@@ -251,6 +251,47 @@ def _text_normalize(target, proposal=None, particles=None, name="normalize"):
     return _Drawable(approx, f"normalize({target.__name__})", functools.partial(_sites_of, proposal))
 
 
+def _text_argmin(inner, init, *args, method="implicit", linear_solver="auto", steps=None, truncate=None,
+                 max_steps=None, tol=None, name=None):
+    """``argmin(inner, init, a, ...)``: ``ex.argmin`` of a program of the file, whose first argument
+    is the inner variables and whose others are given after ``init``."""
+    from .._argmin import argmin as _argmin
+
+    inner = _program_arg(inner, "the inner objective (first argument)")
+    if not inner.args:
+        raise TypeError(f"the inner program {inner.__name__} must take the inner variables as its first argument; "
+                        "it takes none")
+    if len(args) != len(inner.args) - 1:
+        raise TypeError(f"{inner.__name__}({', '.join(inner.args)}) takes {len(inner.args) - 1} argument(s) after "
+                        f"the inner variables {inner.args[0]}; argmin passes {len(args)} after init")
+    for key, value in (("method", method), ("linear_solver", linear_solver)):
+        if not isinstance(value, str):
+            raise TypeError(f"{key}= must be a string such as \"implicit\"; got {_describe_value(value)}")
+    for key, value in (("steps", steps), ("truncate", truncate), ("max_steps", max_steps)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{key}= must be a whole number written in the file; got {_describe_value(value)}")
+    if tol is not None and not isinstance(tol, (int, float)):
+        raise TypeError(f"tol= must be a number written in the file; got {_describe_value(tol)}")
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name= must be a string; got {_describe_value(name)}")
+
+    def objective(y, *a):
+        return inner(y, *a)
+
+    objective.__name__ = inner.__name__
+    init = jnp.asarray(init, jnp.result_type(float))
+    try:
+        return _argmin(objective, init, *[jnp.asarray(a) for a in args], method=method, linear_solver=linear_solver,
+                       steps=steps, truncate=truncate, max_steps=max_steps, tol=tol,
+                       name=name if name is not None else inner.__name__)
+    except ProgramError as e:  # in the file's terms
+        message = re.sub(r"^ex\.argmin\('[^']*'\): ", "", str(e))
+        message = message.replace("random choices (ex.sample)", "random choices (`~` statements)")
+        message = message.replace(" Average the randomness out (a fixed sample passed as an argument), or state the "
+                                  "bilevel problem for a stochastic bilevel solver.", "")
+        raise TypeError(message.rstrip(".")) from None
+
+
 def _logp(d, x):
     if isinstance(d, _Drawable):
         return d.logp(x)
@@ -279,6 +320,7 @@ FUNCTIONS: dict[str, Callable] = {
     "logp": _logp,
     "marginal": _text_marginal,
     "normalize": _text_normalize,
+    "argmin": _text_argmin,
 }
 CONSTANTS: dict[str, Any] = {"pi": math.pi, "e": math.e, "inf": math.inf}
 STRATEGIES: dict[str, Any] = {
@@ -287,7 +329,7 @@ STRATEGIES: dict[str, Any] = {
 }
 _DIST_METHODS = {"to_event", "expand", "mask", "mean", "variance"}
 _SHAPE_FUNCTIONS = {"reshape", "zeros", "ones", "transpose"}  # take a list literal as a shape, not an array
-_OBJECT_FUNCTIONS = {"logp", "marginal", "normalize"}  # take distributions, programs or names, not only numbers
+_OBJECT_FUNCTIONS = {"logp", "marginal", "normalize", "argmin"}  # take distributions, programs or names, not only numbers
 _TYPES = {"real": jnp.float32, "int": jnp.int32}
 # The grammar's keywords. lark's contextual lexer reads a keyword as a name where no keyword
 # can stand (`let then = 1`), so declarations check for them.
