@@ -44,3 +44,21 @@ def test_constrained_doc_examples_run(tmp_path):
         done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"docs/constrained.md example {i}:\n{block}\n{done.stderr[-3000:]}"
         assert "successful" in done.stdout or "Solution(" in done.stdout, done.stdout
+
+
+def test_bilevel_doc_examples_run(tmp_path):
+    """Every Python example of docs/bilevel.md runs (in a subprocess: they enable float64)."""
+    import subprocess
+    import sys
+
+    text = (ROOT / "docs" / "bilevel.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 2
+    outputs = []
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"example{i}.py"
+        path.write_text(block)
+        done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"docs/bilevel.md example {i}:\n{block}\n{done.stderr[-3000:]}"
+        outputs.append(done.stdout)
+    assert "inner problems (ex.argmin)" in outputs[0] and "Solution(successful" in outputs[0], outputs[0]
