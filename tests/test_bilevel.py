@@ -263,3 +263,82 @@ def test_errors_name_the_mistake():
         ex.argmin(simplex_projection, jnp.zeros(3), jnp.ones(3), linear_solver="cg")
     with pytest.raises(ex.ProgramError, match="unconstrained inner problems"):
         ex.argmin(simplex_projection, jnp.zeros(3), jnp.ones(3), method="unrolled")
+
+
+# --- LV-HBA: coupled lower-level constraints ----------------------------------------------------
+N_TOY = 100
+
+
+@jax.custom_jvp
+def _first_order_only(v):
+    """``v``, whose first derivative exists and whose second derivative raises: a solver that
+    forms a Hessian (or a Hessian-vector product) of the lower objective fails on it."""
+    return v
+
+
+@_first_order_only.defjvp
+def _first_order_only_jvp(primals, tangents):
+    (v,), (t,) = primals, tangents
+    return _first_order_only(v), _no_second_derivative(t)
+
+
+@jax.custom_jvp
+def _no_second_derivative(t):
+    return t
+
+
+@_no_second_derivative.defjvp
+def _no_second_derivative_jvp(primals, tangents):
+    raise AssertionError("a second derivative of the lower objective was taken")
+
+
+def toy_upper(x, y):
+    y1, y2 = y[:N_TOY], y[N_TOY:]
+    return 0.5 * jnp.sum((x - y2) ** 2) + 0.5 * jnp.sum((y1 - 1.0) ** 2)
+
+
+def toy_lower(y, x):
+    """The LV-HBA paper's toy: ``min_y ½‖y₁‖² − xᵀy₁ + 1ᵀy₂`` s.t. ``1ᵀx + 1ᵀy = 0``. Its
+    solutions are ``y₁ = x + 1`` and any ``y₂`` with the right sum (not a single point); the
+    optimistic bilevel solution is ``x = -0.3``, ``y₁ = 0.7``, ``y₂ = -0.4`` (every entry)."""
+    y1, y2 = _first_order_only(y[:N_TOY]), y[N_TOY:]
+    ex.subject_to(eq=jnp.sum(x) + jnp.sum(y), name="coupled")
+    return 0.5 * jnp.sum(y1**2) - x @ y1 + jnp.sum(y2)
+
+
+def _toy_errors(sol):
+    x, y = sol.params
+    y_star = np.concatenate([np.full(N_TOY, 0.7), np.full(N_TOY, -0.4)])
+    return (float(np.linalg.norm(np.asarray(x) + 0.3) / np.linalg.norm(np.full(N_TOY, 0.3))),
+            float(np.linalg.norm(np.asarray(y) - y_star) / np.linalg.norm(y_star)))
+
+
+def test_lvhba_solves_the_coupled_constraint_toy_without_second_derivatives():
+    start = (np.full(N_TOY, 10.0), np.full(2 * N_TOY, 10.0))
+    sol = ex.solve_bilevel(toy_upper, toy_lower, *start, max_steps=10000)
+    err_x, err_y = _toy_errors(sol)
+    assert err_x <= 1e-3 and err_y <= 1e-3, (err_x, err_y)
+    assert sol.infeasibility < 1e-9  # every iterate is projected onto the coupled constraint
+    assert set(sol.multipliers) == {"coupled"} and sol.steps == 10000
+
+
+def test_lvhba_with_the_papers_simultaneous_steps_does_not_converge():
+    """The toy script's update (simultaneous θ/λ steps, its step sizes and penalty) oscillates
+    and grows: the reason the default takes extragradient steps with estimated step sizes."""
+    script = ex.solvers.LVHBA(inner="simultaneous", eta=0.01, alpha=0.008, beta=0.02, c0=0.025, p=0.3)
+    sol = ex.solve_bilevel(toy_upper, toy_lower, np.full(N_TOY, 10.0), np.full(2 * N_TOY, 10.0), solver=script,
+                           max_steps=1500)
+    assert _toy_errors(sol)[0] > 1.0
+
+
+def test_solve_bilevel_errors():
+    def constrained_upper(x, y):
+        ex.subject_to(le=x[0] - 1.0, name="cap")
+        return toy_upper(x, y)
+
+    with pytest.raises(ex.ProgramError, match="upper program states constraints"):
+        ex.solve_bilevel(constrained_upper, toy_lower, np.zeros(N_TOY), np.zeros(2 * N_TOY))
+    with pytest.raises(ex.ProgramError, match="p=...."):
+        ex.solvers.LVHBA(p=0.6)
+    with pytest.raises(ex.ProgramError, match="solver= takes"):
+        ex.solve_bilevel(toy_upper, toy_lower, np.zeros(N_TOY), np.zeros(2 * N_TOY), solver=ex.solvers.Newton())

@@ -15,6 +15,7 @@ conjugate-gradient Newton steps, Armijo line search), :class:`LBFGS` (``optax.lb
 """
 
 from ._al import AugmentedLagrangian as AugmentedLagrangian
+from ._bilevel import LVHBA as LVHBA
 from ._driver import RESULTS as RESULTS
 from ._driver import Solution as Solution
 from ._driver import SolverError as SolverError
