@@ -94,9 +94,10 @@ closed-form outer objective; a grid, then Brent's method) at which F equals ``va
 ``lam*`` two roots match, one on each side at the same distance from it to first order (the
 values differ by rounding only); the one nearer the full closed-form Newton step from
 ``lam_{k-1}`` is taken. The distance to ``lam*`` is right either way. The default run then checks this once per
-problem: it reruns ``ex.solve`` with ``max_steps = k`` for the k found (and for k - 1 when
-the recovered ``lam_{k-1}`` is within 2e-4 of ``lam*``, a close call) and prints the rerun's
-iterate next to the recovered one. ``--quick`` and ``--no-rerun`` skip the reruns.
+problem: it reruns ``ex.solve`` with ``max_steps = k`` for the k found, unless that is the
+final iterate (known), and for k - 1 when the recovered ``lam_{k-1}`` is within 2e-4 of
+``lam*`` (a close call) or k is the final iterate, and prints the rerun's iterate next to the
+recovered one. ``--quick`` and ``--no-rerun`` skip the reruns.
 
 How to read the output
 ----------------------
@@ -519,12 +520,12 @@ def section_outer(args, ex, name, data):
     k_hit = int(hits[0]) if len(hits) else None
     checks = []
     if k_hit is not None and not args.quick and not args.no_rerun:
-        ks = [k_hit]
-        if k_hit >= 2 and dist[k_hit - 1] < 2 * LAM_TOL:  # a close call: check the iterate before too
+        # lam_0 and the final iterate are known; check the first iterate within LAM_TOL, and the
+        # one before it when that is a close call or the first one is the final iterate
+        ks = [k_hit] if 0 < k_hit < sol.steps else []
+        if k_hit >= 2 and (dist[k_hit - 1] < 2 * LAM_TOL or not ks):
             ks.insert(0, k_hit - 1)
         for k in ks:
-            if k == 0:
-                continue
             t0 = time.perf_counter()
             rerun = ex.solve(program, lam0, *data, solver=solver, tol=1e-10, max_steps=k)
             lk = float(rerun.params)
