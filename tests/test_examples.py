@@ -53,3 +53,10 @@ def test_constrained_classification_quick(tmp_path):
     assert "full data, AugmentedLagrangian: Solution(successful" in out
     assert "relative distance to the full-data solution" in out
     assert (tmp_path / "o" / "constrained_classification.png").stat().st_size > 1000
+
+
+def test_hyper_cleaning_quick(tmp_path):
+    out = run([str(ROOT / "examples" / "hyper_cleaning.py"), "--steps", "8", "--train", "300", "--val", "100",
+               "--out", str(tmp_path / "o")], tmp_path)
+    assert "inner problems (ex.argmin)" in out and "test accuracy, hyper-cleaned weights" in out
+    assert "F1" in out and (tmp_path / "o" / "hyper_cleaning.png").stat().st_size > 1000
