@@ -342,3 +342,58 @@ def test_solve_bilevel_errors():
         ex.solvers.LVHBA(p=0.6)
     with pytest.raises(ex.ProgramError, match="solver= takes"):
         ex.solve_bilevel(toy_upper, toy_lower, np.zeros(N_TOY), np.zeros(2 * N_TOY), solver=ex.solvers.Newton())
+
+
+# --- BSVRB: many lower-level problems, a few sampled per step -------------------------------------
+def _multiblock_problem(m=8, n=30, n_val=200, d=10, seed=0):
+    """m ridge regressions sharing one log-penalty x: few noisy training samples per block, a
+    validation set per block. F(x) has a closed form (each block's ridge solution)."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(m, d))
+    a, c = rng.normal(size=(m, n, d)), rng.normal(size=(m, n_val, d))
+    b = np.einsum("mnd,md->mn", a, w) + 1.5 * rng.normal(size=(m, n))
+    e = np.einsum("mnd,md->mn", c, w) + 1.5 * rng.normal(size=(m, n_val))
+    inner_data, outer_data = {"a": a, "b": b}, {"a": c, "b": e}
+
+    def inner(y, x, batch):
+        return 0.5 * jnp.mean((batch["a"] @ y - batch["b"]) ** 2) + 0.5 * jnp.exp(x[0]) * jnp.sum(y**2)
+
+    def outer(x, y, batch):
+        return 0.5 * jnp.mean((batch["a"] @ y - batch["b"]) ** 2)
+
+    def exact(x):
+        def block(ai, bi, ci, ei):
+            y = jnp.linalg.solve(ai.T @ ai / n + jnp.exp(x[0]) * jnp.eye(d), ai.T @ bi / n)
+            return 0.5 * jnp.mean((ci @ y - ei) ** 2)
+
+        return jnp.mean(jax.vmap(block)(a, b, c, e))
+
+    x = jnp.zeros(1)
+    for _ in range(30):  # Newton on the closed form
+        x = x - jax.grad(exact)(x) / jax.hessian(exact)(x)[0, 0]
+    return inner, outer, inner_data, outer_data, jax.jit(exact), float(exact(x))
+
+
+@pytest.mark.parametrize("version,blocks", [(1, 2), (2, 2), (2, 8)])
+def test_bsvrb_reaches_the_multiblock_optimum(version, blocks):
+    inner, outer, inner_data, outer_data, exact, f_star = _multiblock_problem()
+    solver = ex.solvers.BSVRB(blocks=blocks, batch=32, version=version, lr=0.05, inner_lr=0.2, system_lr=0.2)
+    sol = ex.solve_multiblock(outer, inner, jnp.ones(1), jnp.zeros(10), outer_data, inner_data, solver=solver,
+                              max_steps=2000, record_every=100, evaluate=exact, key=jax.random.PRNGKey(version))
+    gaps = np.array([v for _, v in sol.stats["trace"]]) - f_star
+    assert gaps[0] > 0.5  # from far away
+    assert np.mean(gaps[-10:]) < 1e-3, gaps  # the last 1000 steps: near the optimum on average
+    x, y = sol.params
+    assert y.shape == (8, 10) and x.shape == (1,)
+
+
+def test_bsvrb_errors():
+    inner, outer, inner_data, outer_data, _, _ = _multiblock_problem()
+    with pytest.raises(ex.ProgramError, match="only 8 blocks"):
+        ex.solve_multiblock(outer, inner, jnp.ones(1), jnp.zeros(10), outer_data, inner_data,
+                            solver=ex.solvers.BSVRB(blocks=9))
+    with pytest.raises(ex.ProgramError, match="version"):
+        ex.solvers.BSVRB(version=3)
+    with pytest.raises(ex.ProgramError, match="leading"):
+        ex.solve_multiblock(outer, inner, jnp.ones(1), jnp.zeros(10), outer_data,
+                            {"a": inner_data["a"][:4], "b": inner_data["b"][:4]})

@@ -35,6 +35,7 @@ from .runtime._fit import FitResult as FitResult
 from .runtime._fit import fit as fit
 from . import solvers as solvers
 from .solvers._bilevel import solve_bilevel as solve_bilevel
+from .solvers._multiblock import solve_multiblock as solve_multiblock
 from .solvers._solve import solve as solve
 from .transforms._certify import Certificate as Certificate
 from .transforms._certify import Plan as Plan

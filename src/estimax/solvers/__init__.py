@@ -16,6 +16,7 @@ conjugate-gradient Newton steps, Armijo line search), :class:`LBFGS` (``optax.lb
 
 from ._al import AugmentedLagrangian as AugmentedLagrangian
 from ._bilevel import LVHBA as LVHBA
+from ._multiblock import BSVRB as BSVRB
 from ._driver import RESULTS as RESULTS
 from ._driver import Solution as Solution
 from ._driver import SolverError as SolverError
