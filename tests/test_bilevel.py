@@ -368,21 +368,24 @@ def _multiblock_problem(m=8, n=30, n_val=200, d=10, seed=0):
 
         return jnp.mean(jax.vmap(block)(a, b, c, e))
 
-    x = jnp.zeros(1)
-    for _ in range(30):  # Newton on the closed form
+    grid = jnp.linspace(-8.0, 4.0, 241)[:, None]
+    x = grid[jnp.argmin(jax.vmap(exact)(grid))]  # then Newton on the closed form, from the grid's best
+    for _ in range(20):
         x = x - jax.grad(exact)(x) / jax.hessian(exact)(x)[0, 0]
+    assert float(exact(x)) <= float(jnp.min(jax.vmap(exact)(grid))) + 1e-12
     return inner, outer, inner_data, outer_data, jax.jit(exact), float(exact(x))
 
 
 @pytest.mark.parametrize("version,blocks", [(1, 2), (2, 2), (2, 8)])
 def test_bsvrb_reaches_the_multiblock_optimum(version, blocks):
     inner, outer, inner_data, outer_data, exact, f_star = _multiblock_problem()
-    solver = ex.solvers.BSVRB(blocks=blocks, batch=32, version=version, lr=0.05, inner_lr=0.2, system_lr=0.2)
+    solver = ex.solvers.BSVRB(blocks=blocks, batch=32, version=version, lr=0.03, inner_lr=0.2, system_lr=0.2)
     sol = ex.solve_multiblock(outer, inner, jnp.ones(1), jnp.zeros(10), outer_data, inner_data, solver=solver,
-                              max_steps=2000, record_every=100, evaluate=exact, key=jax.random.PRNGKey(version))
+                              max_steps=3000, record_every=100, evaluate=exact, key=jax.random.PRNGKey(version))
     gaps = np.array([v for _, v in sol.stats["trace"]]) - f_star
+    assert np.all(gaps >= -1e-12)  # f_star is the minimum
     assert gaps[0] > 0.5  # from far away
-    assert np.mean(gaps[-10:]) < 1e-3, gaps  # the last 1000 steps: near the optimum on average
+    assert np.mean(gaps[-15:]) < 1e-3, gaps  # the last 1500 steps: near the optimum on average
     x, y = sol.params
     assert y.shape == (8, 10) and x.shape == (1,)
 

@@ -86,7 +86,7 @@ class Newton:
 
     linear_solver: str = "auto"
     line_search: bool = True
-    dense_max: int = 1000
+    dense_max: int = 64
     max_cg: int | None = None
     max_backtracks: int = 40
     armijo: float = 1e-4
