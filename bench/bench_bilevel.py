@@ -13,7 +13,7 @@ returning ``jax.grad`` of the validation loss with respect to ``lam``, jitted an
 before it is timed:
 
 * **estimax (Newton)**: ``ex.argmin(ridge, zeros(d), lam, X, y)`` with its defaults: inner
-  solver ``ex.solvers.Newton()`` (dense Newton up to 1000 variables), inner tolerance
+  solver ``ex.solvers.Newton()`` (dense Newton up to 64 variables, Newton-CG above), inner tolerance
   ``||grad||_inf <= 1e-10``, implicit differentiation with ``linear_solver="auto"`` (a dense
   solve up to 64 unknowns, conjugate gradients above: dense on diabetes, CG on the synthetic
   problem). This is the row the targets are about;
@@ -30,8 +30,8 @@ before it is timed:
 
 The data are arguments of the jitted function, not constants it closes over. Closed-over
 arrays are embedded in the program as constants, and XLA then constant-folds products of them
-at compile time (``X^T X`` of the synthetic problem took 3 s of a compile that way), which
-would blur both the compile and the per-call times.
+at compile time (it spent 3 s folding ``X^T X`` of the synthetic problem into a closed-form
+function that way), which would blur both the compile and the per-call times.
 
 Problems
 --------
@@ -88,16 +88,16 @@ whether a step was a full Newton step). Targets (information): <= 7 (diabetes), 
 
 ``ex.solve`` returns only the final point; its ``history`` holds the outer value and the KKT
 residual ``|F'(lam_k)|`` of every iterate. Rerunning it with ``max_steps=k`` for every k would
-compile the whole loop again each time (10-15 s per compile on 2 CPU cores), so the iterates
+compile the whole loop again each time (7-16 s per compile on 2 CPU cores), so the iterates
 are recovered from the history instead: ``lam_k`` is the root of ``F'(lam) = +-kkt_k`` (F the
 closed-form outer objective; a grid, then Brent's method) at which F equals ``value_k``. Near
 ``lam*`` two roots match, one on each side at the same distance from it to first order (the
 values differ by rounding only); the one nearer the full closed-form Newton step from
-``lam_{k-1}`` is taken. The distance to ``lam*`` is right either way. The default run then checks this once per
-problem: it reruns ``ex.solve`` with ``max_steps = k`` for the k found, unless that is the
-final iterate (known), and for k - 1 when the recovered ``lam_{k-1}`` is within 2e-4 of
-``lam*`` (a close call) or k is the final iterate, and prints the rerun's iterate next to the
-recovered one. ``--quick`` and ``--no-rerun`` skip the reruns.
+``lam_{k-1}`` is taken. The distance to ``lam*`` is right either way. The default run then
+checks this once per problem: it reruns ``ex.solve`` with ``max_steps = k`` for the k found,
+unless that is the final iterate (known), and for k - 1 when the recovered ``lam_{k-1}`` is
+within 2e-4 of ``lam*`` (a close call) or k is the final iterate, and prints the rerun's
+iterate next to the recovered one. ``--quick`` and ``--no-rerun`` skip the reruns.
 
 How to read the output
 ----------------------
@@ -108,7 +108,17 @@ seconds each and swing more. The per-feature case has d hyperparameters but the 
 hypergradient as the scalar one: the implicit derivative is one linear solve either way.
 
 jaxopt's errors are set by its implicit-diff linear solve (CG on the normal equations at
-tolerance 1e-5), not by its inner tolerance.
+tolerance 1e-5), not by its inner solve: L-BFGS converges (18-19 iterations to a gradient norm
+of 5e-11 on the synthetic problem), and with ``implicit_diff_solve=partial(solve_normal_cg,
+tol=1e-12)`` its rel.err there was 1e-10 (scalar) and 3e-10 (per feature) when this was
+written, against 1e-6 and 8e-6 with the default.
+
+estimax's default is dense Newton, and on the synthetic problem (d = 200) it forms the
+200 x 200 Hessian from 200 Hessian-vector products (``2 * 2000 * 200 * 200`` flops, about
+17 ms on the test machine) even though one Newton step then solves the quadratic; that is
+most of its per-call time there. Newton-CG never forms the Hessian: it took 6 inexact Newton
+steps there, whose conjugate-gradient iterations take one Hessian-vector product each, and
+its row is about twice as fast.
 
 BLAS is limited to one thread (``OPENBLAS_NUM_THREADS=1`` and ``MKL_NUM_THREADS=1`` unless
 already set), before NumPy is imported, as in ``bench_constrained.py``: on 2 cores OpenBLAS's
@@ -116,7 +126,7 @@ threads and XLA's compete. The script exits 0 whatever the numbers are.
 
 How to run
 ----------
-    python bench/bench_bilevel.py            # both problems, both penalties, reruns (~3-4 min on 2 CPUs)
+    python bench/bench_bilevel.py            # both problems and penalties, reruns (2.5-3.5 min, 2 busy CPUs)
     python bench/bench_bilevel.py --quick    # diabetes only, 20 rounds, no reruns (~1 min)
     python bench/bench_bilevel.py --problems synthetic --rounds 50
 
@@ -326,7 +336,8 @@ def section_hypergradients(args, ex, jaxopt, optx, name, data) -> list:
                          ("per-feature", jnp.linspace(*LAM_FEATURE, d))):
         desc = (f"lam = {LAM_SCALAR:g}" if penalty == "scalar" else
                 f"lam = linspace({LAM_FEATURE[0]:g}, {LAM_FEATURE[1]:g}, {d})")
-        print(f"\n=== 1. hypergradient: {name} ({n} train / {len(yv)} val x {d}), {penalty} penalty, {desc} ===")
+        print(f"\n=== 1. hypergradient: {name} ({n} train / {len(yv)} val x {d}), {penalty} penalty, "
+              f"{desc} ===")
         exact = analytic_hypergradient(lam, *data)
         by_jax = jax.jit(jax.grad(closed_form_outer))(lam, *data)
         print(f"exact: analytic formula vs jax.grad through the closed-form solve: max rel. diff "
@@ -360,7 +371,8 @@ def section_hypergradients(args, ex, jaxopt, optx, name, data) -> list:
             if "error" in r:
                 print(fmt.format(m, "ERR", "", "", "", "", "", "") + "  " + r["error"])
                 continue
-            print(fmt.format(m, fmt_e(r["err"]), fmt_ms(r["time"]), f"{r['q1'] * 1e3:.2f}-{r['q3'] * 1e3:.2f}",
+            iqr = f"{r['q1'] * 1e3:.2f}-{r['q3'] * 1e3:.2f}"
+            print(fmt.format(m, fmt_e(r["err"]), fmt_ms(r["time"]), iqr,
                              f"{r['compile']:.2f}", f"{r['trace']:.2f}", fmt_ratio(r["time"], ref_j),
                              fmt_ratio(r["time"], ref_o)))
         e = res.get(DEFAULT, {})
@@ -393,7 +405,8 @@ def print_summary(summary):
             continue
         nan = float("nan")
         print(fmt.format(name, penalty, fmt_e(e["err"]), fmt_ratio(e["time"], j.get("time", nan)),
-                         fmt_ratio(e["time"], o.get("time", nan)), fmt_ratio(e["compile"], j.get("compile", nan)),
+                         fmt_ratio(e["time"], o.get("time", nan)),
+                         fmt_ratio(e["compile"], j.get("compile", nan)),
                          fmt_ratio(e["compile"], o.get("compile", nan))))
 
 
@@ -475,13 +488,12 @@ def recover_iterates(cf: ClosedForm, star: float, lam0: float, history: dict) ->
 
 
 def section_outer(args, ex, name, data):
-    X, y, Xv, yv = data
-    d = X.shape[1]
     print(f"\n=== 2. outer loop: {name}, scalar penalty, ex.solve(Newton, tol=1e-10) from lam0 = 0 ===")
     cf = ClosedForm(data)
     star, interior = lam_star(cf)
     if not interior:
-        print(f"the closed-form outer objective has no interior minimum on [-25, 15] (best at {star:g}): skipped")
+        print(f"the closed-form outer objective has no interior minimum on [-25, 15] (best at {star:g}): "
+              "skipped")
         return None
     print(f"lam* = {star:.12f} (closed form; F(lam*) = {cf.f(star):.12f}, F''(lam*) = {cf.d2f(star):.4e})")
 
@@ -498,9 +510,9 @@ def section_outer(args, ex, name, data):
             traceback.print_exc()
         return None
     lam_final = float(sol.params)
-    print(f"ex.solve: lam = {lam_final:.12f}, |lam - lam*| = {fmt_e(abs(lam_final - star))}, {sol.steps} steps, "
-          f"success {sol.success} ({sol.message}); compile {sol.stats['compile_s']:.2f} s, loop "
-          f"{sol.stats['solve_s'] * 1e3:.1f} ms")
+    print(f"ex.solve: lam = {lam_final:.12f}, |lam - lam*| = {fmt_e(abs(lam_final - star))}, "
+          f"{sol.steps} steps, success {sol.success} ({sol.message}); compile "
+          f"{sol.stats['compile_s']:.2f} s, loop {sol.stats['solve_s'] * 1e3:.1f} ms")
     hist = {k: np.asarray(v) for k, v in sol.history.items()}
     lams = recover_iterates(cf, star, float(lam0), hist)
     lams[-1] = lam_final  # the end is known
@@ -514,11 +526,10 @@ def section_outer(args, ex, name, data):
         if k + 1 < len(lams):
             newton = -cf.df(lams[k]) / cf.d2f(lams[k])
             step = f"{(lams[k + 1] - lams[k]) / newton:.3f}" if newton != 0 else "-"
-        print(fmt.format(k, f"{lams[k]:.12f}", fmt_e(dist[k]), f"{hist['value'][k]:.9f}", fmt_e(hist["kkt"][k]),
-                         step))
+        print(fmt.format(k, f"{lams[k]:.12f}", fmt_e(dist[k]), f"{hist['value'][k]:.9f}",
+                         fmt_e(hist["kkt"][k]), step))
     hits = np.nonzero(dist < LAM_TOL)[0]
     k_hit = int(hits[0]) if len(hits) else None
-    checks = []
     if k_hit is not None and not args.quick and not args.no_rerun:
         # lam_0 and the final iterate are known; check the first iterate within LAM_TOL, and the
         # one before it when that is a close call or the first one is the final iterate
@@ -529,7 +540,6 @@ def section_outer(args, ex, name, data):
             t0 = time.perf_counter()
             rerun = ex.solve(program, lam0, *data, solver=solver, tol=1e-10, max_steps=k)
             lk = float(rerun.params)
-            checks.append((k, lk))
             print(f"rerun with max_steps={k}: lam_{k} = {lk:.12f} (recovered {lams[k]:.12f}, diff "
                   f"{fmt_e(abs(lk - lams[k]))}), |lam_{k} - lam*| = {fmt_e(abs(lk - star))} "
                   f"({time.perf_counter() - t0:.1f} s with its compile)")
@@ -569,8 +579,8 @@ def main(argv=None):
                         help="outer loop: do not check the recovered iterates by rerunning ex.solve")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
     args = parser.parse_args(argv)
-    problems = [p.strip() for p in (args.problems or ("diabetes" if args.quick else ",".join(PROBLEMS))).split(",")
-                if p.strip()]
+    chosen = args.problems or ("diabetes" if args.quick else ",".join(PROBLEMS))
+    problems = [p.strip() for p in chosen.split(",") if p.strip()]
     unknown = sorted(set(problems) - set(PROBLEMS))
     if unknown:
         parser.error(f"--problems: unknown {unknown}; choose from {PROBLEMS}")
@@ -586,8 +596,8 @@ def main(argv=None):
     dev = jax.devices()[0]
     load = " | load avg %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
     print(f"estimax {ex.__version__} | jax {jax.__version__} | jaxopt {_version('jaxopt')} | optimistix "
-          f"{_version('optimistix')} | lineax {_version('lineax')} | python {platform.python_version()} | device "
-          f"{dev.platform}:{getattr(dev, 'device_kind', '')} | {os.cpu_count()} CPUs{load}")
+          f"{_version('optimistix')} | lineax {_version('lineax')} | python {platform.python_version()} | "
+          f"device {dev.platform}:{getattr(dev, 'device_kind', '')} | {os.cpu_count()} CPUs{load}")
     print(f"float64; ridge regression, log-penalties; problems: {', '.join(problems)}")
     jax.block_until_ready(jax.jit(lambda a: jnp.sin(a) @ a)(jnp.ones((4, 4))))  # JAX's first-use costs
     t0 = time.perf_counter()
