@@ -177,8 +177,7 @@ def argmin(inner, init, *args, method: str = "implicit", solver=None, linear_sol
     solution = problem.unravel(x)
     if not full_output:
         return solution
-    info = ArgminInfo(result=result, steps=nsteps, kkt=kkt, value=-value if problem.maximize else value,
-                      multipliers=problem.multipliers(lam, mu))
+    info = ArgminInfo(result=result, steps=nsteps, kkt=kkt, value=value, multipliers=problem.multipliers(lam, mu))
     return solution, info
 
 

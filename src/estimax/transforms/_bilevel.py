@@ -124,31 +124,8 @@ class Inner:
         return self._implicit(x0, key, args, consts)
 
     # -- implicit differentiation ------------------------------------------------------------
-    def _optimality(self, z, args, consts):
-        """``F(z, θ)``: zero at a KKT point of the inner problem."""
-        p = self.problem
-        n, m_eq = p.n, p.m_eq
-        x, lam, mu = z[:n], z[n:n + m_eq], z[n + m_eq:]
-        bound = p.bind(args, consts)
-        if not (p.m_eq or p.m_in):
-            return jax.grad(bound.f)(x)
-
-        def lagrangian(y):
-            out = bound.f(y)
-            if p.m_eq:
-                out = out + jnp.vdot(lam, bound.eq(y))
-            if p.m_in:
-                out = out + jnp.vdot(mu, bound.ineq(y))
-            return out
-
-        parts = [jax.grad(lagrangian)(x)]
-        if p.m_eq:
-            parts.append(bound.eq(x))
-        if p.m_in:
-            parts.append(mu * bound.ineq(x))
-        return jnp.concatenate(parts)
-
     def _lagrangian_value(self, x, lam, mu, args, consts):
+        """``L = f + λᵀc + μᵀg`` at ``x`` (``f`` without constraints)."""
         p = self.problem
         bound = p.bind(args, consts)
         out = bound.f(x)
@@ -157,6 +134,22 @@ class Inner:
         if p.m_in:
             out = out + jnp.vdot(mu, bound.ineq(x))
         return out
+
+    def _optimality(self, z, args, consts):
+        """``F(z, θ)``: zero at a KKT point of the inner problem."""
+        p = self.problem
+        n, m_eq = p.n, p.m_eq
+        x, lam, mu = z[:n], z[n:n + m_eq], z[n + m_eq:]
+        stationarity = jax.grad(self._lagrangian_value)(x, lam, mu, args, consts)
+        if not (p.m_eq or p.m_in):
+            return stationarity
+        bound = p.bind(args, consts)
+        parts = [stationarity]
+        if p.m_eq:
+            parts.append(bound.eq(x))
+        if p.m_in:
+            parts.append(mu * bound.ineq(x))
+        return jnp.concatenate(parts)
 
     def _linear_solve(self, op, b):
         """``A⁻¹ b`` for the linear operator ``op``, as a ``lax.custom_linear_solve`` (so that
@@ -188,9 +181,8 @@ class Inner:
         z = jnp.concatenate([x, lam, mu])
         dargs, dconsts = _instantiate(args, dargs), _instantiate(consts, dconsts)
         # ∂_θ F θ̇ and, by the envelope theorem, the value's derivative ∂_θ L θ̇
-        diff_args = [a for a in args]
-        rhs = jax.jvp(lambda a, c: self._optimality(z, a, c), (diff_args, list(consts)), (dargs, dconsts))[1]
-        dvalue = jax.jvp(lambda a, c: self._lagrangian_value(x, lam, mu, a, c), (diff_args, list(consts)),
+        rhs = jax.jvp(lambda a, c: self._optimality(z, a, c), (list(args), list(consts)), (dargs, dconsts))[1]
+        dvalue = jax.jvp(lambda a, c: self._lagrangian_value(x, lam, mu, a, c), (list(args), list(consts)),
                          (dargs, dconsts))[1]
         fz = lambda zz: self._optimality(zz, args, consts)  # noqa: E731
         op = lambda v: jax.jvp(fz, (z,), (v,))[1]  # noqa: E731  (closes over primal values only)
