@@ -400,3 +400,22 @@ def test_bsvrb_errors():
     with pytest.raises(ex.ProgramError, match="leading"):
         ex.solve_multiblock(outer, inner, jnp.ones(1), jnp.zeros(10), outer_data,
                             {"a": inner_data["a"][:4], "b": inner_data["b"][:4]})
+
+
+def test_bounds_on_the_inner_variables():
+    """``bounds=`` are inequality constraints of the inner problem: the solution of
+    ``min ½(w - t)² + 0.1 w⁴`` over ``w <= 1`` and its derivative, as with ``ex.subject_to``."""
+    t = jnp.array([0.5, 3.0, -2.0, 1.5])
+
+    def f(t):
+        return ex.argmin(quartic, jnp.zeros(4), t, bounds=(None, np.ones(4)), full_output=True)
+
+    (w, info), jac = jax.jit(lambda t: (f(t), jax.jacrev(lambda t: f(t)[0])(t)))(t)
+    (w_ref, _), jac_ref = jax.jit(lambda t: (ex.argmin(capped, jnp.zeros(4), t, full_output=True),
+                                             jax.jacrev(lambda t: ex.argmin(capped, jnp.zeros(4), t))(t)))(t)
+    assert np.allclose(w, w_ref, atol=1e-8) and np.allclose(jac, jac_ref, atol=1e-6)
+    assert set(info.multipliers) == {"bounds/upper"}
+    with pytest.raises(ex.ProgramError, match="lower bound exceeds"):
+        ex.argmin(quartic, jnp.zeros(2), jnp.ones(2), bounds=(np.ones(2), np.zeros(2)))
+    with pytest.raises(ex.ProgramError, match="concrete values"):
+        jax.jit(lambda u: ex.argmin(quartic, jnp.zeros(2), jnp.ones(2), bounds=(None, u)))(jnp.ones(2))

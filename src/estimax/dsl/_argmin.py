@@ -57,7 +57,7 @@ compat.register_rules(argmin_p, impl=_impl, abstract_eval=_abstract_eval, batchi
 def argmin(inner, init, *args, method: str = "implicit", solver=None, linear_solver: str = "auto",
            tol: float | None = None, max_steps: int | None = None, linear_tol: float | None = None,
            steps: int | None = None, truncate: int | None = None, key=None, throw: bool = True,
-           full_output: bool = False, name: str | None = None):
+           full_output: bool = False, name: str | None = None, bounds=None):
     """The solution ``y*`` of ``min_y inner(y, *args)``, differentiable with respect to ``args``
     (and to the values ``inner`` closes over).
 
@@ -84,6 +84,9 @@ def argmin(inner, init, *args, method: str = "implicit", solver=None, linear_sol
         full_output: return ``(y*, ArgminInfo)``: the result code, steps, KKT residual,
             inner value (differentiable) and multipliers.
         name: the name ``explain`` shows (default ``argmin_0``, ``argmin_1``, ...).
+        bounds: ``(lower, upper)`` on the inner variables, shaped like ``init`` (``None`` or
+            ``±inf`` for none; concrete values, not traced), as in ``ex.solve``: inequality constraints ``bounds/lower`` and
+            ``bounds/upper``, differentiated through the KKT system like the others.
     """
     from ..solvers._problem import Problem
     from ..transforms._bilevel import ArgminInfo, ArgminSpec, Inner, check_method, choose_linear_solver
@@ -120,7 +123,13 @@ def argmin(inner, init, *args, method: str = "implicit", solver=None, linear_sol
     if not parts.constraints and not any(used[:parts.n_param_leaves]):
         raise ProgramError(f"{where}: the inner objective {program.name!r} does not depend on the inner variables "
                            "(its first argument): there is nothing to minimize.")
-    problem = Problem(parts, init)
+    try:
+        problem = Problem(parts, init, bounds=bounds)
+    except ProgramError as e:
+        raise ProgramError(f"{where}: {str(e).replace('ex.solve: ', '')}") from None
+    except jax.errors.TracerArrayConversionError:
+        raise ProgramError(f"{where}: bounds= must be concrete values (NumPy arrays or numbers): which entries are "
+                           "bounded is part of the problem's structure. Got traced arrays.") from None
     constrained = bool(problem.m_eq or problem.m_in)
     check_method(method, linear_solver, constrained, where)
     if method == "unrolled" and constrained:
