@@ -160,13 +160,10 @@ class BSVRB:
         fx, fy, _, h, j = jax.vmap(lambda y, s, a, b: self._terms(p, x0, y, s, a, b))(y0, s0, xi, zeta)
         if self.version == 1:
             h = jax.vmap(self._project_pd)(h)
-            s_empty = jnp.zeros((0,), dtype)
-            d = jax.vmap(self._direction)(fx, fy, h, j)
-            s, s_prev = s_empty, s_empty
+            s = s_prev = jnp.zeros((0,), dtype)
         else:
-            s, s_prev = s0, s0
-            d = jax.vmap(self._direction)(fx, fy, h, j)
-        z = jnp.mean(d, axis=0)
+            s = s_prev = s0
+        z = jnp.mean(jax.vmap(self._direction)(fx, fy, h, j), axis=0)
         value = jnp.mean(jax.vmap(lambda y, b: p.f(x0, y, b))(y0, zeta))
         return BSVRBState(x=x0, lam=jnp.zeros((0,), dtype), mu=jnp.zeros((0,), dtype), value=value,
                           kkt=jnp.max(jnp.abs(z)), infeasibility=jnp.zeros((), dtype), x_prev=x0, z=z, y=y0,
@@ -189,8 +186,10 @@ class BSVRB:
             fx_p, fy_p, _, h_old, j_old = self._terms(p, st.x_prev, y_prev, s_prev, a, b)
             # the estimator at the previous iterate, with this step's samples (for STORM)
             d_prev = self._direction(fx_p, fy_p, st.h[i], st.j[i])
-            h = (1 - beta) * st.h[i] + beta * h_new + gamma * (h_new - h_old)
-            j = (1 - beta) * st.j[i] + beta * j_new + gamma * (j_new - j_old)
+            h = (1 - beta) * st.h[i] + beta * h_new
+            j = (1 - beta) * st.j[i] + beta * j_new
+            if gamma:  # the MSVR correction
+                h, j = h + gamma * (h_new - h_old), j + gamma * (j_new - j_old)
             if v2:
                 s_next = s - self.system_lr * (h - fy)
             else:
