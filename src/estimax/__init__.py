@@ -19,6 +19,7 @@ from .dsl._constraints import subject_to as subject_to
 from .dsl._marginal import marginal as marginal
 from .dsl._marginal import normalize as normalize
 from .dsl._primitives import expect as expect
+from .dsl._primitives import log_expect as log_expect
 from .dsl._primitives import sample as sample
 from .dsl._primitives import vmap as vmap
 from .dsl._program import Expectation as Expectation
@@ -34,6 +35,7 @@ from .runtime._fit import FitProgress as FitProgress
 from .runtime._fit import FitResult as FitResult
 from .runtime._fit import fit as fit
 from . import solvers as solvers
+from . import tracking as tracking
 from .solvers._bilevel import solve_bilevel as solve_bilevel
 from .solvers._multiblock import solve_multiblock as solve_multiblock
 from .solvers._solve import solve as solve

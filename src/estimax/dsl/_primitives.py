@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
 
-from .._errors import EstimaxError, NoKeyError, ProgramError, StrategyError
+from .._errors import EstimaxError, NoKeyError, ProgramError, StrategyError, UnsupportedError
 from ..runtime import _jax_compat as compat
 from ..transforms.estimators._base import Strategy
 from ._site import OPERAND, SiteDist, SiteSpec, family_name
@@ -263,7 +263,13 @@ expect_p.multiple_results = True
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ExpectSpec:
-    """A nested expectation: the inner program (consts first) and the sample count."""
+    """A nested expectation: the inner program (consts first) and the sample count.
+
+    The operands are the inner program's constants, then its arguments, then -- when
+    ``indexed`` -- one integer index array (which of ``size`` items of a finite sum of
+    compositions the value belongs to; only the tracking pass reads it). With ``log`` the
+    inner program returns log-weights ``l`` and the value is ``log E[exp(l)]``.
+    """
 
     jaxpr: Any  # a Jaxpr whose constvars are bound from the first ``n_consts`` operands
     n_consts: int
@@ -273,9 +279,34 @@ class ExpectSpec:
     name: str
     location: str | None
     cache: dict = dataclasses.field(default_factory=dict)
+    log: bool = False
+    indexed: bool = False
+    size: int | None = None
+    #: the tracking pass's form of a log-expectation: operands ``(c, seen, *operands)``,
+    #: values ``(mean exp(l - c'), mean exp(l - c')², c')`` with ``c' = c`` where ``seen``
+    #: and the plug-in ``log mean exp(l)`` elsewhere (see ``transforms/_compositional``)
+    shifted: bool = False
 
     def __repr__(self) -> str:
-        return f"expect({self.name!r}, n={self.n})"
+        return f"{'log_expect' if self.log else 'expect'}({self.name!r}, n={self.n})"
+
+    @property
+    def call(self) -> str:
+        """How the user wrote it, for messages: ``ex.expect('Z')``."""
+        return f"ex.{'log_expect' if self.log else 'expect'}({self.name!r})"
+
+    def split(self, operands):
+        """``(jaxpr operands, index or None)``; a shifted spec's ``(c, seen)`` are dropped."""
+        operands = list(operands)[2 if self.shifted else 0 :]
+        if self.indexed:
+            return operands[:-1], operands[-1]
+        return operands, None
+
+    def shifted_form(self) -> "ExpectSpec":
+        out = self.cache.get("shifted")
+        if out is None:
+            out = self.cache["shifted"] = dataclasses.replace(self, indexed=False, size=None, shifted=True, cache={})
+        return out
 
 
 def _expect_no_key(*, spec: ExpectSpec, **_):
@@ -291,11 +322,18 @@ def _expect_impl(*args, spec):
 
 
 def _expect_abstract_eval(*avals, spec):
+    if spec.shifted:
+        return [spec.jaxpr.outvars[0].aval] * 3
     return [v.aval for v in spec.jaxpr.outvars]
 
 
 def _expect_batch(args, dims, *, spec: ExpectSpec):
     nc = spec.n_consts
+    if spec.shifted:
+        raise UnsupportedError(
+            f"the tracked form of {spec.call} cannot be vmapped; run one tracked fit per lane."
+        )
+    (args, index), (dims, index_dim) = spec.split(args), spec.split(dims)
 
     def per_lane(*ops):
         return compat.eval_jaxpr(spec.jaxpr, ops[:nc], *ops[nc:])
@@ -304,7 +342,13 @@ def _expect_batch(args, dims, *, spec: ExpectSpec):
     with name_scope():
         closed = jax.make_jaxpr(jax.vmap(per_lane, in_axes=tuple(dims)))(*structs)
     new = dataclasses.replace(spec, jaxpr=closed.jaxpr, n_consts=len(closed.consts), cache={})
-    outs = expect_p.bind(*closed.consts, *args, spec=new)
+    extra = []
+    if spec.indexed:  # the index follows the lanes: one index per lane
+        size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None) if index_dim is None \
+            else index.shape[index_dim]
+        extra = [jnp.moveaxis(index, index_dim, 0) if index_dim is not None
+                 else jnp.broadcast_to(index, (size, *jnp.shape(index)))]
+    outs = expect_p.bind(*closed.consts, *args, *extra, spec=new)
     return outs, [0] * len(outs)
 
 
@@ -361,23 +405,84 @@ def stage(fn: Callable, args: tuple, what: str, *, fresh_names: bool = True, flo
     return closed, in_tree, flat_fn.out_tree
 
 
-def expect(program: Callable, *, n: int = 1, name: str | None = None) -> Callable:
+def expect(program: Callable, *, n: int = 1, name: str | None = None, index=None, size: int | None = None) -> Callable:
     """The expectation of ``program`` as a value inside another program.
 
     ``ex.expect(g)(*args)`` is an unbiased estimate of ``E[g(*args)]`` (the mean of ``n``
     independent estimates by ``g``'s own estimator), with a gradient estimate from ``g``'s
     sites. Used *linearly* by the enclosing program the result stays unbiased; a nonlinear
     function of it is a plug-in estimate and ``explain`` certifies the program as biased.
+    Trained with ``ex.fit(..., tracking=...)`` such an expectation is tracked across steps
+    instead (a consistent estimator; see ``estimax.tracking``).
+
+    ``index``/``size``: for a finite sum of compositions ``(1/size) Σᵢ fᵢ(E[gᵢ])``, the
+    integer index ``i`` (a scalar, or one per lane under ``ex.vmap``) of the term this
+    expectation belongs to, out of ``size``: the tracking pass then keeps one estimate per
+    index (SOX, MSVR). Ignored by the plug-in estimator.
     """
+    return _expect_call(program, n=n, name=name, index=index, size=size, log=False, what="ex.expect")
+
+
+def log_expect(log_program: Callable, *, n: int = 1, name: str | None = None, index=None,
+               size: int | None = None) -> Callable:
+    """``log E[exp(l)]`` where ``l = log_program(*args)`` is a log-weight: a log-partition
+    function, a log-normalizer, a log-evidence.
+
+    The plug-in estimate is ``log((1/n) Σₖ exp(lₖ))`` over ``n`` draws, computed in log
+    space; it is biased (Jensen), and ``explain`` says so. Trained with
+    ``ex.fit(..., tracking=...)`` the expectation is tracked in log space across steps: the
+    tracked value is kept as its logarithm and updated as ``s + log((1-β) + β v)`` with
+    ``v = mean(exp(l - s))``, so nothing overflows, and the importance weights'
+    effective sample size is reported. ``index``/``size`` as in :func:`expect`.
+
+        >>> import jax.numpy as jnp, numpyro.distributions as dist, estimax as ex
+        >>> @ex.expectation
+        ... def nll(theta, x):                      # an energy model f(x) = -(x - theta)^2 / 2
+        ...     def log_w():                        # log of exp(f(y)) / q(y), y ~ q = N(0, 3)
+        ...         y = ex.sample(dist.Normal(0.0, 3.0), name="y")
+        ...         return -0.5 * (y - theta) ** 2 - dist.Normal(0.0, 3.0).log_prob(y)
+        ...     return jnp.mean(0.5 * (x - theta) ** 2) + ex.log_expect(log_w, n=16, name="log_z")()
+    """
+    return _expect_call(log_program, n=n, name=name, index=index, size=size, log=True, what="ex.log_expect")
+
+
+def _expect_call(program, *, n, name, index, size, log, what) -> Callable:
     fn = getattr(program, "fn", program)
+    if not callable(fn):
+        raise ProgramError(f"{what} expects a function (a program); got {type(program).__name__}.")
     label = name or getattr(fn, "__name__", "expect")
-    if not isinstance(n, int) or n < 1:
-        raise ProgramError(f"ex.expect({label!r}, n=...) expects a positive integer; got {n!r}.")
+    if name is not None and not isinstance(name, str):
+        raise ProgramError(f"{what}(name=...) expects a string; got {type(name).__name__} {name!r}.")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ProgramError(f"{what}({label!r}, n=...) expects a positive integer; got {n!r}.")
+    if (index is None) != (size is None):
+        raise ProgramError(
+            f"{what}({label!r}): index= and size= go together: the index of this term and the "
+            f"number of terms in the finite sum; got index={'None' if index is None else '...'}, size={size!r}."
+        )
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ProgramError(f"{what}({label!r}, size=...) expects a positive integer (the number of terms); got {size!r}.")
+    if index is not None:
+        index = jnp.asarray(index)
+        if not jnp.issubdtype(index.dtype, jnp.integer):
+            raise ProgramError(f"{what}({label!r}, index=...) expects integers (which term of the sum); got dtype {index.dtype}.")
     location = _caller_location()
 
     def call(*args):
-        closed, in_tree, out_tree = stage(fn, args, f"ex.expect({label!r})")
+        closed, in_tree, out_tree = stage(fn, args, f"{what}({label!r})")
+        if log and (len(closed.jaxpr.outvars) != 1):
+            raise ProgramError(
+                f"{what}({label!r}): the program must return one array of log-weights; it returns "
+                f"{len(closed.jaxpr.outvars)} values."
+            )
         flat = jax.tree_util.tree_leaves(args)
+        if index is not None:
+            shape = tuple(closed.jaxpr.outvars[0].aval.shape)
+            if index.shape != () and index.shape != shape[: index.ndim]:
+                raise ProgramError(
+                    f"{what}({label!r}): index has shape {index.shape}; it must be a scalar (one term) "
+                    f"or match the leading axes of the value, of shape {shape}."
+                )
         spec = ExpectSpec(
             jaxpr=closed.jaxpr,
             n_consts=len(closed.consts),
@@ -386,8 +491,12 @@ def expect(program: Callable, *, n: int = 1, name: str | None = None) -> Callabl
             n=n,
             name=label,
             location=location,
+            log=log,
+            indexed=index is not None,
+            size=size,
         )
-        outs = expect_p.bind(*closed.consts, *[jnp.asarray(x) for x in flat], spec=spec)
+        extra = [index] if index is not None else []
+        outs = expect_p.bind(*closed.consts, *[jnp.asarray(x) for x in flat], *extra, spec=spec)
         return jax.tree_util.tree_unflatten(out_tree, outs)
 
     return call

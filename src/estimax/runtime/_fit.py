@@ -123,6 +123,14 @@ class FitResult:
         reason: why the run ended, in words (``"completed 1000 steps"``, or what stopped it).
         nonfinite_step: the index of the step whose objective, gradient or update first
             became non-finite, or ``None``.
+        tracking: the tracking method used for the program's nonlinear functions of
+            expectations (``estimax.tracking``), or ``None`` (plain estimator).
+        tracking_state: the tracked estimates after the last step (pass it back with
+            ``tracking_state=`` to continue the run), or ``None``.
+        ess: for each tracked ``ex.log_expect``, the effective sample size of its importance
+            weights as a fraction of the draws, one entry per chunk (``average_steps``): near
+            1 when the proposal matches the model, near 0 when a few weights dominate and the
+            estimates' variance explodes.
     """
 
     params: Any
@@ -135,6 +143,9 @@ class FitResult:
     stopped_early: bool
     reason: str
     nonfinite_step: int | None = None
+    tracking: Any = None
+    tracking_state: Any = None
+    ess: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def __repr__(self) -> str:
         last = f", final average={self.averages[-1]:.6g}" if len(self.averages) else ""
@@ -157,6 +168,7 @@ class _State(NamedTuple):
     key: Any
     step: jax.Array  # int32: steps applied so far
     status: jax.Array  # int32: one of the status codes
+    track: Any = ()  # the tracking estimator's state (estimax.tracking), or ()
 
 
 def _all_finite(tree) -> jax.Array:
@@ -170,21 +182,32 @@ def _select(pred, on_true, on_false):
 
 class _Compiled(NamedTuple):
     program: Expectation
-    value_and_grad: Callable  # (key, *args) -> (value, grads), jitted
-    run_chunk: Callable  # (state, n_active, args) -> (state, estimates[chunk]), jitted
+    value_and_grad: Callable  # (key, track, *args) -> ((value, grads), track, diagnostics)
+    run_chunk: Callable  # (state, n_active, args) -> (state, (estimates, diagnostics)), jitted
+    tracker: Any  # the tracked estimator, or None
 
 
-def _build(objective, optimizer, argnums: int, chunk: int, maximize: bool) -> _Compiled:
+def _build(objective, optimizer, argnums: int, chunk: int, maximize: bool, tracking=None) -> _Compiled:
     """The program, its estimator and the jitted chunk function: ``chunk`` steps of which the
     first ``n_active`` run (while the state stays finite) and the rest are skipped."""
     program = objective if isinstance(objective, Expectation) else Expectation(objective)
-    vg = value_and_grad(program, argnums=argnums)
+    tracker = None
+    if tracking is None:
+        plain = value_and_grad(program, argnums=argnums)
+
+        def vg(key, track, *full):
+            return plain(key, *full), track, {}
+    else:
+        from ..transforms._compositional import Tracker
+
+        tracker = Tracker(program, tracking, argnums)
+        vg = tracker.value_and_grad
     extra_args = isinstance(optimizer, optax.GradientTransformationExtraArgs)
 
     def one_step(state: _State, args):
         key, sub = jax.random.split(state.key)
         full = args[:argnums] + (state.params,) + args[argnums:]
-        value, grads = vg(sub, *full)
+        (value, grads), track, diags = vg(sub, state.track, *full)
         loss = -value if maximize else value
         if maximize:
             grads = jax.tree.map(jnp.negative, grads)
@@ -205,16 +228,19 @@ def _build(objective, optimizer, argnums: int, chunk: int, maximize: bool) -> _C
             key=jax.lax.select(ok, key, state.key),
             step=state.step + ok.astype(jnp.int32),
             status=status,
+            track=_select(ok, track, state.track),
         )
-        return new, value
+        return new, (value, diags)
 
     def run(state: _State, n_active, args):
         # the estimate's type, for the skipped steps (the estimator's trace is cached by jit)
-        value, _ = jax.eval_shape(vg, state.key, *(args[:argnums] + (state.params,) + args[argnums:]))
+        out = jax.eval_shape(vg, state.key, state.track, *(args[:argnums] + (state.params,) + args[argnums:]))
+        (value, _), _, diags = out
 
         def skip(state: _State, args):
             del args
-            return state, jnp.full(value.shape, jnp.nan, value.dtype)
+            nan = lambda s: jnp.full(s.shape, jnp.nan, s.dtype)
+            return state, (nan(value), jax.tree.map(nan, diags))
 
         def body(state, i):
             active = (i < n_active) & (state.status == _OK)
@@ -222,21 +248,21 @@ def _build(objective, optimizer, argnums: int, chunk: int, maximize: bool) -> _C
 
         return jax.lax.scan(body, state, jnp.arange(chunk, dtype=jnp.int32))
 
-    return _Compiled(program, vg, jax.jit(run))
+    return _Compiled(program, vg, jax.jit(run), tracker)
 
 
 _build_cached = functools.lru_cache(maxsize=8)(_build)
 
 
-def _compiled(objective, optimizer, argnums, chunk, maximize) -> _Compiled:
+def _compiled(objective, optimizer, argnums, chunk, maximize, tracking=None) -> _Compiled:
     """``_build``, remembered for the last few (objective, optimizer, ...) so that a second
     ``fit`` with the same objects (a resumed run, another start, other data of the same
     shapes) reuses the compiled chunk function. Objects that cannot be hashed are not cached."""
     try:
-        hash((objective, optimizer))
+        hash((objective, optimizer, tracking))
     except TypeError:
-        return _build(objective, optimizer, argnums, chunk, maximize)
-    return _build_cached(objective, optimizer, argnums, chunk, maximize)
+        return _build(objective, optimizer, argnums, chunk, maximize, tracking)
+    return _build_cached(objective, optimizer, argnums, chunk, maximize, tracking)
 
 
 # --- progress ------------------------------------------------------------------------------
@@ -403,6 +429,9 @@ def fit(
     early_stop: EarlyStop | Mapping | None = None,
     callback: Callable[[FitProgress], Any] | None = None,
     progress: bool | None = None,
+    tracking="auto",
+    tracking_state=None,
+    min_ess: float = 0.01,
 ) -> FitResult:
     """Minimize the expected value of a program over ``params`` with an optax optimizer.
 
@@ -448,6 +477,20 @@ def fit(
         progress: show a progress bar with the running objective. ``None`` (default): on
             when stderr is a terminal (or in a Jupyter kernel), off otherwise (tests, CI,
             logs). Uses tqdm when installed, else a single line on stderr.
+        tracking: how to estimate a program that applies a nonlinear function to an
+            ``ex.expect``/``ex.log_expect`` (a compositional objective, whose plug-in
+            estimator is biased): ``"auto"`` (default) tracks such expectations with
+            ``estimax.tracking.SCGD()`` and leaves other programs alone; a method
+            (``SCGD(beta)``, ``SOX(beta)``, ``MSVR(beta)``) chooses; ``None`` uses the
+            plain (plug-in) estimator.
+        tracking_state: the tracked estimates to resume from (``FitResult.tracking_state``).
+        min_ess: warn (``RuntimeWarning``) when the importance weights of a tracked
+            ``ex.log_expect`` have an effective sample size below this fraction of the
+            draws (``FitResult.ess``) over two chunks in a row: the proposal covers the
+            model poorly and the gradient's variance is exploding. With ``n > 1`` draws per
+            step the fraction is the per-step one, averaged over the chunk; with one draw,
+            the chunk's weights are pooled (relative to the tracked value, so a fast move
+            of the parameters, which the tracked value lags, lowers it too).
 
     Returns:
         A :class:`FitResult`: ``params``, ``opt_state``, ``key``, ``history`` (per-step
@@ -531,10 +574,14 @@ def fit(
         opt_state = optimizer.init(params)
 
     # --- trace the estimator once, outside the loop: its errors surface here --------------
-    program, vg, run_chunk = _compiled(objective, optimizer, argnums, chunk, bool(maximize))
     full = args[:argnums] + (params,) + args[argnums:]
-    value_struct, _ = jax.eval_shape(vg, key, *full)
-    state = _State(params, opt_state, key, jnp.int32(0), jnp.int32(_OK))
+    tracking = _resolve_tracking(objective, tracking, full, tracking_state)
+    program, vg, run_chunk, tracker = _compiled(objective, optimizer, argnums, chunk, bool(maximize), tracking)
+    track = () if tracker is None else tracker.init(*full) if tracking_state is None else tracking_state
+    (value_struct, _), _, _ = jax.eval_shape(vg, key, track, *full)
+    state = _State(params, opt_state, key, jnp.int32(0), jnp.int32(_OK), track)
+    ess: dict[str, list[float]] = {}
+    warned: set = set()
 
     # --- the host loop: one device round-trip per chunk -----------------------------------
     history = np.empty(steps, dtype=np.dtype(value_struct.dtype))
@@ -549,10 +596,32 @@ def fit(
     try:
         while done < steps:
             n_active = min(chunk, steps - done)
-            state, estimates = run_chunk(state, np.int32(n_active), args)
+            state, (estimates, diags) = run_chunk(state, np.int32(n_active), args)
             estimates = np.asarray(estimates)  # the one host sync per chunk
             now = int(state.step)
             applied = now - done
+            for name, (m1, m2, within) in diags.items():
+                if applied == 0:
+                    continue
+                m1, m2, within = (np.asarray(x)[:applied] for x in (m1, m2, within))
+                if np.all(np.isfinite(within)):  # several draws per step: per-step ESS
+                    frac = float(np.mean(within))
+                else:  # one draw per step: pool the chunk's weights
+                    frac = float(np.mean(m1) ** 2 / np.mean(m2)) if np.mean(m2) > 0 else float("nan")
+                history_ess = ess.setdefault(name, [])
+                history_ess.append(frac)
+                # two chunks in a row (one, if the run has one): not the lag of a fast first move
+                low = [not f >= min_ess for f in history_ess[-2:]]
+                if all(low) and (len(low) == 2 or n_active >= steps) and name not in warned:
+                    warned.add(name)
+                    warnings.warn(
+                        f"fit({program.name}): the importance weights of ex.log_expect({name!r}) have an "
+                        f"effective sample size of {frac:.2%} of the draws over steps {done}-{now}: a few "
+                        "draws dominate, so its estimates and the gradient have exploding variance. Use a "
+                        "proposal that covers the model's mass (wider, or closer to the model) or more draws (n=).",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
             history[done:now] = estimates[:applied]
             done = now
             average = None
@@ -611,7 +680,34 @@ def fit(
         stopped_early=stopped_early,
         reason=reason,
         nonfinite_step=nonfinite_step,
+        tracking=tracking,
+        tracking_state=None if tracker is None else state.track,
+        ess={k: np.asarray(v) for k, v in ess.items()},
     )
+
+
+def _resolve_tracking(objective, tracking, full, tracking_state):
+    """The tracking method for ``tracking=`` (``"auto"``: SCGD where the program has a
+    nonlinear function of an expectation, else none)."""
+    from ..transforms._compositional import SCGD, Tracking
+
+    if isinstance(tracking, str):
+        if tracking != "auto":
+            raise ProgramError(f'fit: tracking must be "auto", None or a method from estimax.tracking; got {tracking!r}.')
+        from ..transforms._certify import compositions
+
+        program = objective if isinstance(objective, Expectation) else Expectation(objective)
+        closed, _, _ = program.stage(full)
+        tracking = SCGD() if compositions(closed.jaxpr)[1] else None
+    elif tracking is not None and not isinstance(tracking, Tracking):
+        raise ProgramError(
+            "fit: tracking must be \"auto\", None or a method from estimax.tracking (SCGD(beta), "
+            f"SOX(beta), MSVR(beta)); got {type(tracking).__name__} {tracking!r}."
+        )
+    if tracking_state is not None and tracking is None:
+        raise ProgramError("fit: tracking_state= was given, but the run tracks nothing (tracking=None, or a "
+                           "program with no nonlinear function of an expectation).")
+    return tracking
 
 
 __all__ = ["EarlyStop", "FitProgress", "FitResult", "fit"]

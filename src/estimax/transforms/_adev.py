@@ -495,19 +495,46 @@ def build_estimator(jaxpr, n_consts: int, override_site: str | None = None) -> C
 
 
 def expect_estimator(spec: ExpectSpec) -> Callable:
-    """The estimator of a nested ``expect``: the mean of ``spec.n`` independent estimates."""
+    """The estimator of a nested ``expect``: the mean of ``spec.n`` independent estimates.
+
+    For ``ex.log_expect`` it is the plug-in ``log((1/n) Σₖ exp(lₖ))`` (biased; see
+    ``_certify``), and for its shifted form (the tracking pass's) the mean of
+    ``exp(lₖ - c)`` with its second moment. The index operand of an indexed expectation is
+    not the inner program's.
+    """
     est = spec.cache.get("est")
-    if est is None:
-        single = build_estimator(spec.jaxpr, spec.n_consts)
+    if est is not None:
+        return est
+    single = build_estimator(spec.jaxpr, spec.n_consts)
+
+    def draws(key, inputs):
         if spec.n == 1:
-            est = single
-        else:
+            return [o[None] for o in single(key, *inputs)]
+        return jax.vmap(lambda kk: single(kk, *inputs))(jax.random.split(key, spec.n))
 
-            def est(key, *inputs):
-                outs = jax.vmap(lambda kk: single(kk, *inputs))(jax.random.split(key, spec.n))
-                return tuple(jnp.mean(o, axis=0) for o in outs)
+    if spec.shifted:
 
-        spec.cache["est"] = est
+        def est(key, c, seen, *inputs):
+            (logw,) = draws(key, spec.split((c, seen, *inputs))[0])
+            plug = jax.nn.logsumexp(jax.lax.stop_gradient(logw), axis=0) - jnp.log(spec.n).astype(logw.dtype)
+            c_eff = jax.lax.stop_gradient(jnp.where(seen > 0, c, plug))
+            w = jnp.exp(logw - c_eff[None])
+            return jnp.mean(w, axis=0), jax.lax.stop_gradient(jnp.mean(w * w, axis=0)), c_eff
+
+    elif spec.n == 1:
+
+        def est(key, *inputs):
+            return single(key, *spec.split(inputs)[0])
+
+    else:
+
+        def est(key, *inputs):
+            outs = draws(key, spec.split(inputs)[0])
+            if spec.log:
+                return tuple(jax.nn.logsumexp(o, axis=0) - jnp.log(spec.n).astype(o.dtype) for o in outs)
+            return tuple(jnp.mean(o, axis=0) for o in outs)
+
+    spec.cache["est"] = est
     return est
 
 

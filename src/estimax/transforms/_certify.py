@@ -68,6 +68,8 @@ class Plan:
     constraints: tuple = ()
     #: the program's inner problems (``ex.argmin``): an ``ArgminSpec`` each
     argmins: tuple = ()
+    #: the expectations used nonlinearly (compositions): (call, tracked as, where) each
+    compositions: tuple = ()
 
     def site(self, name: str) -> SitePlan:
         for s in self.sites:
@@ -111,6 +113,13 @@ class Plan:
             widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
             fmt = "  ".join(f"{{:<{w}}}" for w in widths)
             lines.append("inner problems (ex.argmin):")
+            lines += [fmt.format(*rows[0]).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip()]
+            lines += [fmt.format(*r).rstrip() for r in rows[1:]]
+        if self.compositions:
+            rows = [("expectation used nonlinearly", "tracked by ex.fit as", "where"), *self.compositions]
+            widths = [max(len(str(r[i])) for r in rows) for i in range(3)]
+            fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+            lines.append("compositions (ex.fit tracks them across steps: estimax.tracking):")
             lines += [fmt.format(*rows[0]).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip()]
             lines += [fmt.format(*r).rstrip() for r in rows[1:]]
         return "\n".join(lines)
@@ -195,60 +204,90 @@ _LINEAR_ONE = {"mul", "dot_general"}  # linear when exactly one operand carries 
 _INDEXING = {"dynamic_slice", "gather", "dynamic_update_slice", "select_n", "pad"}
 
 
-def _nonlinear_uses(jaxpr, flagged_in: list[bool], prefix="") -> tuple[list[bool], list[str]]:
-    """Propagate 'carries a nested expectation estimate' flags; list nonlinear uses."""
-    flags: dict[Any, bool] = {}
+def _names(specs) -> str:
+    calls = sorted({s.call for s in specs})
+    return calls[0] if len(calls) == 1 else "the estimates of " + ", ".join(calls)
+
+
+def _nonlinear_uses(jaxpr, flagged_in: list, prefix="") -> tuple[list, list[str], set]:
+    """Propagate which nested expectations' estimates each value carries; list the
+    nonlinear uses (the compositions) and collect the expectations used nonlinearly.
+
+    Returns ``(output flags, problems, specs)``: a frozenset of ``ExpectSpec`` per output,
+    one message per nonlinear use, and the set of specs whose estimates are used
+    nonlinearly (``ex.log_expect`` always is: it is the log of an expectation).
+    """
+    none = frozenset()
+    flags: dict[Any, frozenset] = {}
     for v, f in zip(jaxpr.invars, flagged_in, strict=True):
-        flags[v] = f
-    get = lambda v: False if isinstance(v, compat.Literal) else flags.get(v, False)
+        flags[v] = frozenset(f) if f else none
+    get = lambda v: none if isinstance(v, compat.Literal) else flags.get(v, none)
     problems: list[str] = []
+    used: set = set()
+
+    def flag(msg, specs):
+        problems.append(msg)
+        used.update(specs)
+
     for eqn in jaxpr.eqns:
         ins = [get(v) for v in eqn.invars]
         name = eqn.primitive.name
         where = compat.user_frame(eqn) or "?"
-        out_flag = any(ins)
+        out_flag = none.union(*ins)
         if eqn.primitive is expect_p:
             spec = eqn.params["spec"]
-            if any(ins):
-                problems.append(f"the parameters of ex.expect({spec.name!r}) depend on another expectation's estimate (at {where})")
-            out_flag = True
+            if out_flag:
+                flag(f"the arguments of {spec.call} depend on {_names(out_flag)} (at {where})", out_flag)
+            if spec.log:
+                flag(f"{spec.call} is the log of an expectation: its estimate is the log-mean-exp of "
+                     f"{spec.n} draw{'s' if spec.n > 1 else ''} (at {spec.location or where})", {spec})
+            out_flag = frozenset({spec})
         elif eqn.primitive is sample_p:
-            if any(ins):
-                problems.append(f"the distribution of site {eqn.params['spec'].name!r} depends on an expectation's estimate (at {where})")
-            out_flag = False
-        elif not any(ins):
+            if out_flag:
+                flag(f"the distribution of site {eqn.params['spec'].name!r} depends on {_names(out_flag)} (at {where})", out_flag)
+            out_flag = none
+        elif not out_flag:
             # walk nested jaxprs for expectations used inside them; conservatively treat
             # the equation's outputs as carrying their estimates
-            out_flag = False
             for sub in compat.subjaxprs_of(eqn):
                 if contains_expect(sub):
-                    _, p = _nonlinear_uses(sub, [False] * len(sub.invars))
+                    outs, p, u = _nonlinear_uses(sub, [none] * len(sub.invars))
                     problems += p
-                    out_flag = True
+                    used.update(u)
+                    out_flag = out_flag.union(*outs)
         elif name in _LINEAR_ANY and name not in ("pjit", "jit"):
             pass
         elif name in _LINEAR_FIRST:
             if ins[1]:
-                problems.append(f"`{name}` by an expectation's estimate (at {where})")
+                flag(f"`{name}` by {_names(ins[1])} (at {where})", ins[1])
         elif name in _LINEAR_ONE:
-            if sum(ins) > 1:
-                problems.append(f"a product of expectation estimates, `{name}` (at {where})")
+            if sum(bool(f) for f in ins) > 1:
+                flag(f"a product of expectation estimates, `{name}` of {_names(out_flag)} (at {where})", out_flag)
         elif name in _INDEXING:
             idx_flags = ins[:1] if name == "select_n" else ins[1:] if name in ("dynamic_slice", "gather") else []
-            if any(idx_flags):
-                problems.append(f"`{name}` indexed or selected by an expectation's estimate (at {where})")
+            bad = none.union(*idx_flags)
+            if bad:
+                flag(f"`{name}` indexed or selected by {_names(bad)} (at {where})", bad)
         elif name in ("pjit", "jit", "closed_call"):
             closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-            outs, p = _nonlinear_uses(closed.jaxpr, ins)
+            outs, p, u = _nonlinear_uses(closed.jaxpr, ins)
             problems += p
+            used.update(u)
             for v, f in zip(eqn.outvars, outs, strict=True):
                 flags[v] = f
             continue
         else:
-            problems.append(f"`{name}` applied to an expectation's estimate (at {where})")
+            flag(f"`{name}` applied to {_names(out_flag)} (at {where})", out_flag)
         for v in eqn.outvars:
             flags[v] = out_flag
-    return [get(v) for v in jaxpr.outvars], problems
+    return [get(v) for v in jaxpr.outvars], problems, used
+
+
+def compositions(jaxpr) -> tuple[list[str], set]:
+    """``(messages, specs)``: the nonlinear uses of nested expectations in ``jaxpr`` and the
+    expectations involved -- what the tracking pass tracks."""
+    _, problems, used = _nonlinear_uses(jaxpr, [frozenset()] * len(jaxpr.invars))
+    return problems, used
 
 
 def contains_expect(jaxpr) -> bool:
@@ -271,10 +310,12 @@ def certify(jaxpr, sites: list[SitePlan]) -> Certificate:
                 f"site {s.name!r} uses {s.strategy.describe()} inside a loop body: refused "
                 "when its parameters are differentiated"
             )
-    _, problems = _nonlinear_uses(jaxpr, [False] * len(jaxpr.invars))
+    problems, _ = compositions(jaxpr)
     if problems:
         kind = "biased"
         reasons += [f"plug-in of a nested expectation: {p}" for p in problems]
+        reasons.append("a nonlinear function of an expectation has no unbiased estimator from one draw; "
+                       "ex.fit(..., tracking=ex.tracking.SCGD()) (or SOX, MSVR) tracks it instead (consistent)")
     return Certificate(kind, tuple(reasons))
 
 
@@ -357,7 +398,23 @@ def explain(objective, *args, variance: bool = False, key=None, argnums=0, sampl
             (c.name, c.describe(), f"λ[{c.name}]" if c.kind == "eq" else f"μ[{c.name}] >= 0", c.location or "?")
             for c in split(program, args).constraints
         )
-    return Plan(program.name, tuple(sites), certificate, total, constraints, argmins)
+    return Plan(program.name, tuple(sites), certificate, total, constraints, argmins, _compositions(closed.jaxpr))
+
+
+def _compositions(jaxpr) -> tuple:
+    from ._compositional import tracked_items
+
+    try:
+        items = tracked_items(jaxpr)
+    except Exception as e:  # a composition the pass cannot track: say so in the table
+        return (("?", f"not trackable: {e}", ""),)
+    rows = []
+    for it in items:
+        s = it.spec
+        how = (f"one estimate per index (of {s.size})" if s.indexed else "one running estimate") + (
+            ", in log space" if s.log else "")
+        rows.append((s.call, how, s.location or "?"))
+    return tuple(rows)
 
 
 __all__ = ["Plan", "SitePlan", "Certificate", "collect_sites", "certify", "explain"]
