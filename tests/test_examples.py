@@ -60,3 +60,18 @@ def test_hyper_cleaning_quick(tmp_path):
                "--out", str(tmp_path / "o")], tmp_path)
     assert "inner problems (ex.argmin)" in out and "test accuracy, hyper-cleaned weights" in out
     assert "F1" in out and (tmp_path / "o" / "hyper_cleaning.png").stat().st_size > 1000
+
+
+def test_ebm_ring_quick(tmp_path):
+    """In process (the example keeps float32 and changes no global setting)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ebm_ring", ROOT / "examples" / "ebm_ring.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    best, truth = module.main(["--quick", "--out", str(tmp_path / "o")])
+    assert set(best) == {"compositional (SCGD)", "NCE"}
+    start = module.exact_nll(module.init_mlp(module.jax.random.key(0)), module.ring(5000, 1))[0]
+    # 300 steps: both have closed most of the gap between the initial network and the truth
+    assert all(truth < v < truth + 0.5 * (start - truth) for v in best.values()), (best, start, truth)
+    assert (tmp_path / "o" / "ebm_ring.png").stat().st_size > 1000

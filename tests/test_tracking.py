@@ -79,7 +79,7 @@ def _numpy_run(method: str, beta, gamma, lr, momentum, steps, indexed, log_space
                     arg = (1 - beta) + beta * v
                     if method == "msvr":
                         arg += g_gamma * (v - math.exp(l_prev[b] - c))
-                        arg = max(arg, 1e-3 * (1 - beta))
+                        arg = max(arg, 0.5 * (1 - beta))
                     s_new = c + math.log(arg)
                 else:
                     c, v = l[b], 1.0
@@ -186,3 +186,72 @@ def test_tracking_converges_where_the_plug_in_does_not():
     # the plug-in with one draw minimizes E[(X - 2)²]: θ = 2
     assert abs(final["plug-in"].mean() - 2.0) < 5 * se["plug-in"]
     assert final["plug-in"].mean() - 1.5 > 10 * se["plug-in"] + bias
+
+
+def test_the_tracked_estimator_is_certified_consistent():
+    tracker = ex.tracking.track(_mgf_program(2), SCGD(0.1))
+    cert = tracker.certificate(0.5)
+    assert cert.kind == "consistent"
+    assert "ex.log_expect('log_mgf') tracked by SCGD(beta=0.1)" in str(cert)
+
+
+# --- clear errors ----------------------------------------------------------------------------
+
+
+def _two_same_names(theta):
+    a = ex.expect(lambda t: ex.sample(dist.Normal(t, 1.0), name="z"), name="m")(theta)
+    b = ex.expect(lambda t: ex.sample(dist.Normal(t, 2.0), name="z"), name="m")(theta)
+    return a**2 + b**2
+
+
+def _in_scan(theta):
+    def body(c, _):
+        return c + jnp.log(ex.expect(lambda t: jnp.exp(ex.sample(dist.Normal(t, 1.0), name="z")), name="m")(theta)), None
+
+    return jax.lax.scan(body, 0.0, None, length=2)[0]
+
+
+def _linear(theta):
+    return ex.expect(lambda t: ex.sample(dist.Normal(t, 1.0), name="z"), name="m")(theta)
+
+
+def _unindexed(theta):
+    return jnp.log(ex.expect(lambda t: jnp.exp(ex.sample(dist.Normal(t, 1.0), name="z")), name="m")(theta))
+
+
+@pytest.mark.parametrize(
+    "fn,method,match",
+    [
+        (_two_same_names, SCGD(), "two tracked expectations are named 'm'"),
+        (_in_scan, SCGD(), r"ex.expect\('m'\) is used nonlinearly inside `scan`"),
+        (_linear, SCGD(), "uses no expectation nonlinearly"),
+        (_unindexed, SOX(), r"ex.expect\('m'\) has no index"),
+    ],
+)
+def test_tracking_errors_name_the_expectation(fn, method, match):
+    with pytest.raises((ex.ProgramError, ex.UnsupportedError), match=match):
+        ex.tracking.track(fn, method).init(0.5)
+
+
+def test_index_and_size_are_checked():
+    def bad(**kw):
+        return lambda theta: jnp.log(ex.expect(lambda t: t**2 + 1.0, name="m", **kw)(theta))
+
+    with pytest.raises(ex.ProgramError, match="index= and size= go together"):
+        ex.explain(bad(index=0), 0.5)
+    with pytest.raises(ex.ProgramError, match="expects integers"):
+        ex.explain(bad(index=0.5, size=3), 0.5)
+    with pytest.raises(ex.ProgramError, match="positive integer"):
+        ex.explain(bad(index=0, size=0), 0.5)
+    with pytest.raises(ex.ProgramError, match="one array of log-weights"):
+        ex.explain(lambda t: ex.log_expect(lambda s: (s, s), name="l")(t), 0.5)
+
+
+def test_fit_tracking_arguments_are_checked():
+    opt = optax.sgd(0.1)
+    with pytest.raises(ex.ProgramError, match='tracking must be "auto"'):
+        fit(_unindexed, jnp.float64(0.5), optimizer=opt, steps=2, key=jax.random.key(0), tracking="scgd")
+    with pytest.raises(ex.ProgramError, match="tracking_state= was given"):
+        fit(_linear, jnp.float64(0.5), optimizer=opt, steps=2, key=jax.random.key(0), tracking_state={})
+    with pytest.raises(ValueError, match="beta must be in"):
+        MSVR(beta=0.0)

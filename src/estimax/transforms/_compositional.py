@@ -290,8 +290,9 @@ def _log_update(spec: ExpectSpec, ops, s_old, seen, beta, gamma, prev):
     arg = (1.0 - beta) + beta * vs_
     if prev is not None:
         arg = arg + gamma * (vs_ - prev[0])
-    # MSVR's correction can overshoot below zero: floor the shrinkage of one step
-    arg = jnp.where(beta < 1, jnp.maximum(arg, 1e-3 * (1.0 - beta)), arg)
+    # MSVR's correction can overshoot, even below zero: one step may shrink the tracked
+    # value by at most half the factor a plain moving average can, (1 - β) / 2
+    arg = jnp.where(beta < 1, jnp.maximum(arg, 0.5 * (1.0 - beta)), arg)
     s_new = c + jnp.log(jnp.where(s_seen, arg, vs_))
     scale = sg(jnp.exp(c - s_new))
     return (v, m2, c), s_new.astype(s_old.dtype), s_new + scale * (v - vs_)
@@ -399,6 +400,30 @@ class Tracker:
 
     def items(self, *args) -> tuple[Item, ...]:
         return self.build(args)[0]
+
+    def certificate(self, *args):
+        """The tracked estimator's certificate at ``args``: ``consistent`` (or weaker, when a
+        site's strategy is), with the plug-in reasons replaced by what is tracked."""
+        from ._certify import _RANK, Certificate, collect_sites
+
+        closed, _, _ = self.program.stage(args)
+        items, _ = self.build(args)
+        kind, reasons = "consistent", []
+        for site in collect_sites(closed.jaxpr):
+            c = site.strategy.certificate
+            if _RANK[c] > _RANK[kind]:
+                kind = c
+            if c != "unbiased":
+                reasons.append(f"site {site.name!r} uses {site.strategy.describe()} ({c})")
+        for it in items:
+            s = it.spec
+            per = f"one estimate per index (of {s.size})" if s.indexed else "one running estimate"
+            space = ", in log space" if s.log else ""
+            reasons.append(
+                f"{s.call} tracked by {self.method} ({per}{space}): consistent, its bias vanishes as "
+                "beta -> 0 with the parameters moving slower than the tracked value"
+            )
+        return Certificate(kind, tuple(reasons))
 
     def init(self, *args) -> TrackerState:
         """The initial state for arguments ``args`` (the program's, parameters included):
