@@ -487,10 +487,10 @@ def fit(
         min_ess: warn (``RuntimeWarning``) when the importance weights of a tracked
             ``ex.log_expect`` have an effective sample size below this fraction of the
             draws (``FitResult.ess``) over two chunks in a row: the proposal covers the
-            model poorly and the gradient's variance is exploding. With ``n > 1`` draws per
-            step the fraction is the per-step one, averaged over the chunk; with one draw,
-            the chunk's weights are pooled (relative to the tracked value, so a fast move
-            of the parameters, which the tracked value lags, lowers it too).
+            model poorly and the gradient's variance is exploding. The fraction pools the
+            chunk's draws, each weight taken relative to the tracked value (so a fast move
+            of the parameters, which the tracked value lags, lowers it too; hence two
+            chunks).
 
     Returns:
         A :class:`FitResult`: ``params``, ``opt_state``, ``key``, ``history`` (per-step
@@ -600,19 +600,16 @@ def fit(
             estimates = np.asarray(estimates)  # the one host sync per chunk
             now = int(state.step)
             applied = now - done
-            for name, (m1, m2, within) in diags.items():
+            for name, (m1, m2) in diags.items():
                 if applied == 0:
                     continue
-                m1, m2, within = (np.asarray(x)[:applied] for x in (m1, m2, within))
-                if np.all(np.isfinite(within)):  # several draws per step: per-step ESS
-                    frac = float(np.mean(within))
-                else:  # one draw per step: pool the chunk's weights
-                    frac = float(np.mean(m1) ** 2 / np.mean(m2)) if np.mean(m2) > 0 else float("nan")
+                m1, m2 = (np.asarray(x, np.float64)[:applied] for x in (m1, m2))
+                frac = float(np.mean(m1) ** 2 / np.mean(m2)) if np.mean(m2) > 0 else float("nan")
                 history_ess = ess.setdefault(name, [])
                 history_ess.append(frac)
-                # two chunks in a row (one, if the run has one): not the lag of a fast first move
+                # two chunks in a row: not the lag of a fast first move
                 low = [not f >= min_ess for f in history_ess[-2:]]
-                if all(low) and (len(low) == 2 or n_active >= steps) and name not in warned:
+                if len(low) == 2 and all(low) and name not in warned:
                     warned.add(name)
                     warnings.warn(
                         f"fit({program.name}): the importance weights of ex.log_expect({name!r}) have an "

@@ -248,8 +248,7 @@ def surrogate(closed, items: tuple[Item, ...], method: Tracking):
             if spec.log:
                 (v, m2, c), u_new, out = _log_update(spec, ops, u_old[0], seen, beta, gamma, prev)
                 v_leaves, u_leaves, outs = [v], [u_new], [out]
-                within = jnp.mean(v * v / m2) if spec.n > 1 else jnp.full((), jnp.nan, v.dtype)
-                diags[spec.name] = (jnp.mean(v), jnp.mean(m2), within)
+                diags[spec.name] = (jnp.mean(v), jnp.mean(m2))
             else:
                 v_leaves = list(expect_p.bind(*ins, spec=spec))
                 u_leaves, outs = [], []
@@ -344,10 +343,11 @@ class Tracker:
     ``((value, grads), new_state, diagnostics)``: ``value`` is the program's value with the
     tracked estimates in place of the plug-ins, ``grads`` its gradient with respect to
     argument ``argnums`` (the estimator described in the module docs), ``diagnostics`` maps
-    each ``ex.log_expect`` to ``(mean v, mean v², ess)``: the first two moments of its
-    importance weights relative to the tracked value, and (with ``n > 1`` draws) the mean of
-    the per-step effective sample size fractions ``mean(w)²/mean(w²)`` (NaN with one draw;
-    pool the moments over steps then: ``mean(v)²/mean(v²)``).
+    each ``ex.log_expect`` to ``(mean v, mean v²)``: the first two moments of its importance
+    weights relative to the tracked value. Pooled over steps, ``mean(v)²/mean(v²)`` is their
+    effective sample size as a fraction of the draws (what ``ex.fit`` reports). Pooling
+    matters: within one step of ``n`` draws the fraction cannot fall below ``1/n``, however
+    heavy the weights' tail.
     Pure and jit-able; ``ex.fit(..., tracking=...)`` runs it in its fused loop.
     """
 
