@@ -62,3 +62,19 @@ def test_bilevel_doc_examples_run(tmp_path):
         assert done.returncode == 0, f"docs/bilevel.md example {i}:\n{block}\n{done.stderr[-3000:]}"
         outputs.append(done.stdout)
     assert "inner problems (ex.argmin)" in outputs[0] and "Solution(successful" in outputs[0], outputs[0]
+
+
+def test_compositional_doc_examples_run(tmp_path):
+    """The Python examples of docs/compositional.md run, in one subprocess (they are
+    independent scripts; the asserts in them check the results the text states)."""
+    import subprocess
+    import sys
+
+    text = (ROOT / "docs" / "compositional.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 3
+    path = tmp_path / "examples.py"
+    path.write_text("\n\n".join(blocks))
+    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "optimum" in done.stdout and "SOX" in done.stdout and "SCGD" in done.stdout, done.stdout

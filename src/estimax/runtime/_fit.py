@@ -431,7 +431,7 @@ def fit(
     progress: bool | None = None,
     tracking="auto",
     tracking_state=None,
-    min_ess: float = 0.01,
+    min_ess: float = 0.05,
 ) -> FitResult:
     """Minimize the expected value of a program over ``params`` with an optax optimizer.
 
@@ -485,7 +485,7 @@ def fit(
             plain (plug-in) estimator.
         tracking_state: the tracked estimates to resume from (``FitResult.tracking_state``).
         min_ess: warn (``RuntimeWarning``) when the importance weights of a tracked
-            ``ex.log_expect`` have an effective sample size below this fraction of the
+            ``ex.log_expect`` have an effective sample size below this fraction (default 5%) of the
             draws (``FitResult.ess``) over two chunks in a row: the proposal covers the
             model poorly and the gradient's variance is exploding. The fraction pools the
             chunk's draws, each weight taken relative to the tracked value (so a fast move
