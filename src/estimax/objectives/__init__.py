@@ -14,3 +14,13 @@ from ._vi import renyi as renyi
 from ._vi import rws as rws
 from ._vi import snis_forward_kl as snis_forward_kl
 from ._vi import vimco as vimco
+from ._score import Schedule as Schedule
+from ._score import dsm as dsm
+from ._score import loss_weight as loss_weight
+from ._score import ssm as ssm
+from ._score import ve as ve
+from ._score import vp as vp
+from ._fdistill import DIVERGENCES as DIVERGENCES
+from ._fdistill import alpha_divergence as alpha_divergence
+from ._fdistill import fdistill as fdistill
+from ._fdistill import weight as fdiv_weight
