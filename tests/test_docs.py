@@ -78,3 +78,12 @@ def test_compositional_doc_examples_run(tmp_path):
     done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "optimum" in done.stdout and "SOX" in done.stdout and "SCGD" in done.stdout, done.stdout
+
+
+def test_score_doc_example_runs(capsys):
+    text = (ROOT / "docs" / "score.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 1
+    exec(compile(blocks[0], "docs/score.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert out.startswith("unbiased")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,3 +76,21 @@ def test_ebm_ring_quick(tmp_path):
     # 300 steps: both have closed most of the gap between the initial network and the truth
     assert all(truth < v < truth + 0.5 * (start - truth) for v in best.values()), (best, start, truth)
     assert (tmp_path / "o" / "ebm_ring.png").stat().st_size > 1000
+
+
+def test_distill_mixture_quick(tmp_path):
+    """In process (float32, no global setting changed)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("distill_mixture", ROOT / "examples" / "distill_mixture.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    distances, floor, timing = module.main(["--quick", "--out", str(tmp_path / "o")])
+    assert set(distances) == {"reverse_kl", "jensen_shannon"} and set(timing) == {"estimax", "hand-written"}
+    # the untrained generator (an MLP of a standard normal) is far from the ring
+    start = module.energy_distance(
+        np.asarray(module.generator(module.mlp_init(module.jax.random.key(2), (2, 128, 128, 2)),
+                                    module.jax.random.normal(module.jax.random.key(99), (2000, 2)))),
+        module.mixture(2000, 1))
+    assert all(floor < d < 0.5 * start for d in distances.values()), (distances, start, floor)
+    assert (tmp_path / "o" / "distill_mixture.png").stat().st_size > 1000

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 
 from .._errors import ProgramError
-from ..dsl._primitives import sample
+from ..dsl._primitives import sample, vmap
 from ..dsl._program import Expectation
 from ._score import Schedule
 
@@ -145,7 +145,7 @@ def fdistill(generator: Callable, teacher_score: Callable, fake_score: Callable,
     sg = jax.lax.stop_gradient
 
     def program(params, *data):
-        z = sample(latent.expand([batch]).to_event(1), name="z")
+        z = vmap(lambda: sample(latent, name="z"), axis_size=batch)()  # independent per lane
         x = generator(params, z)
         t = jnp.zeros((x.shape[0],), x.dtype)
         if schedule is not None:
