@@ -35,7 +35,6 @@ data against noise, a plain expectation, with a learned log-normalizer ``c``. Se
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time

@@ -30,54 +30,57 @@ def test_readme_example_runs_and_prints_the_plan(capsys):
     assert [line.split() for line in shown.strip().splitlines()] == [line.split() for line in out.strip().splitlines()]
 
 
-def test_constrained_doc_examples_run(tmp_path):
-    """Every Python example of docs/constrained.md runs (in a subprocess: they enable float64)."""
+def _run_doc_blocks(doc: str, tmp_path) -> list[str]:
+    """Run every ```python block of ``doc`` in one subprocess (imports paid once), each in a
+    fresh namespace; blocks that leave float32 on run before those that enable float64.
+    Returns each block's output."""
+    import json
     import subprocess
     import sys
 
-    text = (ROOT / "docs" / "constrained.md").read_text()
+    text = (ROOT / "docs" / doc).read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert len(blocks) >= 2
-    for i, block in enumerate(blocks):
-        path = tmp_path / f"example{i}.py"
-        path.write_text(block)
-        done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, f"docs/constrained.md example {i}:\n{block}\n{done.stderr[-3000:]}"
-        assert "successful" in done.stdout or "Solution(" in done.stdout, done.stdout
+    order = sorted(range(len(blocks)), key=lambda i: "enable_x64" in blocks[i])
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import json, sys\n"
+        f"blocks = json.loads({json.dumps(json.dumps([blocks[i] for i in order]))})\n"
+        f"order = {order!r}\n"
+        "for i, block in zip(order, blocks):\n"
+        "    print(f'=== block {i}', flush=True)\n"
+        f"    exec(compile(block, f'{doc} example {{i}}', 'exec'), {{'__name__': '__main__'}})\n"
+        "    sys.stdout.flush()\n"
+    )
+    done = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"docs/{doc}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    outputs = [""] * len(blocks)
+    for part in done.stdout.split("=== block ")[1:]:
+        head, _, body = part.partition("\n")
+        outputs[int(head)] = body
+    return outputs
+
+
+def test_constrained_doc_examples_run(tmp_path):
+    """Every Python example of docs/constrained.md runs."""
+    outputs = _run_doc_blocks("constrained.md", tmp_path)
+    assert len(outputs) >= 2
+    for out in outputs:
+        assert "successful" in out or "Solution(" in out, out
 
 
 def test_bilevel_doc_examples_run(tmp_path):
-    """Every Python example of docs/bilevel.md runs (in a subprocess: they enable float64)."""
-    import subprocess
-    import sys
-
-    text = (ROOT / "docs" / "bilevel.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert len(blocks) >= 2
-    outputs = []
-    for i, block in enumerate(blocks):
-        path = tmp_path / f"example{i}.py"
-        path.write_text(block)
-        done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, f"docs/bilevel.md example {i}:\n{block}\n{done.stderr[-3000:]}"
-        outputs.append(done.stdout)
+    """Every Python example of docs/bilevel.md runs."""
+    outputs = _run_doc_blocks("bilevel.md", tmp_path)
+    assert len(outputs) >= 2
     assert "inner problems (ex.argmin)" in outputs[0] and "Solution(successful" in outputs[0], outputs[0]
 
 
 def test_compositional_doc_examples_run(tmp_path):
-    """The Python examples of docs/compositional.md run, in one subprocess (they are
-    independent scripts; the asserts in them check the results the text states)."""
-    import subprocess
-    import sys
-
-    text = (ROOT / "docs" / "compositional.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert len(blocks) == 3
-    path = tmp_path / "examples.py"
-    path.write_text("\n\n".join(blocks))
-    done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "optimum" in done.stdout and "SOX" in done.stdout and "SCGD" in done.stdout, done.stdout
+    """The Python examples of docs/compositional.md run (the asserts in them check the
+    results the text states)."""
+    outputs = _run_doc_blocks("compositional.md", tmp_path)
+    assert len(outputs) == 3
+    assert "SCGD" in outputs[0] and "optimum" in outputs[1] and "SOX" in outputs[2], outputs
 
 
 def test_score_doc_example_runs(capsys):

@@ -25,7 +25,7 @@ directions are reparameterized draws whose distributions do not depend on ``θ``
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
