@@ -34,8 +34,11 @@ Defaults are the paper's code's: ``η₁ = 1``, ``η₂ = 0.1``, ``δ = 0.1``, `
 Hessian shift ``τ`` (reduced tenfold at each iteration, so it vanishes near a solution with a
 positive definite reduced Hessian, where the exact Newton step gives fast local
 convergence); without it the merit function's ``‖∇ₓL‖²`` term makes the maxima of a
-problem attractive too. And the initial multiplier: least squares,
-``argmin ‖∇f + Jᵀλ‖``, by conjugate gradients on ``J Jᵀ``.
+problem attractive too. ``ξ_B`` scaled by the Hessian's magnitude when that is below 1
+(``xi_scale="hessian"``): an absolute threshold forces the shift on any problem whose
+Hessian is small (the PDE-control benchmark's is ``h diag(1, α)``, eigenvalues ``1e-2`` and
+``1e-4`` at ``n = 100``), and the shifted steps then crawl. And the initial multiplier:
+least squares, ``argmin ‖∇f + Jᵀλ‖``, by conjugate gradients on ``J Jᵀ``.
 """
 
 from __future__ import annotations
@@ -78,6 +81,10 @@ class ExactAL:
     - ``eta1``, ``eta2``: the initial penalties of ``‖c‖²`` and ``‖∇ₓL‖²`` in the merit function;
     - ``delta``: the Newton solve's relative accuracy (sharpened to ``min(delta, ‖r‖^½)``);
     - ``xi_b``: the curvature the Hessian block must have along the step;
+    - ``xi_scale``: ``"hessian"`` (default): ``xi_b`` is relative to the Lagrangian Hessian's
+      scale when that is below 1 (``‖H‖_F/√n``; along the gradient, ``‖H∇L‖/‖∇L‖``, without
+      the dense matrix), so a well-posed but badly scaled problem keeps its Newton steps;
+      ``"absolute"``: the paper's absolute threshold;
     - ``beta``: the Armijo constant; ``nu``: the penalty's growth factor;
     - ``sketch``: ``"gaussian"`` or ``"coordinate"`` (block randomized Kaczmarz);
     - ``sketch_size``: columns per sketch (default ``min(n + m, 2048)``; the full size is an
@@ -97,11 +104,14 @@ class ExactAL:
     max_inner: int = 200
     max_backtracks: int = 40
     max_repairs: int = 20
+    xi_scale: str = "hessian"
 
     name = "exact augmented Lagrangian (sketching)"
     certificate = ("exact", "a deterministic problem solved to the KKT tolerance")
 
     def __post_init__(self):
+        if self.xi_scale not in ("hessian", "absolute"):
+            raise ProgramError(f"ExactAL(xi_scale=...) is 'hessian' or 'absolute'; got {self.xi_scale!r}.")
         if self.sketch not in ("gaussian", "coordinate"):
             raise ProgramError(f"ExactAL(sketch=...) is 'gaussian' or 'coordinate'; got {self.sketch!r}.")
         for field in ("eta1", "eta2", "delta", "xi_b", "beta"):
@@ -239,7 +249,15 @@ class ExactAL:
             ``(∇ₓL + η₂ H∇ₓL)·d_x + (c + η₂ J∇ₓL)·d_λ``."""
             return jnp.vdot(g + s.eta2 * h_g, d[:n]) + jnp.vdot(c + s.eta2 * j_g, d[n:])
         target = -0.5 * s.eta2 * r_norm**2
-        xi = self.xi_b * jnp.minimum(1.0, r_norm)  # the curvature asked of the step, relaxed near a solution
+        # the curvature asked of the step: relaxed near a solution, and (by default) in
+        # proportion to the Hessian's own scale when that is below 1
+        xi = self.xi_b * jnp.minimum(1.0, r_norm)
+        if self.xi_scale == "hessian":
+            if dense:
+                scale = jnp.linalg.norm(h_mat) / jnp.sqrt(jnp.asarray(n, dtype))
+            else:  # the Hessian's magnitude along the gradient, from the product already made
+                scale = jnp.linalg.norm(h_g) / jnp.maximum(jnp.linalg.norm(g), jnp.finfo(dtype).tiny)
+            xi = xi * jnp.minimum(1.0, scale)
 
         # -- step 2: a direction along which the merit decreases enough --------------------
         class Repair(NamedTuple):
