@@ -220,11 +220,11 @@ def init_items(items: tuple[Item, ...]) -> dict:
 
 # --- the rewritten program -----------------------------------------------------------------
 def surrogate(closed, items: tuple[Item, ...], method: Tracking):
-    """``fn(flat_args, item_states, previous) -> (outs, new_states, v, diagnostics)``.
+    """``fn(flat_args, item_states, previous, step) -> (outs, new_states, v, diagnostics)``.
 
     Evaluates ``closed`` with every tracked expectation replaced as described in the
     module docs. ``previous`` maps names to the inner estimates at the previous parameters
-    (MSVR), or is ``None``. ``v`` maps names to this step's inner estimates (per leaf);
+    (MSVR), or is ``None``; ``step`` is the step count (for a ``beta`` schedule). ``v`` maps names to this step's inner estimates (per leaf);
     ``diagnostics`` holds ``(mean v, mean v²)`` per log-space item.
     """
     by_spec = {id(it.spec): it for it in items}
