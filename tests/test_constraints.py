@@ -127,6 +127,39 @@ def test_exact_al_solves_an_equality_qp_to_its_kkt_solution(solver):
         assert sol.steps <= 2  # Newton on a QP: one step (the first solve is exact)
 
 
+@pytest.mark.parametrize(
+    "n, m, rank",
+    [(6, 2, 2), (5, 5, 5), (6, 3, 2), (3, 5, 3), (4, 0, 0)],
+    ids=["full-rank", "square", "rank-deficient", "more-constraints-than-unknowns", "unconstrained"],
+)
+@pytest.mark.parametrize("tau", [0.0, 0.3])
+def test_exact_al_null_space_solve_is_the_kkt_solve(n, m, rank, tau):
+    """The dense Newton solve (null-space form with ``n - m`` Hessian products where ``J`` has
+    full row rank; the whole system otherwise) against NumPy's least-squares solution of
+    ``K d = -r``, ``K = [[H + τI, Jᵀ], [J, 0]]``; ``c`` in ``range(J)`` so that it exists."""
+    from estimax.solvers._exact_al import _NullSpace
+
+    rng = np.random.default_rng([n, m, rank, int(10 * tau)])
+    a = rng.normal(size=(n, n))
+    h = a @ a.T / n + np.eye(n)  # positive definite: K nonsingular where J has full row rank
+    j = rng.normal(size=(m, rank)) @ rng.normal(size=(rank, n)) if m else np.zeros((0, n))
+    g, c = rng.normal(size=n), j @ rng.normal(size=n)
+    hvp = lambda v: jnp.asarray(h) @ v  # noqa: E731
+    ns = _NullSpace(hvp, jnp.asarray(j), jnp.asarray(g), jnp.asarray(c), n, m)
+    r = jnp.concatenate([jnp.asarray(g), jnp.asarray(c)])
+    d = np.asarray(ns.solve(jnp.asarray(tau), jnp.asarray(j), r))
+    kmat = np.block([[h + tau * np.eye(n), j.T], [j, np.zeros((m, m))]])
+    want = -np.linalg.lstsq(kmat, np.asarray(r), rcond=None)[0]
+    np.testing.assert_allclose(kmat @ d, -np.asarray(r), atol=1e-9)  # solves the system
+    np.testing.assert_allclose(d[:n], want[:n], atol=1e-9)  # the step is unique even where λ is not
+    t = np.asarray(ns.null_basis @ (ns.null_basis.T @ d[:n]))  # the tangential part and H along it
+    if rank == m:
+        np.testing.assert_allclose(j @ t, 0.0, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(ns.hess(jnp.asarray(t))), h @ t, atol=1e-9)
+    made = int(ns.products) - 1  # Hessian products beyond the merit's H∇ₓL
+    assert made == (n - m if rank == m and m <= n else n) + (0 < m <= n), made  # + H along the range step
+
+
 def _sphere(x):
     ex.subject_to(eq=jnp.sum(x**2) - 1.0, name="sphere")
     ex.subject_to(eq=x[0] + x[1] - 0.5, name="plane")

@@ -13,7 +13,8 @@ Randomized Iterative Sketching". Each iteration at ``(x, λ)``:
    ``sketch_size`` columns, until ``‖K d + r‖ <= δ_k ‖r‖``. A sketch as wide as the system
    is the identity and solves it in one projection (the default up to ``n + m = 2048``: a
    randomized solver pays off on large systems; its iteration count grows with the
-   condition number of ``K``). The accuracy ``δ_k = min(δ, ‖r‖^½)`` sharpens as ``r -> 0``
+   condition number of ``K``). That exact solve is done in null-space form (:class:`_NullSpace`):
+   ``n - m`` Hessian-vector products where ``J`` has full row rank, not ``n``. The accuracy ``δ_k = min(δ, ‖r‖^½)`` sharpens as ``r -> 0``
    (the paper's route from linear to superlinear convergence).
 2. **Merit function and penalties.** The exact augmented Lagrangian
 
@@ -35,7 +36,8 @@ Hessian shift ``τ`` (reduced tenfold at each iteration, so it vanishes near a s
 positive definite reduced Hessian, where the exact Newton step gives fast local
 convergence); without it the merit function's ``‖∇ₓL‖²`` term makes the maxima of a
 problem attractive too. ``ξ_B`` scaled by the Hessian's magnitude when that is below 1
-(``xi_scale="hessian"``): an absolute threshold forces the shift on any problem whose
+(``xi_scale="hessian"``; on the null space of ``J``, ``‖H Z‖_F/√(n - m)``, with the dense
+solve): an absolute threshold forces the shift on any problem whose
 Hessian is small (the PDE-control benchmark's is ``h diag(1, α)``, eigenvalues ``1e-2`` and
 ``1e-4`` at ``n = 100``), and the shifted steps then crawl. And the initial multiplier:
 least squares, ``argmin ‖∇f + Jᵀλ‖``, by conjugate gradients on ``J Jᵀ``.
@@ -82,8 +84,8 @@ class ExactAL:
     - ``delta``: the Newton solve's relative accuracy (sharpened to ``min(delta, ‖r‖^½)``);
     - ``xi_b``: the curvature the Hessian block must have along the step;
     - ``xi_scale``: ``"hessian"`` (default): ``xi_b`` is relative to the Lagrangian Hessian's
-      scale when that is below 1 (``‖H‖_F/√n``; along the gradient, ``‖H∇L‖/‖∇L‖``, without
-      the dense matrix), so a well-posed but badly scaled problem keeps its Newton steps;
+      scale when that is below 1 (on the null space of ``J``, ``‖H Z‖_F/√(n - m)``; along the
+      gradient, ``‖H∇L‖/‖∇L‖``, with a sketch narrower than the system), so a well-posed but badly scaled problem keeps its Newton steps;
       ``"absolute"``: the paper's absolute threshold;
     - ``beta``: the Armijo constant; ``nu``: the penalty's growth factor;
     - ``sketch``: ``"gaussian"`` or ``"coordinate"`` (block randomized Kaczmarz);
@@ -185,21 +187,18 @@ class ExactAL:
         _, hvp = jax.linearize(grad_l_fn, x)  # H v
         _, jvp = jax.linearize(p.eq, x)  # J v
         _, vjp_c = jax.vjp(p.eq, x)  # Jᵀ w
-        if dense:  # the identity sketch: K formed once (n + m products), then dense algebra only
-            h_mat = jax.vmap(hvp, out_axes=1)(jnp.eye(n, dtype=dtype))
-            j_mat = jax.vmap(jvp, out_axes=1)(jnp.eye(n, dtype=dtype)).reshape(m, n)
-            hvp = lambda v: h_mat @ v  # noqa: E731
+        g, c = s.grad_l, s.c
+        if dense:  # the identity sketch: one exact projection, in the null-space form
+            j_mat = (jax.vmap(lambda w: vjp_c(w)[0])(jnp.eye(m, dtype=dtype)) if 0 < m < n  # m reverse
+                     else jax.vmap(jvp, out_axes=1)(jnp.eye(n, dtype=dtype)).reshape(m, n))  # or n forward
+            ns = _NullSpace(hvp, j_mat, g, c, n, m)
             jvp = lambda v: j_mat @ v  # noqa: E731
             vjp_c = lambda w: (j_mat.T @ w,)  # noqa: E731
-        g, c = s.grad_l, s.c
         r = jnp.concatenate([g, c])
         r_norm = jnp.linalg.norm(r)
         jt_c = vjp_c(c)[0]
         jjt = lambda v: jvp(vjp_c(v)[0])  # noqa: E731
         h_g, j_g = hvp(g), jvp(g)  # for the merit's directional derivative
-        if dense and m:  # an orthonormal basis of range(Jᵀ), for the tangential projection
-            u, sv, _ = jnp.linalg.svd(j_mat.T, full_matrices=False)
-            range_basis = u * (sv > sv[0] * max(n, m) * jnp.finfo(dtype).eps)[None, :]
 
         def kmv(z, tau):
             zx, zl = z[:n], z[n:]
@@ -207,11 +206,8 @@ class ExactAL:
 
         def solve(tau, delta, key):
             tol = jnp.minimum(delta, jnp.sqrt(r_norm)) * r_norm
-            if dense:  # one exact projection: LU, or least squares where K is singular
-                kmat = jnp.block([[h_mat + tau * jnp.eye(n, dtype=dtype), j_mat.T], [j_mat, jnp.zeros((m, m), dtype)]])
-                d = -jnp.linalg.solve(kmat, r)
-                d = jax.lax.cond(jnp.all(jnp.isfinite(d)), lambda: d, lambda: -jnp.linalg.lstsq(kmat, r)[0])
-                return d, jnp.int32(1), jnp.int32(0)
+            if dense:
+                return ns.solve(tau, j_mat, r), jnp.int32(1), jnp.int32(0)
 
             def cond(c_):
                 d, res, j, _ = c_
@@ -240,7 +236,7 @@ class ExactAL:
             if not m:
                 return dx
             if dense:
-                return dx - range_basis @ (range_basis.T @ dx)
+                return ns.null_basis @ (ns.null_basis.T @ dx)
             y, _ = jax.scipy.sparse.linalg.cg(jjt, jvp(dx), maxiter=2 * m + 10, tol=1e-12)
             return dx - vjp_c(y)[0]
 
@@ -253,8 +249,8 @@ class ExactAL:
         # proportion to the Hessian's own scale when that is below 1
         xi = self.xi_b * jnp.minimum(1.0, r_norm)
         if self.xi_scale == "hessian":
-            if dense:
-                scale = jnp.linalg.norm(h_mat) / jnp.sqrt(jnp.asarray(n, dtype))
+            if dense:  # on the null space of J, where the curvature is asked for
+                scale = ns.scale
             else:  # the Hessian's magnitude along the gradient, from the product already made
                 scale = jnp.linalg.norm(h_g) / jnp.maximum(jnp.linalg.norm(g), jnp.finfo(dtype).tiny)
             xi = xi * jnp.minimum(1.0, scale)
@@ -281,7 +277,7 @@ class ExactAL:
             # the reduced Hessian must have curvature >= ξ_B along the step's tangential part
             t = tangential(dx)
             tt = jnp.vdot(t, t)
-            curvature = jnp.vdot(t, hvp(t)) + rp.tau * tt
+            curvature = jnp.vdot(t, ns.hess(t) if dense else hvp(t)) + rp.tau * tt
             flat = (tt > 0) & (curvature < xi * tt)
             shift = jnp.maximum(10.0 * rp.tau, rp.tau + 1.01 * (xi * tt - curvature) / jnp.where(tt > 0, tt, 1.0))
             a = phi_dir(d)
@@ -333,7 +329,7 @@ class ExactAL:
             x=x_new, lam=lam_new, mu=s.mu, value=value, kkt=_kkt(g_new, c_new), infeasibility=_inf_norm(c_new),
             grad_l=g_new, c=c_new, eta1=eta1, eta2=s.eta2, tau=rp.tau, alpha=alpha,
             step_norm=alpha * jnp.linalg.norm(d), ls_failed=~accepted,
-            inner_iterations=s.inner_iterations + rp.inner, matvecs=s.matvecs + rp.matvecs + (n if dense else 0),
+            inner_iterations=s.inner_iterations + rp.inner, matvecs=s.matvecs + rp.matvecs + (ns.products if dense else 0),
         )
 
     def terminate(self, p, s: ExactALState, tol):
@@ -357,3 +353,83 @@ def _inf_norm(v) -> jax.Array:
 
 def _kkt(grad_l, c) -> jax.Array:
     return jnp.maximum(_inf_norm(grad_l), _inf_norm(c))
+
+
+class _NullSpace:
+    """The dense Newton system ``K d = -r`` in the basis ``U = [Y Z]`` of ``Jᵀ``'s left
+    singular vectors (``Y`` spans ``range(Jᵀ)``, ``Z`` the null space of ``J``).
+
+    With ``J`` of full row rank the range part of the step is fixed by ``J dx = -c`` alone,
+    so only ``H Z`` (``n - m`` Hessian-vector products) and ``H (Y w_y)`` (one) are made:
+    a problem with as many constraints as unknowns forms no Hessian at all. Where ``J`` loses
+    rank (or ``m > n``), the products with ``Y`` are made too and ``K`` is solved whole (LU;
+    least squares where it is singular)."""
+
+    def __init__(self, hvp, j_mat, g, c, n, m):
+        dtype = j_mat.dtype
+        k = min(n, m)
+        if m:
+            u, sv, vt = jnp.linalg.svd(j_mat.T, full_matrices=True)  # Jᵀ = U[:, :k] diag(sv) vt[:k]
+            ok = sv > sv[0] * max(n, m) * jnp.finfo(dtype).eps
+            full_rank = jnp.all(ok) if m <= n else jnp.bool_(False)
+        else:
+            u, sv, vt = jnp.eye(n, dtype=dtype), jnp.zeros((0,), dtype), jnp.zeros((0, 0), dtype)
+            ok, full_rank = jnp.zeros((0,), bool), jnp.bool_(True)
+        y, z = u[:, :k], u[:, k:]
+        products = lambda basis: jax.vmap(hvp, in_axes=1, out_axes=1)(basis)  # noqa: E731
+        hz = products(z) if n > k else jnp.zeros((n, 0), dtype)
+        if not m:
+            hy = jnp.zeros((n, 0), dtype)
+        elif m > n:
+            hy = products(y)
+        else:
+            hy = jax.lax.cond(full_rank, lambda: jnp.zeros((n, k), dtype), lambda: products(y))
+        self.u, self.y, self.z, self.vt, self.hz = u, y, z, vt, hz
+        self.hu = jnp.concatenate([hy, hz], axis=1)  # H U (H Y zero where unneeded)
+        self.full_rank, self.static_full = full_rank, (m == 0)
+        self.dense_only = m > n
+        self.sv = jnp.where(ok, sv, 1.0)
+        self.g, self.c, self.n, self.m = g, c, n, m
+        null = jnp.concatenate([~ok, jnp.ones((n - k,), bool)]) if m else jnp.ones((n,), bool)
+        self.null_basis = u * null[None, :]
+        # the range part of the step, and H along it (one product)
+        self.w_y = -(vt[:k] @ c) / self.sv if m <= n else jnp.zeros((k,), dtype)
+        self.yw = y @ self.w_y
+        self.h_yw = hvp(self.yw) if (m and m <= n) else jnp.zeros((n,), dtype)
+        cols = (n - k) + jnp.where(full_rank, 0, k)
+        self.products = cols + (1 if (m and m <= n) else 0) + 1  # + H∇ₓL for the merit
+        self.scale = jnp.where(cols > 0, jnp.linalg.norm(self.hu) / jnp.sqrt(jnp.maximum(cols, 1).astype(dtype)), 1.0)
+
+    def hess(self, t):
+        """``H t`` for ``t`` in the null space of ``J`` (any ``t`` where ``J`` lost rank)."""
+        return self.hu @ (self.u.T @ t)
+
+    def solve(self, tau, j_mat, r):
+        n, m = self.n, self.m
+        dtype = r.dtype
+
+        def reduced():
+            zt = self.z.T
+            hzz = zt @ self.hz
+            a = 0.5 * (hzz + hzz.T) + tau * jnp.eye(n - min(n, m), dtype=dtype)
+            rhs = -(zt @ (self.g + self.h_yw))
+            w_z = jnp.linalg.solve(a, rhs)
+            w_z = jax.lax.cond(jnp.all(jnp.isfinite(w_z)), lambda: w_z, lambda: jnp.linalg.lstsq(a, rhs)[0])
+            dx = self.yw + self.z @ w_z
+            if not m:
+                return dx
+            rest = self.y.T @ (self.g + self.h_yw + self.hz @ w_z) + tau * self.w_y
+            return jnp.concatenate([dx, -self.vt.T @ (rest / self.sv)])
+
+        def whole():
+            h = self.hu @ self.u.T
+            h = 0.5 * (h + h.T) + tau * jnp.eye(n, dtype=dtype)
+            kmat = jnp.block([[h, j_mat.T], [j_mat, jnp.zeros((m, m), dtype)]])
+            d = -jnp.linalg.solve(kmat, r)
+            return jax.lax.cond(jnp.all(jnp.isfinite(d)), lambda: d, lambda: -jnp.linalg.lstsq(kmat, r)[0])
+
+        if self.static_full:
+            return reduced()
+        if self.dense_only:
+            return whole()
+        return jax.lax.cond(self.full_rank, reduced, whole)
