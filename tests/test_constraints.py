@@ -280,8 +280,8 @@ def test_checkpoint_resume_ends_where_an_uninterrupted_run_ends(tmp_path, monkey
     solver = ExactAL(sketch_size=3)
     program, _, _ = _qp(n=8, m=2, seed=1, conditioned=True)
     plain = ex.solve(program, jnp.zeros(8), solver=solver, tol=1e-12, max_steps=12)
-    path = tmp_path / "run.npz"
-    real_save = _solve.save_tree
+    path = tmp_path / "run"
+    real_save = _solve.save_state
     saves = []
 
     def interrupt_after_first_save(*a, **k):  # Ctrl-C right after the first checkpoint
@@ -289,10 +289,10 @@ def test_checkpoint_resume_ends_where_an_uninterrupted_run_ends(tmp_path, monkey
         saves.append(1)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_solve, "save_tree", interrupt_after_first_save)
+    monkeypatch.setattr(_solve, "save_state", interrupt_after_first_save)
     with pytest.raises(KeyboardInterrupt):
         ex.solve(program, jnp.zeros(8), solver=solver, tol=1e-12, max_steps=12, checkpoint=path, every=2)
-    monkeypatch.setattr(_solve, "save_tree", real_save)
+    monkeypatch.setattr(_solve, "save_state", real_save)
     assert saves and path.exists()
     resumed = ex.solve(program, jnp.zeros(8), solver=solver, tol=1e-12, max_steps=12, checkpoint=path, every=2)
     assert resumed.steps == plain.steps

@@ -717,9 +717,9 @@ def _solve_constrained(program, data, dims, *, steps, solver_name, lr, seed, chu
     data = data if data is not None else {}
     plan = _stage(program, params0, program.abstract_data(dims))
     print(_plan_table(program, plan))
-    checkpoint = os.path.join(out, "solve-checkpoint.npz")
+    checkpoint = os.path.join(out, "solve-checkpoint")
     if fresh and os.path.exists(checkpoint):
-        os.unlink(checkpoint)
+        shutil.rmtree(checkpoint) if os.path.isdir(checkpoint) else os.unlink(checkpoint)
     solvers = {
         "auto": None,
         "exact_al": ex.solvers.ExactAL(),

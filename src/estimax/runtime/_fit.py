@@ -44,6 +44,7 @@ import optax
 
 from .._errors import ProgramError
 from ..dsl._program import Expectation, key_problem, value_and_grad
+from . import _checkpoint as _ckpt
 from . import _jax_compat as compat
 
 # --- public values -------------------------------------------------------------------------
@@ -159,6 +160,7 @@ class FitResult:
 
 # Status codes carried through the scan (failure inside jit is data).
 _OK, _BAD_VALUE, _BAD_GRAD, _BAD_PARAMS = 0, 1, 2, 3
+_CHECKPOINT_FORMAT = "estimax-fit/1"
 _STATUS_WHAT = {_BAD_VALUE: "objective", _BAD_GRAD: "gradient", _BAD_PARAMS: "updated parameters"}
 
 
@@ -432,6 +434,7 @@ def fit(
     tracking="auto",
     tracking_state=None,
     min_ess: float = 0.05,
+    checkpoint=None,
 ) -> FitResult:
     """Minimize the expected value of a program over ``params`` with an optax optimizer.
 
@@ -491,6 +494,16 @@ def fit(
             chunk's draws, each weight taken relative to the tracked value (so a fast move
             of the parameters, which the tracked value lags, lowers it too; hence two
             chunks).
+        checkpoint: a folder (or an ``estimax.Checkpoint(folder, every=, keep=, meta=)``):
+            the run's whole state -- parameters, optimizer state, PRNG key, step, tracked
+            estimates, history and stopping-rule counters -- is saved there (orbax, atomically)
+            every ``every`` steps (default 1000; chunks are cut to land on them), when the run
+            ends, and when it is interrupted: on SIGINT (Ctrl-C) or SIGTERM the current chunk
+            finishes, the state is saved and ``KeyboardInterrupt`` is raised (the signal as
+            ``.signum``). Calling ``fit`` again with the same arguments resumes from the
+            latest checkpoint and ends where an uninterrupted run ends; ``steps`` may be raised
+            to continue a finished run. A folder written by another run (another program,
+            key, data, options, or parameter structure) is refused, naming what differs.
 
     Returns:
         A :class:`FitResult`: ``params``, ``opt_state``, ``key``, ``history`` (per-step
@@ -568,6 +581,7 @@ def fit(
     if callback is not None and not callable(callback):
         raise TypeError(f"fit: callback must be callable or None; got {type(callback).__name__}.")
     early_stop = _as_early_stop(early_stop)
+    checkpoint = _ckpt.as_checkpoint(checkpoint, "fit")
     _check_key(key)
     params = _strong_float_params(params)
     if opt_state is None:
@@ -590,81 +604,124 @@ def fit(
     sign = -1.0 if maximize else 1.0  # improvement means sign * average going down
     best, waited = np.inf, 0
     done = 0
+    ckpt = None
+    if checkpoint is not None:
+        meta = {"program": program.name, "maximize": bool(maximize), "argnums": argnums, "tracking": repr(tracking),
+                "key": _ckpt.digest(key), "data": _ckpt.digest(args), **dict(checkpoint.meta or {})}
+        ckpt = _ckpt.Checkpointer(checkpoint.directory, format=_CHECKPOINT_FORMAT, meta=meta, keep=checkpoint.keep)
+        restored = ckpt.restore(state)
+        if restored is not None:
+            state, host, extra = restored
+            done = int(state.step)
+            if done > steps:
+                ckpt.close()
+                raise ProgramError(
+                    f"fit: the checkpoint in {ckpt.directory} holds {done} steps, more than steps={steps}; pass "
+                    f"steps={done} or more to continue it, or another folder to start over.")
+            history[:done] = host["history"]
+            averages, average_steps = list(host["averages"]), [int(i) for i in host["average_steps"]]
+            best, waited = float(extra["best"]), int(extra["waited"])
+            ess, warned = {k: list(v) for k, v in extra["ess"].items()}, set(extra["warned"])
+    every = (checkpoint.every or 1000) if checkpoint is not None else steps
+
+    def save():
+        ckpt.save(done, state, host={"history": history[:done], "averages": np.asarray(averages, np.float64),
+                                     "average_steps": np.asarray(average_steps, np.int64)},
+                  extra={"best": float(best), "waited": waited, "ess": ess, "warned": sorted(warned)})
+
     stopped_early, reason, nonfinite_step = False, f"completed {steps} steps", None
     bar = _make_progress(progress, steps, f"fit {program.name}")
+    if done:
+        bar.update(done, averages[-1] if averages else None)
     note = None
     try:
-        while done < steps:
-            n_active = min(chunk, steps - done)
-            state, (estimates, diags) = run_chunk(state, np.int32(n_active), args)
-            estimates = np.asarray(estimates)  # the one host sync per chunk
-            now = int(state.step)
-            applied = now - done
-            for name, (m1, m2) in diags.items():
-                if applied == 0:
-                    continue
-                m1, m2 = (np.asarray(x, np.float64)[:applied] for x in (m1, m2))
-                frac = float(np.mean(m1) ** 2 / np.mean(m2)) if np.mean(m2) > 0 else float("nan")
-                history_ess = ess.setdefault(name, [])
-                history_ess.append(frac)
-                # two chunks in a row: not the lag of a fast first move
-                low = [not f >= min_ess for f in history_ess[-2:]]
-                if len(low) == 2 and all(low) and name not in warned:
-                    warned.add(name)
-                    warnings.warn(
-                        f"fit({program.name}): the importance weights of ex.log_expect({name!r}) have an "
-                        f"effective sample size of {frac:.2%} of the draws over steps {done}-{now}: a few "
-                        "draws dominate, so its estimates and the gradient have exploding variance. Use a "
-                        "proposal that covers the model's mass (wider, or closer to the model) or more draws (n=).",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-            history[done:now] = estimates[:applied]
-            done = now
-            average = None
-            if done > 0 and applied > 0:
-                average = float(np.mean(history[max(0, done - window) : done]))
-                averages.append(average)
-                average_steps.append(done)
-            bar.update(applied, average)
+        with _ckpt.stop_on_signals(ckpt is not None) as received:
+            saved_at = done if ckpt is not None and ckpt.latest_step() == done else None
+            while done < steps:
+                n_active = min(chunk, steps - done, every - done % every)
+                state, (estimates, diags) = run_chunk(state, np.int32(n_active), args)
+                estimates = np.asarray(estimates)  # the one host sync per chunk
+                now = int(state.step)
+                applied = now - done
+                for name, (m1, m2) in diags.items():
+                    if applied == 0:
+                        continue
+                    m1, m2 = (np.asarray(x, np.float64)[:applied] for x in (m1, m2))
+                    frac = float(np.mean(m1) ** 2 / np.mean(m2)) if np.mean(m2) > 0 else float("nan")
+                    history_ess = ess.setdefault(name, [])
+                    history_ess.append(frac)
+                    # two chunks in a row: not the lag of a fast first move
+                    low = [not f >= min_ess for f in history_ess[-2:]]
+                    if len(low) == 2 and all(low) and name not in warned:
+                        warned.add(name)
+                        warnings.warn(
+                            f"fit({program.name}): the importance weights of ex.log_expect({name!r}) have an "
+                            f"effective sample size of {frac:.2%} of the draws over steps {done}-{now}: a few "
+                            "draws dominate, so its estimates and the gradient have exploding variance. Use a "
+                            "proposal that covers the model's mass (wider, or closer to the model) or more draws (n=).",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
+                history[done:now] = estimates[:applied]
+                done = now
+                average = None
+                if done > 0 and applied > 0:
+                    average = float(np.mean(history[max(0, done - window) : done]))
+                    averages.append(average)
+                    average_steps.append(done)
+                bar.update(applied, average)
 
-            status = int(state.status)
-            if status != _OK:
-                nonfinite_step = done
-                bad = estimates[applied]
-                stopped_early = True
-                reason = (
-                    f"non-finite {_STATUS_WHAT[status]} at step {done} (objective estimate {bad}); "
-                    f"the result holds the parameters before that step"
-                )
-                note = f"stopped: non-finite {_STATUS_WHAT[status]} at step {done}"
-                warnings.warn(f"fit({program.name}): {reason}.", RuntimeWarning, stacklevel=2)
-                break
-            if callback is not None:
-                info = FitProgress(done, state.params, state.opt_state, average, estimates[:applied], state.key)
-                if callback(info):
-                    if done < steps:
-                        stopped_early = True
-                        reason = f"stopped by callback after {done} steps"
-                        note = "stopped by callback"
-                    break
-            if early_stop is not None and average is not None and done < steps:
-                score = sign * average
-                if score < best - early_stop.min_delta:
-                    best, waited = score, 0
-                else:
-                    waited += 1
-                if waited >= early_stop.patience:
+                status = int(state.status)
+                if status != _OK:
+                    nonfinite_step = done
+                    bad = estimates[applied]
                     stopped_early = True
                     reason = (
-                        f"plateau: the running objective did not improve by more than "
-                        f"{early_stop.min_delta:g} for {early_stop.patience} chunk(s); stopped after "
-                        f"{done} steps at {average:.6g}"
+                        f"non-finite {_STATUS_WHAT[status]} at step {done} (objective estimate {bad}); "
+                        f"the result holds the parameters before that step"
                     )
-                    note = f"plateau after {done} steps"
+                    note = f"stopped: non-finite {_STATUS_WHAT[status]} at step {done}"
+                    warnings.warn(f"fit({program.name}): {reason}.", RuntimeWarning, stacklevel=2)
                     break
+                if callback is not None:
+                    info = FitProgress(done, state.params, state.opt_state, average, estimates[:applied], state.key)
+                    if callback(info):
+                        if done < steps:
+                            stopped_early = True
+                            reason = f"stopped by callback after {done} steps"
+                            note = "stopped by callback"
+                        break
+                if early_stop is not None and average is not None and done < steps:
+                    score = sign * average
+                    if score < best - early_stop.min_delta:
+                        best, waited = score, 0
+                    else:
+                        waited += 1
+                    if waited >= early_stop.patience:
+                        stopped_early = True
+                        reason = (
+                            f"plateau: the running objective did not improve by more than "
+                            f"{early_stop.min_delta:g} for {early_stop.patience} chunk(s); stopped after "
+                            f"{done} steps at {average:.6g}"
+                        )
+                        note = f"plateau after {done} steps"
+                        break
+                if ckpt is not None and done % every == 0:
+                    save()
+                    saved_at = done
+                if received:
+                    if ckpt is not None and saved_at != done:
+                        save()
+                        saved_at = done
+                    note = f"interrupted after {done} steps"
+                    raise _ckpt.interrupted(received[0])
+            if ckpt is not None and saved_at != done:
+                save()
+                saved_at = done
     finally:
         bar.close(note)
+        if ckpt is not None:
+            ckpt.close()
 
     return FitResult(
         params=state.params,

@@ -6,7 +6,6 @@ import collections
 import hashlib
 import json
 import os
-import signal
 import time
 
 import jax
@@ -16,13 +15,13 @@ import numpy as np
 
 from .._errors import ProgramError
 from ..dsl._program import _as_program
-from ..runtime._checkpoint import load_tree, save_tree
+from ..runtime._checkpoint import Checkpointer, interrupted, stop_on_signals
 from ..transforms._constraints import split
 from . import _driver
 from ._driver import RESULTS, Solution, SolverError
 from ._problem import Problem
 
-_CHECKPOINT_FORMAT = "estimax-solve-checkpoint/1"
+_CHECKPOINT_FORMAT = "estimax-solve/2"
 
 
 def _default_solver(problem: Problem):
@@ -158,9 +157,12 @@ def solve(
         multipliers: initial multipliers by constraint name (default: the solver's choice).
         throw: raise a :class:`SolverError` (carrying the solution) when the run does not succeed.
         progress: show a progress line while the run goes (runs the loop in chunks of ``every``).
-        checkpoint: a path: the whole run state is saved there atomically every ``every``
-            steps and when the run is interrupted (Ctrl-C, SIGTERM); calling ``solve`` again
-            with the same arguments resumes from it and ends where an uninterrupted run would.
+        checkpoint: a folder: the whole run state (solver state, PRNG key, step, history) is
+            saved there atomically (orbax) every ``every`` steps and when the run is
+            interrupted (Ctrl-C, SIGTERM: the chunk finishes, the state is saved, then
+            ``KeyboardInterrupt`` is raised, with the signal as ``.signum``); calling ``solve``
+            again with the same arguments resumes from it and ends where an uninterrupted run
+            would. A folder written for another run is refused, naming what differs.
 
     Returns:
         A :class:`Solution`.
@@ -262,48 +264,41 @@ def _initial_multipliers(problem: Problem, multipliers):
 
 def _chunked(entry: _Compiled, x0, lam0, mu0, key, data, checkpoint, every, progress, name, signature):
     """The loop in chunks of ``every`` steps: progress between chunks, checkpoints after each
-    and on interruption; resumes from ``checkpoint`` when it exists."""
-    path = None if checkpoint is None else os.fspath(checkpoint)
+    and on interruption; resumes from ``checkpoint`` (a folder) when it holds one."""
     carry = entry.start(x0, lam0, mu0, key, data)
-    meta = {"program": name, "solver": repr(entry.solver), "max_steps": entry.max_steps, "tol": entry.tol,
-            "arguments": hashlib.sha256(json.dumps(str(signature)).encode()).hexdigest()[:16],
-            "start": hashlib.sha256(np.asarray(x0).tobytes() + np.asarray(key).tobytes()).hexdigest()[:16]}
-    if path is not None and os.path.exists(path):
-        carry, _ = load_tree(path, carry, meta, format=_CHECKPOINT_FORMAT)
-    interrupted = []
-
-    def on_signal(signum, frame):  # finish the chunk, save, then stop
-        del frame
-        interrupted.append(signum)
-
-    previous = {}
-    if path is not None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                previous[sig] = signal.signal(sig, on_signal)
-            except ValueError:  # not the main thread: no handlers
-                pass
+    ckpt = None
+    if checkpoint is not None:
+        meta = {"program": name, "solver": repr(entry.solver), "max_steps": entry.max_steps, "tol": entry.tol,
+                "arguments": hashlib.sha256(json.dumps(str(signature)).encode()).hexdigest()[:16],
+                "start": hashlib.sha256(np.asarray(x0).tobytes() + np.asarray(key).tobytes()).hexdigest()[:16]}
+        ckpt = Checkpointer(checkpoint, format=_CHECKPOINT_FORMAT, meta=meta)
+        restored = ckpt.restore(carry)
+        if restored is not None:
+            carry = restored[0]
     t0 = time.perf_counter()
     try:
-        while True:
-            steps = int(carry.steps)
-            if bool(carry.done) or steps >= entry.max_steps:
-                break
-            carry = jax.block_until_ready(entry.advance(carry, min(steps + every, entry.max_steps), data))
-            if path is not None:
-                save_tree(path, carry, meta, format=_CHECKPOINT_FORMAT)
-            if progress:
-                print(f"\r{name}: step {int(carry.steps)}  KKT {float(carry.state.kkt):.3e}  "
-                      f"value {float(carry.state.value):.8g}", end="", flush=True)
-            if interrupted:  # the exception says which signal stopped the run
-                stop = KeyboardInterrupt(f"stopped by signal {int(interrupted[0])}; the checkpoint holds the run")
-                stop.signum = interrupted[0]
-                raise stop
+        with stop_on_signals(ckpt is not None) as received:
+            while True:
+                steps = int(carry.steps)
+                if bool(carry.done) or steps >= entry.max_steps:
+                    break
+                carry = jax.block_until_ready(entry.advance(carry, min(steps + every, entry.max_steps), data))
+                if ckpt is not None:
+                    save_state(ckpt, int(carry.steps), carry)
+                if progress:
+                    print(f"\r{name}: step {int(carry.steps)}  KKT {float(carry.state.kkt):.3e}  "
+                          f"value {float(carry.state.value):.8g}", end="", flush=True)
+                if received:  # the exception says which signal stopped the run
+                    raise interrupted(received[0])
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        if ckpt is not None:
+            ckpt.close()
         if progress:
             print()
     carry = _driver.finish(carry, entry.max_steps)
     return carry, time.perf_counter() - t0
 
+
+def save_state(ckpt: Checkpointer, step: int, carry) -> None:
+    """One checkpoint of the loop (a separate function, so that tests can interrupt after it)."""
+    ckpt.save(step, carry)

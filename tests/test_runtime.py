@@ -1,0 +1,168 @@
+"""The runtime: checkpoints and resume (in-process and by killing a process), non-finite
+stops that name the step and the term, progress through host callbacks, sharding of particles
+and data over devices (8 forced CPU devices, in a subprocess), determinism."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import numpyro.distributions as dist
+import optax
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+import estimax as ex
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _x64():
+    with jax.enable_x64(True):
+        yield
+
+
+@ex.expectation
+def _elbo(params, x):
+    q = dist.Normal(params["m"], jnp.exp(params["log_s"]))
+    z = ex.sample(q, name="z")
+    return dist.Normal(0.0, 1.0).log_prob(z) + jnp.sum(dist.Normal(z, 1.0).log_prob(x)) - q.log_prob(z)
+
+
+_X = np.array([1.0, 2.0, 3.0])
+_OPT = optax.adam(1e-2)
+
+
+def _params():
+    return {"m": jnp.array(0.0), "log_s": jnp.array(0.0)}
+
+
+def _same_run(a, b, exact=True):
+    check = np.testing.assert_array_equal if exact else (lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-12))
+    jax.tree.map(lambda u, v: check(np.asarray(u), np.asarray(v)), (a.params, a.opt_state), (b.params, b.opt_state))
+    check(jax.random.key_data(a.key), jax.random.key_data(b.key))
+    check(a.history, b.history)
+    assert a.steps_run == b.steps_run
+
+
+def test_fit_checkpoint_interrupted_by_a_signal_resumes_to_the_uninterrupted_result(tmp_path):
+    run = dict(optimizer=_OPT, steps=300, key=jax.random.key(0), maximize=True, chunk=40)
+    plain = ex.fit(_elbo, _params(), _X, **run)
+    every = ex.Checkpoint(tmp_path / "a", every=100)
+    saved = ex.fit(_elbo, _params(), _X, checkpoint=every, **run)
+    _same_run(plain, saved)  # checkpointing changes nothing
+    np.testing.assert_array_equal(saved.average_steps, [40, 80, 100, 140, 180, 200, 240, 280, 300])  # cut at 100s
+
+    def ctrl_c(info):  # Ctrl-C after step 150: the chunk (to 180) finishes and is saved
+        if info.step >= 150:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt, match="signal 2") as stop:
+        ex.fit(_elbo, _params(), _X, checkpoint=ex.Checkpoint(tmp_path / "b", every=100), callback=ctrl_c, **run)
+    assert stop.value.signum == signal.SIGINT
+    assert sorted(int(d) for d in os.listdir(tmp_path / "b") if d.isdigit()) == [100, 180]
+    resumed = ex.fit(_elbo, _params(), _X, checkpoint=ex.Checkpoint(tmp_path / "b", every=100), **run)
+    _same_run(saved, resumed)
+    np.testing.assert_array_equal(saved.averages, resumed.averages)
+    # a finished run returns at once; more steps continue it as one longer run would go
+    again = ex.fit(_elbo, _params(), _X, checkpoint=ex.Checkpoint(tmp_path / "b", every=100), **run)
+    _same_run(saved, again)
+    longer = ex.fit(_elbo, _params(), _X, **dict(run, steps=400))
+    more = ex.fit(_elbo, _params(), _X, checkpoint=ex.Checkpoint(tmp_path / "b", every=100), **dict(run, steps=400))
+    _same_run(longer, more)
+
+
+def test_fit_checkpoint_of_another_run_is_refused(tmp_path):
+    run = dict(optimizer=_OPT, steps=20, maximize=True, chunk=10, checkpoint=tmp_path / "run")
+    ex.fit(_elbo, _params(), _X, key=jax.random.key(0), **run)
+    with pytest.raises(ex.CheckpointError, match="its key is"):
+        ex.fit(_elbo, _params(), _X, key=jax.random.key(1), **run)
+    with pytest.raises(ex.CheckpointError, match="its data is"):
+        ex.fit(_elbo, _params(), _X + 1.0, key=jax.random.key(0), **run)
+    with pytest.raises(ex.CheckpointError, match="another structure"):
+        ex.fit(_elbo, _params(), _X, key=jax.random.key(0), **dict(run, optimizer=optax.sgd(1e-2)))
+    with pytest.raises(ex.ProgramError, match="holds 20 steps, more than steps=10"):
+        ex.fit(_elbo, _params(), _X, key=jax.random.key(0), **dict(run, steps=10))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ex.CheckpointError, match="is a file"):
+        ex.fit(_elbo, _params(), _X, key=jax.random.key(0), **dict(run, checkpoint=tmp_path / "file"))
+    with pytest.raises(TypeError, match="checkpoint must be a folder path"):
+        ex.fit(_elbo, _params(), _X, key=jax.random.key(0), **dict(run, checkpoint=3))
+    with pytest.raises(ValueError, match="every must be a positive integer"):
+        ex.Checkpoint(tmp_path, every=0)
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys, time, jax, jax.numpy as jnp, numpy as np, optax, numpyro.distributions as dist
+    jax.config.update("jax_enable_x64", True)
+    import estimax as ex
+
+    @ex.expectation
+    def elbo(params, x):
+        q = dist.Normal(params["m"], jnp.exp(params["log_s"]))
+        z = ex.vmap(lambda: ex.sample(q, name="z"), axis_size=64)()
+        return jnp.mean(dist.Normal(0.0, 1.0).log_prob(z) + jnp.sum(dist.Normal(z[:, None], 1.0).log_prob(x), -1)
+                        - q.log_prob(z))
+
+    def run(folder, steps, slow):
+        params = {"m": jnp.array(0.0), "log_s": jnp.array(0.0)}
+        x = jnp.linspace(-1.0, 3.0, 200)
+        # `slow`: a pause after each chunk (it changes nothing else), so that the parent can
+        # kill the run while it goes
+        return ex.fit(elbo, params, x, optimizer=optax.adam(1e-3), steps=steps, key=jax.random.key(7),
+                      maximize=True, chunk=25, checkpoint=ex.Checkpoint(folder, every=100),
+                      callback=(lambda info: time.sleep(0.05)) if slow else None)
+
+    if __name__ == "__main__":
+        folder, steps, slow = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "slow"
+        try:
+            result = run(folder, steps, slow)
+        except KeyboardInterrupt as stop:
+            sys.exit(128 + stop.signum)
+        np.savez(folder + ".npz", m=result.params["m"], log_s=result.params["log_s"], history=result.history,
+                 key=jax.random.key_data(result.key))
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_fit_killed_in_a_subprocess_resumes_to_the_uninterrupted_result(tmp_path, sig):
+    """A child process trains with a checkpoint every 100 steps; it is killed once a checkpoint
+    is on disk (SIGTERM: it finishes its chunk and saves; SIGKILL: it dies where it is, and the
+    last complete checkpoint is what remains). A second child resumes; the result equals an
+    uninterrupted child's."""
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD)
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"), JAX_PLATFORMS="cpu")
+    steps = 2000
+    folder = str(tmp_path / "run")
+    child = subprocess.Popen([sys.executable, str(script), folder, str(steps), "slow"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while child.poll() is None and time.monotonic() < deadline:
+        if os.path.isdir(folder) and any(d.isdigit() for d in os.listdir(folder)):
+            break
+        time.sleep(0.05)
+    assert child.poll() is None, child.communicate()[1].decode()[-2000:]
+    child.send_signal(sig)
+    _, err = child.communicate(timeout=240)
+    assert child.returncode == (128 + sig if sig == signal.SIGTERM else -sig), err.decode()[-2000:]
+    stopped = max(int(d) for d in os.listdir(folder) if d.isdigit())
+    assert 0 < stopped < steps
+    resumed = subprocess.run([sys.executable, str(script), folder, str(steps), "fast"], env=env, capture_output=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    whole = str(tmp_path / "whole")
+    plain = subprocess.run([sys.executable, str(script), whole, str(steps), "fast"], env=env, capture_output=True, timeout=600)
+    assert plain.returncode == 0, plain.stderr.decode()[-2000:]
+    a, b = np.load(folder + ".npz"), np.load(whole + ".npz")
+    for name in ("m", "log_s", "history", "key"):
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
