@@ -166,3 +166,138 @@ def test_fit_killed_in_a_subprocess_resumes_to_the_uninterrupted_result(tmp_path
     a, b = np.load(folder + ".npz"), np.load(whole + ".npz")
     for name in ("m", "log_s", "history", "key"):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+_SHARDED = textwrap.dedent(
+    """
+    import os, sys, json
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, jax.numpy as jnp, numpy as np, optax, numpyro, numpyro.distributions as dist
+    jax.config.update("jax_enable_x64", True)
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+    import estimax as ex
+    from estimax.runtime import _jax_compat as compat
+
+    out = {"devices": len(jax.devices())}
+    H, D, K = 3, 6, 64
+    rng = np.random.default_rng(0)
+
+    def model(params, x):
+        z = numpyro.sample("z", dist.Normal(jnp.zeros(H), 1.0).to_event(1))
+        numpyro.sample("x", dist.Normal(jnp.tanh(z @ params["W"]), 0.5).to_event(1), obs=x)
+
+    def guide(params, x):
+        return ex.sample(dist.Normal(params["mu"], jnp.exp(params["ls"])).to_event(1), name="z")
+
+    params = {"W": jnp.asarray(rng.normal(size=(H, D)) * 0.3), "mu": jnp.zeros(H), "ls": jnp.full(H, -0.5)}
+    x = jnp.asarray(rng.normal(size=D))
+    key = jax.random.key(3)
+
+    # 1. the IWELBO gradient with K particles: 8 devices against 1, jit against no jit
+    vg = ex.value_and_grad(ex.objectives.iwelbo(model, guide, K))
+    v1, g1 = jax.jit(vg)(key, params, x)
+    v0, g0 = vg(key, params, x)
+    mesh = ex.device_mesh(8)
+    with compat.set_mesh(mesh):
+        f8 = jax.jit(vg)
+        hlo = f8.lower(key, params, x).compile().as_text()
+        v8, g8 = f8(key, params, x)
+        v8b, g8b = f8(key, params, x)
+    diff = lambda a, b: max(float(np.max(np.abs(np.asarray(u) - np.asarray(w)))) for u, w in
+                            zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    out["iwelbo"] = dict(value_8_vs_1=abs(float(v8 - v1)), grad_8_vs_1=diff(g8, g1),
+                         value_jit_vs_eager=abs(float(v1 - v0)), grad_jit_vs_eager=diff(g1, g0),
+                         repeat_8=diff((v8, g8), (v8b, g8b)),
+                         per_device_lanes=f"f64[{K // 8},{H}]" in hlo, whole_lanes=f"f64[{K},{H}]" in hlo)
+
+    # 2. ex.fit over 8 devices: per-point latents (an ex.vmap over the data) and the data's batch
+    #    axis split; against one device
+    N = 64
+    xs = jnp.asarray(rng.normal(size=(N, D)))
+
+    @ex.expectation
+    def elbo(p, xs):
+        def point(xi):
+            q = dist.Normal(p["mu"], jnp.exp(p["ls"])).to_event(1)
+            z = ex.sample(q, name="z")
+            log_p = dist.Normal(jnp.zeros(H), 1.0).to_event(1).log_prob(z) + \\
+                dist.Normal(jnp.tanh(z @ p["W"]), 0.5).to_event(1).log_prob(xi)
+            return log_p - q.log_prob(z)
+        return jnp.mean(ex.vmap(point)(xs))
+
+    opt = optax.adam(1e-2)
+    run = dict(optimizer=opt, steps=60, key=jax.random.key(5), maximize=True, chunk=20)
+    one = ex.fit(elbo, params, xs, **run)
+    eight = ex.fit(elbo, params, xs, devices=8, shard_data=(0,), **run)
+    again = ex.fit(elbo, params, xs, devices=8, shard_data=(0,), **run)
+    out["fit"] = dict(params_8_vs_1=diff(eight.params, one.params),
+                      history_8_vs_1=float(np.max(np.abs(eight.history - one.history))),
+                      repeat_8=diff((eight.params, eight.history), (again.params, again.history)),
+                      sharding=str(eight.params["W"].sharding.mesh.shape))
+
+    # 3. a checkpoint written on one device, resumed on eight
+    folder = sys.argv[1]
+    half = ex.fit(elbo, params, xs, checkpoint=ex.Checkpoint(folder, every=20), **dict(run, steps=40))
+    resumed = ex.fit(elbo, params, xs, checkpoint=ex.Checkpoint(folder, every=20), devices=8, shard_data=(0,), **run)
+    out["resume"] = dict(params_vs_1=diff(resumed.params, one.params),
+                         history_vs_1=float(np.max(np.abs(resumed.history - one.history))))
+
+    # 4. errors that name the mistake
+    errors = {}
+    for name, call in {
+        "too_many": lambda: ex.fit(elbo, params, xs, devices=16, **run),
+        "bad_batch": lambda: ex.fit(elbo, params, xs[:60], devices=8, shard_data=(0,), **run),
+        "bad_position": lambda: ex.fit(elbo, params, xs, devices=8, shard_data=(1,), **run),
+        "no_devices": lambda: ex.fit(elbo, params, xs, shard_data=(0,), **run),
+    }.items():
+        try:
+            call()
+            errors[name] = None
+        except ex.ProgramError as e:
+            errors[name] = str(e)
+    out["errors"] = errors
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """One child process with 8 forced CPU devices runs every multi-device check."""
+    folder = tmp_path_factory.mktemp("sharded")
+    script = folder / "sharded.py"
+    script.write_text(_SHARDED)
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"), JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, str(script), str(folder / "ckpt")], env=env, capture_output=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    line = [ln for ln in proc.stdout.decode().splitlines() if ln.startswith("RESULT")][-1]
+    import json
+
+    return json.loads(line[len("RESULT"):])
+
+
+def test_iwelbo_gradient_sharded_over_8_devices_equals_one_device(sharded):
+    r = sharded["iwelbo"]
+    assert sharded["devices"] == 8
+    assert r["per_device_lanes"] and not r["whole_lanes"]  # each device holds K/8 particles
+    assert r["value_8_vs_1"] < 1e-12 and r["grad_8_vs_1"] < 1e-12  # reassociation only
+    assert r["value_jit_vs_eager"] < 1e-12 and r["grad_jit_vs_eager"] < 1e-12
+    assert r["repeat_8"] == 0.0  # same key, same inputs: the same bits
+
+
+def test_fit_over_8_devices_equals_one_device_and_resumes_across(sharded):
+    r = sharded["fit"]
+    assert "('devices', 8)" in r["sharding"]  # the parameters live on the 8-device mesh
+    assert r["params_8_vs_1"] < 1e-10 and r["history_8_vs_1"] < 1e-10
+    assert r["repeat_8"] == 0.0
+    assert sharded["resume"]["params_vs_1"] < 1e-10 and sharded["resume"]["history_vs_1"] < 1e-10
+
+
+def test_sharding_errors_name_the_mistake(sharded):
+    e = sharded["errors"]
+    assert "devices=16, but JAX sees 8 device(s)" in e["too_many"] and "xla_force_host_platform_device_count" in e["too_many"]
+    assert "fit: data argument 0 has shape (60, 6)" in e["bad_batch"] and "multiple of the 8 device(s)" in e["bad_batch"]
+    assert "shard_data=(1,) names argument(s) [1]" in e["bad_position"]
+    assert "give devices= as well" in e["no_devices"]

@@ -33,6 +33,8 @@ from .dsl import text as text
 from .runtime._checkpoint import Checkpoint as Checkpoint
 from .runtime._checkpoint import CheckpointError as CheckpointError
 from .runtime._fit import EarlyStop as EarlyStop
+from .runtime._sharding import device_mesh as device_mesh
+from .runtime._sharding import shard_batch as shard_batch
 from .runtime._fit import FitProgress as FitProgress
 from .runtime._fit import FitResult as FitResult
 from .runtime._fit import fit as fit

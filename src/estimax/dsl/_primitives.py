@@ -251,9 +251,40 @@ def vmap(fn: Callable, in_axes=0, out_axes=0, axis_size: int | None = None) -> C
             with _anchored(anchor):
                 return fn(*a)
 
-        return jax.vmap(inner, in_axes=(0, *axes), out_axes=out_axes)(jnp.arange(size), *args)
+        # Under a device mesh (``jax.set_mesh``, ``ex.fit(devices=)``) the outermost mapped
+        # axis whose size the mesh divides is partitioned over the mesh's first axis: the lane
+        # indices (from which every lane's keys derive) and the outputs are constrained, and
+        # XLA's SPMD partitioner spreads the lanes' work. Inner ex.vmaps stay whole per device.
+        lanes = _lane_axis(size)
+        anchor = jnp.arange(size)
+        if lanes is None:
+            return jax.vmap(inner, in_axes=(0, *axes), out_axes=out_axes)(anchor, *args)
+        anchor = jax.lax.with_sharding_constraint(anchor, jax.sharding.PartitionSpec(lanes))
+        prev = getattr(_local, "sharded_lanes", False)
+        _local.sharded_lanes = True
+        try:
+            out = jax.vmap(inner, in_axes=(0, *axes), out_axes=out_axes)(anchor, *args)
+        finally:
+            _local.sharded_lanes = prev
+        if isinstance(out_axes, int):
+            spec = jax.sharding.PartitionSpec(*([None] * out_axes), lanes)
+            out = jax.tree.map(lambda y: jax.lax.with_sharding_constraint(y, spec)
+                               if jnp.ndim(y) > out_axes and jnp.shape(y)[out_axes] == size else y, out)
+        return out
 
     return mapped
+
+
+def _lane_axis(size: int) -> str | None:
+    """The mesh axis over which an ``ex.vmap`` of ``size`` lanes is partitioned, or ``None``
+    (no mesh, a one-device mesh, a size the mesh does not divide, or inside a partitioned
+    ``ex.vmap``)."""
+    mesh = compat.abstract_mesh()
+    if mesh is None or getattr(_local, "sharded_lanes", False):
+        return None
+    axis = mesh.axis_names[0]
+    count = dict(mesh.shape)[axis]
+    return axis if count > 1 and size % count == 0 else None
 
 
 # --- expect --------------------------------------------------------------------------------

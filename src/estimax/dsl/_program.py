@@ -73,7 +73,8 @@ class Expectation:
         leaves, in_tree = jax.tree_util.tree_flatten(args)
         try:
             avals = tuple(compat.aval_of(x) for x in leaves)
-            signature = (in_tree, tuple((a.shape, a.dtype, getattr(a, "weak_type", False)) for a in avals))
+            signature = (in_tree, tuple((a.shape, a.dtype, getattr(a, "weak_type", False)) for a in avals),
+                         compat.abstract_mesh())  # a mesh partitions ex.vmap's lanes (dsl._primitives)
             hit = self._staged.get(signature)
         except TypeError:  # a leaf that is not an array: let `stage` report it
             signature, hit = None, None

@@ -45,6 +45,7 @@ import optax
 from .._errors import ProgramError
 from ..dsl._program import Expectation, key_problem, value_and_grad
 from . import _checkpoint as _ckpt
+from . import _sharding
 from . import _jax_compat as compat
 
 # --- public values -------------------------------------------------------------------------
@@ -189,7 +190,7 @@ class _Compiled(NamedTuple):
     tracker: Any  # the tracked estimator, or None
 
 
-def _build(objective, optimizer, argnums: int, chunk: int, maximize: bool, tracking=None) -> _Compiled:
+def _build(objective, optimizer, argnums: int, chunk: int, maximize: bool, tracking=None, mesh=None) -> _Compiled:
     """The program, its estimator and the jitted chunk function: ``chunk`` steps of which the
     first ``n_active`` run (while the state stays finite) and the rest are skipped."""
     program = objective if isinstance(objective, Expectation) else Expectation(objective)
@@ -250,21 +251,29 @@ def _build(objective, optimizer, argnums: int, chunk: int, maximize: bool, track
 
         return jax.lax.scan(body, state, jnp.arange(chunk, dtype=jnp.int32))
 
-    return _Compiled(program, vg, jax.jit(run), tracker)
+    jitted = jax.jit(run)
+    if mesh is None:
+        return _Compiled(program, vg, jitted, tracker)
+
+    def run_on_mesh(state, n_active, args):  # traced under the mesh: ex.vmap partitions its lanes
+        with compat.set_mesh(mesh):
+            return jitted(state, n_active, args)
+
+    return _Compiled(program, vg, run_on_mesh, tracker)
 
 
 _build_cached = functools.lru_cache(maxsize=8)(_build)
 
 
-def _compiled(objective, optimizer, argnums, chunk, maximize, tracking=None) -> _Compiled:
+def _compiled(objective, optimizer, argnums, chunk, maximize, tracking=None, mesh=None) -> _Compiled:
     """``_build``, remembered for the last few (objective, optimizer, ...) so that a second
     ``fit`` with the same objects (a resumed run, another start, other data of the same
     shapes) reuses the compiled chunk function. Objects that cannot be hashed are not cached."""
     try:
         hash((objective, optimizer, tracking))
     except TypeError:
-        return _build(objective, optimizer, argnums, chunk, maximize, tracking)
-    return _build_cached(objective, optimizer, argnums, chunk, maximize, tracking)
+        return _build(objective, optimizer, argnums, chunk, maximize, tracking, mesh)
+    return _build_cached(objective, optimizer, argnums, chunk, maximize, tracking, mesh)
 
 
 # --- progress ------------------------------------------------------------------------------
@@ -435,6 +444,8 @@ def fit(
     tracking_state=None,
     min_ess: float = 0.05,
     checkpoint=None,
+    devices=None,
+    shard_data=(),
 ) -> FitResult:
     """Minimize the expected value of a program over ``params`` with an optax optimizer.
 
@@ -504,6 +515,17 @@ def fit(
             latest checkpoint and ends where an uninterrupted run ends; ``steps`` may be raised
             to continue a finished run. A folder written by another run (another program,
             key, data, options, or parameter structure) is refused, naming what differs.
+        devices: run on several devices (XLA's SPMD partitioning): a device count, a list of
+            devices, a ``jax.sharding.Mesh``, or ``None`` (one device, the default). The
+            outermost ``ex.vmap`` whose lane count the device count divides (particles,
+            per-point latents) is split over the devices; parameters and optimizer state are
+            replicated. The result equals the one-device result up to the order of
+            floating-point sums (the draws are the same). See ``docs/runtime.md`` for several
+            hosts (``jax.distributed``).
+        shard_data: positions in ``*args`` (0 is the first data argument) of data whose
+            leading axis is a batch to split over the devices (its length a multiple of the
+            device count); the other arguments are replicated. With several processes, each
+            passes its own part of these batches.
 
     Returns:
         A :class:`FitResult`: ``params``, ``opt_state``, ``key``, ``history`` (per-step
@@ -582,6 +604,8 @@ def fit(
         raise TypeError(f"fit: callback must be callable or None; got {type(callback).__name__}.")
     early_stop = _as_early_stop(early_stop)
     checkpoint = _ckpt.as_checkpoint(checkpoint, "fit")
+    mesh = None if devices is None else _sharding.device_mesh(devices)
+    shard_data = _shard_positions(shard_data, len(args), mesh)
     _check_key(key)
     params = _strong_float_params(params)
     if opt_state is None:
@@ -590,10 +614,14 @@ def fit(
     # --- trace the estimator once, outside the loop: its errors surface here --------------
     full = args[:argnums] + (params,) + args[argnums:]
     tracking = _resolve_tracking(objective, tracking, full, tracking_state)
-    program, vg, run_chunk, tracker = _compiled(objective, optimizer, argnums, chunk, bool(maximize), tracking)
+    program, vg, run_chunk, tracker = _compiled(objective, optimizer, argnums, chunk, bool(maximize), tracking, mesh)
     track = () if tracker is None else tracker.init(*full) if tracking_state is None else tracking_state
     (value_struct, _), _, _ = jax.eval_shape(vg, key, track, *full)
     state = _State(params, opt_state, key, jnp.int32(0), jnp.int32(_OK), track)
+    if mesh is not None:  # parameters and state replicated, the chosen data split by batch
+        state = _sharding.replicate(state, mesh)
+        args = tuple(_sharding.shard_batch(a, mesh, what=f"fit: data argument {i}") if i in shard_data
+                     else _sharding.replicate(a, mesh) for i, a in enumerate(args))
     ess: dict[str, list[float]] = {}
     warned: set = set()
 
@@ -640,13 +668,13 @@ def fit(
             while done < steps:
                 n_active = min(chunk, steps - done, every - done % every)
                 state, (estimates, diags) = run_chunk(state, np.int32(n_active), args)
-                estimates = np.asarray(estimates)  # the one host sync per chunk
-                now = int(state.step)
+                estimates = _sharding.to_host(estimates)  # the one host sync per chunk
+                now = int(_sharding.to_host(state.step))
                 applied = now - done
                 for name, (m1, m2) in diags.items():
                     if applied == 0:
                         continue
-                    m1, m2 = (np.asarray(x, np.float64)[:applied] for x in (m1, m2))
+                    m1, m2 = (_sharding.to_host(x).astype(np.float64)[:applied] for x in (m1, m2))
                     frac = float(np.mean(m1) ** 2 / np.mean(m2)) if np.mean(m2) > 0 else float("nan")
                     history_ess = ess.setdefault(name, [])
                     history_ess.append(frac)
@@ -671,7 +699,7 @@ def fit(
                     average_steps.append(done)
                 bar.update(applied, average)
 
-                status = int(state.status)
+                status = int(_sharding.to_host(state.status))
                 if status != _OK:
                     nonfinite_step = done
                     bad = estimates[applied]
@@ -738,6 +766,25 @@ def fit(
         tracking_state=None if tracker is None else state.track,
         ess={k: np.asarray(v) for k, v in ess.items()},
     )
+
+
+def _shard_positions(shard_data, n_args: int, mesh) -> frozenset:
+    """``shard_data`` checked: positions among the data arguments, with ``devices=``."""
+    if isinstance(shard_data, numbers.Integral) and not isinstance(shard_data, bool):
+        shard_data = (shard_data,)
+    try:
+        positions = tuple(shard_data)
+    except TypeError:
+        positions = None
+    if positions is None or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in positions):
+        raise ProgramError(f"fit: shard_data must be positions of data arguments (integers); got {shard_data!r}.")
+    bad = [i for i in positions if not 0 <= i < n_args]
+    if bad:
+        raise ProgramError(f"fit: shard_data={positions} names argument(s) {bad}, but the objective has {n_args} data "
+                           f"argument(s) (positions 0 to {n_args - 1}).")
+    if positions and mesh is None:
+        raise ProgramError("fit: shard_data= splits data over devices; give devices= as well (a count or a mesh).")
+    return frozenset(int(i) for i in positions)
 
 
 def _resolve_tracking(objective, tracking, full, tracking_state):

@@ -217,3 +217,29 @@ def with_outputs(jaxpr, outvars, eqns):
     if info is not None and hasattr(info, "_replace"):
         info = info._replace(result_paths=None)  # the paths describe the old outputs
     return jaxpr.replace(outvars=list(outvars), eqns=list(eqns), debug_info=info)
+
+
+# --- meshes (sharding of particles and data) --------------------------------------------------
+def abstract_mesh():
+    """The mesh set by ``jax.set_mesh`` (``jax.sharding.use_mesh`` before it) around the
+    current trace, or ``None``."""
+    get = getattr(jax.sharding, "get_abstract_mesh", None)
+    mesh = get() if get is not None else None
+    return None if mesh is None or mesh.empty else mesh
+
+
+def set_mesh(mesh):
+    """A context manager making ``mesh`` the current mesh (``jax.set_mesh``; ``use_mesh`` on
+    older JAX)."""
+    if hasattr(jax, "set_mesh"):
+        return jax.set_mesh(mesh)
+    return jax.sharding.use_mesh(mesh)
+
+
+def make_mesh(devices, axis: str):
+    """A one-axis mesh over ``devices`` whose axis is in JAX's automatic (propagated) mode."""
+    import numpy as _np
+
+    types = getattr(jax.sharding, "AxisType", None)
+    kwargs = {} if types is None else {"axis_types": (types.Auto,)}
+    return jax.sharding.Mesh(_np.asarray(devices), (axis,), **kwargs)
