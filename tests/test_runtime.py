@@ -301,3 +301,109 @@ def test_sharding_errors_name_the_mistake(sharded):
     assert "fit: data argument 0 has shape (60, 6)" in e["bad_batch"] and "multiple of the 8 device(s)" in e["bad_batch"]
     assert "shard_data=(1,) names argument(s) [1]" in e["bad_position"]
     assert "give devices= as well" in e["no_devices"]
+
+
+_HOST = textwrap.dedent(
+    """
+    import sys, json
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    pid, port = int(sys.argv[1]), int(sys.argv[2])
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid,
+                               coordinator_bind_address=f"127.0.0.1:{port}", initialization_timeout=60)
+    import numpy as np
+    import estimax as ex
+    sys.path.insert(0, sys.argv[3])
+    from runtime_problem import elbo, params, data, RUN
+
+    xs = data()
+    half = len(xs) // 2
+    mine = xs[pid * half:(pid + 1) * half]  # this process's part of the batch
+    result = ex.fit(elbo, params(), mine, devices="all", shard_data=(0,), **RUN)
+    out = {"devices": len(jax.devices()), "processes": jax.process_count(),
+           "params": {k: np.asarray(v.addressable_data(0)).tolist() for k, v in result.params.items()},
+           "history": result.history.tolist()}
+    print("RESULT" + json.dumps(out), flush=True)
+    jax.distributed.shutdown()
+    """
+)
+
+_PROBLEM = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np, optax, numpyro.distributions as dist
+    import estimax as ex
+
+    H, D, N = 3, 5, 32
+
+    @ex.expectation
+    def elbo(p, xs):
+        def point(xi):
+            q = dist.Normal(p["mu"], jnp.exp(p["ls"])).to_event(1)
+            z = ex.sample(q, name="z")
+            log_p = (dist.Normal(jnp.zeros(H), 1.0).to_event(1).log_prob(z)
+                     + dist.Normal(jnp.tanh(z @ p["W"]), 0.5).to_event(1).log_prob(xi))
+            return log_p - q.log_prob(z)
+        return jnp.mean(ex.vmap(point)(xs))
+
+    def params():
+        rng = np.random.default_rng(1)
+        return {"W": jnp.asarray(rng.normal(size=(H, D)) * 0.3), "mu": jnp.zeros(H), "ls": jnp.full(H, -0.5)}
+
+    def data():
+        return np.random.default_rng(2).normal(size=(N, D))
+
+    RUN = dict(optimizer=optax.adam(1e-2), steps=30, key=jax.random.key(4), maximize=True, chunk=10)
+    """
+)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fit_on_two_processes_over_loopback_equals_one_process(tmp_path):
+    """Two processes (``jax.distributed`` on loopback, one CPU device each, gloo collectives)
+    each pass their half of the batch; the result equals one process on the whole batch."""
+    import json
+
+    (tmp_path / "host.py").write_text(_HOST)
+    (tmp_path / "runtime_problem.py").write_text(_PROBLEM)
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"), JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    outputs = None
+    for _ in range(3):  # a port taken between choosing and binding it: try another
+        port = str(_free_port())
+        procs = [subprocess.Popen([sys.executable, str(tmp_path / "host.py"), str(i), port, str(tmp_path)], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+        try:
+            outs = [p.communicate(timeout=300) for p in procs]
+        except subprocess.TimeoutExpired:
+            outs = None
+        finally:
+            for p in procs:  # a peer left alone would wait for the other in a collective
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        if outs is not None and all(p.returncode == 0 for p in procs):
+            outputs = [json.loads([ln for ln in o.decode().splitlines() if ln.startswith("RESULT")][-1][6:])
+                       for o, _ in outs]
+            break
+        errors = "" if outs is None else outs[0][1].decode()[-1500:] + outs[1][1].decode()[-1500:]
+        if "Failed to start RPC server" not in errors and "Failed to add port" not in errors:
+            pytest.fail(f"the two processes failed:\n{errors}")
+    assert outputs is not None, "no free port could be bound in three tries"
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from runtime_problem import RUN, data, elbo, params
+    finally:
+        sys.path.remove(str(tmp_path))
+    one = ex.fit(elbo, params(), data(), **RUN)
+    for out in outputs:
+        assert out["devices"] == 2 and out["processes"] == 2
+        for k, v in one.params.items():
+            np.testing.assert_allclose(out["params"][k], np.asarray(v), rtol=0, atol=1e-10, err_msg=k)
+        np.testing.assert_allclose(out["history"], one.history, rtol=0, atol=1e-10)

@@ -515,8 +515,9 @@ def fit(
             latest checkpoint and ends where an uninterrupted run ends; ``steps`` may be raised
             to continue a finished run. A folder written by another run (another program,
             key, data, options, or parameter structure) is refused, naming what differs.
-        devices: run on several devices (XLA's SPMD partitioning): a device count, a list of
-            devices, a ``jax.sharding.Mesh``, or ``None`` (one device, the default). The
+        devices: run on several devices (XLA's SPMD partitioning): a device count, ``"all"``
+            (every device of every process), a list of devices, a ``jax.sharding.Mesh``, or
+            ``None`` (one device, the default). The
             outermost ``ex.vmap`` whose lane count the device count divides (particles,
             per-point latents) is split over the devices; parameters and optimizer state are
             replicated. The result equals the one-device result up to the order of

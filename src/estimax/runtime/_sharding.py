@@ -29,13 +29,13 @@ AXIS = "devices"
 
 
 def device_mesh(devices=None, *, axis: str = AXIS) -> jax.sharding.Mesh:
-    """A one-axis mesh: ``devices`` is ``None`` (all of ``jax.devices()``, across processes
-    after ``jax.distributed.initialize``), a count (the first ``n``), a list of devices, or a
-    mesh (returned as it is)."""
+    """A one-axis mesh: ``devices`` is ``None`` or ``"all"`` (all of ``jax.devices()``, across
+    processes after ``jax.distributed.initialize``), a count (the first ``n``), a list of
+    devices, or a mesh (returned as it is)."""
     if isinstance(devices, jax.sharding.Mesh):
         return devices
     available = jax.devices()
-    if devices is None:
+    if devices is None or (isinstance(devices, str) and devices == "all"):
         chosen = available
     elif isinstance(devices, numbers.Integral) and not isinstance(devices, bool):
         n = int(devices)
@@ -49,7 +49,7 @@ def device_mesh(devices=None, *, axis: str = AXIS) -> jax.sharding.Mesh:
     elif isinstance(devices, Sequence) and devices and all(isinstance(d, jax.Device) for d in devices):
         chosen = list(devices)
     else:
-        raise ProgramError(f"devices must be None, a device count, a list of devices or a jax.sharding.Mesh; "
+        raise ProgramError(f"devices must be \"all\", a device count, a list of devices or a jax.sharding.Mesh; "
                            f"got {devices!r}.")
     return compat.make_mesh(chosen, axis)
 
@@ -105,5 +105,9 @@ def _is_array(x) -> bool:
 def to_host(x) -> np.ndarray:
     """A NumPy copy of ``x``; for a replicated array of several processes, this process's copy."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return np.asarray(x.addressable_data(0))
+        if x.sharding.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
