@@ -407,3 +407,49 @@ def test_fit_on_two_processes_over_loopback_equals_one_process(tmp_path):
         for k, v in one.params.items():
             np.testing.assert_allclose(out["params"][k], np.asarray(v), rtol=0, atol=1e-10, err_msg=k)
         np.testing.assert_allclose(out["history"], one.history, rtol=0, atol=1e-10)
+
+
+def _line_of(text: str) -> int:
+    with open(__file__) as f:
+        return next(i + 1 for i, line in enumerate(f) if text in line and "_line_of" not in line)
+
+
+@ex.expectation
+def _goes_negative(p):
+    z = ex.sample(dist.Normal(0.0, 1.0), name="z")
+    return z * 0.0 - jnp.log(p["s"])  # NaN once a step takes s below 0  # LOG-LINE
+
+
+@ex.expectation
+def _kink(p):
+    z = ex.sample(dist.Normal(0.0, 1.0), name="z")
+    return z * 0.0 + jnp.sqrt(p["a"] ** 2)  # its derivative is 0 * inf = NaN at a = 0  # SQRT-LINE
+
+
+def test_nonfinite_names_the_step_the_leaf_and_the_line():
+    # minimizing log(s) by SGD moves s by -lr/s: from 0.5 with lr 1 it jumps below 0
+    @ex.expectation
+    def shrink(p):
+        return -_goes_negative(p)
+
+    with pytest.warns(RuntimeWarning, match="non-finite objective at step 1"):
+        result = ex.fit(shrink, {"s": jnp.array(0.5)}, optimizer=optax.sgd(1.0), steps=10, key=jax.random.key(0))
+    # step 0: s = 0.5 - 1/0.5 = -1.5; step 1 evaluates log(-1.5)
+    assert result.nonfinite_step == 1 and result.steps_run == 1
+    assert float(result.params["s"]) == -1.5
+    where = result.nonfinite_where
+    assert where is not None and "`log`" in where, where
+    assert where.endswith(f"test_runtime.py:{_line_of('# LOG-LINE')}"), where
+    assert where in result.reason
+
+    with pytest.warns(RuntimeWarning, match=r"non-finite gradient at step 0 .* in params\['a'\]"):
+        kinked = ex.fit(_kink, {"a": jnp.array(0.0), "b": jnp.array(1.0)}, optimizer=optax.sgd(0.1), steps=5,
+                        key=jax.random.key(0))
+    assert kinked.nonfinite_step == 0 and "params['b']" not in kinked.reason
+    assert kinked.nonfinite_where is not None and "`sqrt`" in kinked.nonfinite_where
+    assert kinked.nonfinite_where.endswith(f"test_runtime.py:{_line_of('# SQRT-LINE')}")
+
+    with pytest.raises(ex.NonFiniteError, match=r"non-finite gradient at step 0 .* in params\['a'\]") as err:
+        ex.fit(_kink, {"a": jnp.array(0.0), "b": jnp.array(1.0)}, optimizer=optax.sgd(0.1), steps=5,
+               key=jax.random.key(0), throw=True)
+    assert err.value.result.nonfinite_step == 0 and float(err.value.result.params["a"]) == 0.0

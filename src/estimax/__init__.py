@@ -37,6 +37,7 @@ from .runtime._sharding import device_mesh as device_mesh
 from .runtime._sharding import shard_batch as shard_batch
 from .runtime._fit import FitProgress as FitProgress
 from .runtime._fit import FitResult as FitResult
+from .runtime._fit import NonFiniteError as NonFiniteError
 from .runtime._fit import fit as fit
 from . import solvers as solvers
 from . import tracking as tracking

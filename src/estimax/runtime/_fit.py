@@ -125,6 +125,11 @@ class FitResult:
         reason: why the run ended, in words (``"completed 1000 steps"``, or what stopped it).
         nonfinite_step: the index of the step whose objective, gradient or update first
             became non-finite, or ``None``.
+        nonfinite_where: the operation and the program's line that produced the first NaN
+            (or Inf) of that step, found by replaying it with ``jax.debug_nans``
+            (``"invalid value (nan) encountered in log: `log` at model.py:12"``), or ``None``
+            when it arose outside the program's own lines (in the backward pass or the
+            optimizer) or no step failed.
         tracking: the tracking method used for the program's nonlinear functions of
             expectations (``estimax.tracking``), or ``None`` (plain estimator).
         tracking_state: the tracked estimates after the last step (pass it back with
@@ -145,6 +150,7 @@ class FitResult:
     stopped_early: bool
     reason: str
     nonfinite_step: int | None = None
+    nonfinite_where: str | None = None
     tracking: Any = None
     tracking_state: Any = None
     ess: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
@@ -155,6 +161,74 @@ class FitResult:
             f"FitResult(steps_run={self.steps_run}, stopped_early={self.stopped_early}, "
             f"reason={self.reason!r}{last})"
         )
+
+
+class NonFiniteError(ProgramError, FloatingPointError):
+    """``fit(..., throw=True)`` hit a non-finite objective, gradient or update; ``.result``
+    holds the :class:`FitResult` (the parameters before that step)."""
+
+    def __init__(self, message: str, result: FitResult):
+        super().__init__(message)
+        self.result = result
+
+
+def _locate_nonfinite(compiled, state, args, argnums, maximize, optimizer, status) -> tuple[str | None, list[str]]:
+    """Replay the failing step on the host (its key is the state's: a failed step does not
+    advance it): the parameter leaves whose gradient or update is non-finite, and the
+    operation and line that produced the first NaN (Inf), found with ``jax.debug_nans``.
+    A gradient is replayed in forward mode along the bad leaves (a JVP of the estimate), so
+    that the NaN appears in the estimator pass's own evaluation of the program's lines rather
+    than in the transposed (backward) computation, which has no line of the program."""
+    vg = compiled.value_and_grad
+    import contextlib
+    import io
+
+    key, sub = jax.random.split(state.key)
+    del key
+    full = args[:argnums] + (state.params,) + args[argnums:]
+    leaves: list[str] = []
+    try:
+        (value, grads), _, _ = jax.jit(vg)(sub, state.track, *full)
+        if status == _BAD_GRAD:
+            tree = grads
+        elif status == _BAD_PARAMS:
+            grads = jax.tree.map(jnp.negative, grads) if maximize else grads
+            updates, _ = optimizer.update(grads, state.opt_state, state.params)
+            tree = optax.apply_updates(state.params, updates)
+        else:
+            tree = None
+        if tree is not None:
+            flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+            leaves = [f"params{jax.tree_util.keystr(path)}" for path, x in flat
+                      if compat.is_float_dtype(x.dtype) and not bool(np.all(np.isfinite(_sharding.to_host(x))))]
+        values = jax.tree.leaves((value, grads))
+        has_nan = any(bool(np.any(np.isnan(_sharding.to_host(x)))) for x in values if compat.is_float_dtype(x.dtype))
+    except Exception:  # noqa: BLE001  (a diagnosis, never a second failure)
+        return None, leaves
+    if status == _BAD_PARAMS:
+        return None, leaves  # the optimizer's update, not the program, went bad
+    check = jax.debug_nans if has_nan else jax.debug_infs
+    replays = []
+    if status == _BAD_GRAD and compiled.tracker is None:
+        tangent = jax.tree_util.tree_map_with_path(
+            lambda path, x: jnp.asarray(f"params{jax.tree_util.keystr(path)}" in leaves, x.dtype) * jnp.ones_like(x)
+            if compat.is_float_dtype(x.dtype) else x, state.params)
+
+        def estimate(p):
+            return compiled.program.estimate(sub, *(args[:argnums] + (p,) + args[argnums:]))
+
+        replays.append(lambda: jax.jvp(estimate, (state.params,), (tangent,)))
+    replays.append(lambda: vg(sub, state.track, *full))
+    for replay in replays:
+        try:
+            with check(True), contextlib.redirect_stdout(io.StringIO()):
+                jax.block_until_ready(replay())
+        except FloatingPointError as e:
+            if getattr(e, "estimax_located", False):
+                return str(e).splitlines()[0], leaves
+        except Exception:  # noqa: BLE001
+            pass
+    return None, leaves
 
 
 # --- the fused loop ------------------------------------------------------------------------
@@ -446,6 +520,7 @@ def fit(
     checkpoint=None,
     devices=None,
     shard_data=(),
+    throw: bool = False,
 ) -> FitResult:
     """Minimize the expected value of a program over ``params`` with an optax optimizer.
 
@@ -527,6 +602,11 @@ def fit(
             leading axis is a batch to split over the devices (its length a multiple of the
             device count); the other arguments are replicated. With several processes, each
             passes its own part of these batches.
+        throw: when a step makes the objective, the gradient or the parameters non-finite,
+            raise :class:`NonFiniteError` (its ``.result`` is the :class:`FitResult`) instead
+            of returning the result with a ``RuntimeWarning``. Either way the message names
+            the step, the parameter leaves that went bad and, where the replay finds it, the
+            operation and line of the program that produced the first NaN or Inf.
 
     Returns:
         A :class:`FitResult`: ``params``, ``opt_state``, ``key``, ``history`` (per-step
@@ -615,7 +695,8 @@ def fit(
     # --- trace the estimator once, outside the loop: its errors surface here --------------
     full = args[:argnums] + (params,) + args[argnums:]
     tracking = _resolve_tracking(objective, tracking, full, tracking_state)
-    program, vg, run_chunk, tracker = _compiled(objective, optimizer, argnums, chunk, bool(maximize), tracking, mesh)
+    compiled = _compiled(objective, optimizer, argnums, chunk, bool(maximize), tracking, mesh)
+    program, vg, run_chunk, tracker = compiled
     track = () if tracker is None else tracker.init(*full) if tracking_state is None else tracking_state
     (value_struct, _), _, _ = jax.eval_shape(vg, key, track, *full)
     state = _State(params, opt_state, key, jnp.int32(0), jnp.int32(_OK), track)
@@ -658,7 +739,7 @@ def fit(
                                      "average_steps": np.asarray(average_steps, np.int64)},
                   extra={"best": float(best), "waited": waited, "ess": ess, "warned": sorted(warned)})
 
-    stopped_early, reason, nonfinite_step = False, f"completed {steps} steps", None
+    stopped_early, reason, nonfinite_step, nonfinite_where = False, f"completed {steps} steps", None, None
     bar = _make_progress(progress, steps, f"fit {program.name}")
     if done:
         bar.update(done, averages[-1] if averages else None)
@@ -705,12 +786,16 @@ def fit(
                     nonfinite_step = done
                     bad = estimates[applied]
                     stopped_early = True
+                    nonfinite_where, leaves = _locate_nonfinite(compiled, state, args, argnums, maximize, optimizer, status)
                     reason = (
-                        f"non-finite {_STATUS_WHAT[status]} at step {done} (objective estimate {bad}); "
-                        f"the result holds the parameters before that step"
+                        f"non-finite {_STATUS_WHAT[status]} at step {done} (objective estimate {bad})"
+                        + (f" in {', '.join(leaves)}" if leaves else "")
+                        + (f", first produced by {nonfinite_where}" if nonfinite_where else "")
+                        + "; the result holds the parameters before that step"
                     )
                     note = f"stopped: non-finite {_STATUS_WHAT[status]} at step {done}"
-                    warnings.warn(f"fit({program.name}): {reason}.", RuntimeWarning, stacklevel=2)
+                    if not throw:
+                        warnings.warn(f"fit({program.name}): {reason}.", RuntimeWarning, stacklevel=2)
                     break
                 if callback is not None:
                     info = FitProgress(done, state.params, state.opt_state, average, estimates[:applied], state.key)
@@ -752,7 +837,7 @@ def fit(
         if ckpt is not None:
             ckpt.close()
 
-    return FitResult(
+    result = FitResult(
         params=state.params,
         opt_state=state.opt_state,
         key=state.key,
@@ -763,10 +848,14 @@ def fit(
         stopped_early=stopped_early,
         reason=reason,
         nonfinite_step=nonfinite_step,
+        nonfinite_where=nonfinite_where,
         tracking=tracking,
         tracking_state=None if tracker is None else state.track,
         ess={k: np.asarray(v) for k, v in ess.items()},
     )
+    if throw and nonfinite_step is not None:
+        raise NonFiniteError(f"fit({program.name}): {reason}.", result)
+    return result
 
 
 def _shard_positions(shard_data, n_args: int, mesh) -> frozenset:
