@@ -453,3 +453,40 @@ def test_nonfinite_names_the_step_the_leaf_and_the_line():
         ex.fit(_kink, {"a": jnp.array(0.0), "b": jnp.array(1.0)}, optimizer=optax.sgd(0.1), steps=5,
                key=jax.random.key(0), throw=True)
     assert err.value.result.nonfinite_step == 0 and float(err.value.result.params["a"]) == 0.0
+
+
+def test_progress_every_k_steps_from_inside_the_compiled_loop():
+    """``progress_every=k``: a host callback on every k-th step of a 100-step chunk; the values
+    are those steps' estimates; the result is the same as without reports."""
+    seen = []
+    run = dict(optimizer=_OPT, steps=230, key=jax.random.key(2), maximize=True, chunk=100)
+    result = ex.fit(_elbo, _params(), _X, progress=lambda step, value: seen.append((step, value)),
+                    progress_every=20, **run)
+    steps = [s for s, _ in seen]
+    assert steps == list(range(20, 231, 20)), steps
+    # that step's estimate (XLA may fuse the reported copy differently: rounding apart)
+    np.testing.assert_allclose([v for _, v in seen], result.history[np.array(steps) - 1], rtol=1e-6)
+    _same_run(result, ex.fit(_elbo, _params(), _X, **run))
+    # without progress_every, a function hears the running objective after each chunk
+    chunks = []
+    ex.fit(_elbo, _params(), _X, progress=lambda step, value: chunks.append((step, value)), **run)
+    assert [s for s, _ in chunks] == [100, 200, 230]
+    with pytest.raises(ValueError, match="progress_every"):
+        ex.fit(_elbo, _params(), _X, progress_every=0, **run)
+    with pytest.raises(TypeError, match="progress must be True, False, None or a function"):
+        ex.fit(_elbo, _params(), _X, progress="yes", **run)
+
+
+def test_solve_progress_from_inside_one_compiled_loop(capsys):
+    def program(x):
+        ex.subject_to(eq=jnp.sum(x**2) - 1.0, name="sphere")
+        return jnp.sum(x * jnp.arange(1.0, 4.0))
+
+    quiet = ex.solve(program, jnp.ones(3), solver=ex.solvers.AugmentedLagrangian(), max_steps=40)
+    loud = ex.solve(program, jnp.ones(3), solver=ex.solvers.AugmentedLagrangian(), max_steps=40, progress=True, every=2)
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.replace("\r", "\n").splitlines() if ln.strip()]
+    assert lines and all(ln.startswith("program: step ") for ln in lines)
+    assert {int(ln.split()[2]) for ln in lines} <= set(range(2, loud.steps + 1, 2))
+    np.testing.assert_array_equal(loud.params, quiet.params)  # reports change nothing
+    assert loud.steps == quiet.steps

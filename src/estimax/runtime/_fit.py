@@ -47,6 +47,7 @@ from ..dsl._program import Expectation, key_problem, value_and_grad
 from . import _checkpoint as _ckpt
 from . import _sharding
 from . import _jax_compat as compat
+from . import _progress
 
 # --- public values -------------------------------------------------------------------------
 
@@ -264,7 +265,8 @@ class _Compiled(NamedTuple):
     tracker: Any  # the tracked estimator, or None
 
 
-def _build(objective, optimizer, argnums: int, chunk: int, maximize: bool, tracking=None, mesh=None) -> _Compiled:
+def _build(objective, optimizer, argnums: int, chunk: int, maximize: bool, tracking=None, mesh=None,
+           report_every=None) -> _Compiled:
     """The program, its estimator and the jitted chunk function: ``chunk`` steps of which the
     first ``n_active`` run (while the state stays finite) and the rest are skipped."""
     program = objective if isinstance(objective, Expectation) else Expectation(objective)
@@ -309,7 +311,7 @@ def _build(objective, optimizer, argnums: int, chunk: int, maximize: bool, track
         )
         return new, (value, diags)
 
-    def run(state: _State, n_active, args):
+    def run(state: _State, n_active, args, token):
         # the estimate's type, for the skipped steps (the estimator's trace is cached by jit)
         out = jax.eval_shape(vg, state.key, state.track, *(args[:argnums] + (state.params,) + args[argnums:]))
         (value, _), _, diags = out
@@ -321,7 +323,9 @@ def _build(objective, optimizer, argnums: int, chunk: int, maximize: bool, track
 
         def body(state, i):
             active = (i < n_active) & (state.status == _OK)
-            return jax.lax.cond(active, one_step, skip, state, args)
+            new, out = jax.lax.cond(active, one_step, skip, state, args)
+            _progress.maybe_report(report_every, active & (new.status == _OK), token, new.step, out[0])
+            return new, out
 
         return jax.lax.scan(body, state, jnp.arange(chunk, dtype=jnp.int32))
 
@@ -329,9 +333,9 @@ def _build(objective, optimizer, argnums: int, chunk: int, maximize: bool, track
     if mesh is None:
         return _Compiled(program, vg, jitted, tracker)
 
-    def run_on_mesh(state, n_active, args):  # traced under the mesh: ex.vmap partitions its lanes
+    def run_on_mesh(state, n_active, args, token):  # traced under the mesh: ex.vmap partitions its lanes
         with compat.set_mesh(mesh):
-            return jitted(state, n_active, args)
+            return jitted(state, n_active, args, token)
 
     return _Compiled(program, vg, run_on_mesh, tracker)
 
@@ -339,15 +343,15 @@ def _build(objective, optimizer, argnums: int, chunk: int, maximize: bool, track
 _build_cached = functools.lru_cache(maxsize=8)(_build)
 
 
-def _compiled(objective, optimizer, argnums, chunk, maximize, tracking=None, mesh=None) -> _Compiled:
+def _compiled(objective, optimizer, argnums, chunk, maximize, tracking=None, mesh=None, report_every=None) -> _Compiled:
     """``_build``, remembered for the last few (objective, optimizer, ...) so that a second
     ``fit`` with the same objects (a resumed run, another start, other data of the same
     shapes) reuses the compiled chunk function. Objects that cannot be hashed are not cached."""
     try:
         hash((objective, optimizer, tracking))
     except TypeError:
-        return _build(objective, optimizer, argnums, chunk, maximize, tracking, mesh)
-    return _build_cached(objective, optimizer, argnums, chunk, maximize, tracking, mesh)
+        return _build(objective, optimizer, argnums, chunk, maximize, tracking, mesh, report_every)
+    return _build_cached(objective, optimizer, argnums, chunk, maximize, tracking, mesh, report_every)
 
 
 # --- progress ------------------------------------------------------------------------------
@@ -388,10 +392,12 @@ class _LinePrinter:
         sys.stderr.write("\r" + line + pad + end)
         sys.stderr.flush()
 
-    def update(self, n: int, average: float | None):
-        self.n += n
+    def show(self, step: int, average: float | None = None, estimate: float | None = None):
+        self.n = max(self.n, step)
         if average is not None:
             self.postfix = f" objective={average:.5g}"
+        elif estimate is not None:
+            self.postfix = f" estimate={estimate:.5g}"
         self._show()
 
     def close(self, note: str | None = None):
@@ -404,10 +410,13 @@ class _TqdmBar:
     def __init__(self, tqdm, total: int, desc: str):
         self.bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
 
-    def update(self, n: int, average: float | None):
+    def show(self, step: int, average: float | None = None, estimate: float | None = None):
         if average is not None:
             self.bar.set_postfix_str(f"objective={average:.5g}", refresh=False)
-        self.bar.update(n)
+        elif estimate is not None:
+            self.bar.set_postfix_str(f"estimate={estimate:.5g}", refresh=False)
+        if step > self.bar.n:
+            self.bar.update(step - self.bar.n)
 
     def close(self, note: str | None = None):
         if note:
@@ -416,14 +425,30 @@ class _TqdmBar:
 
 
 class _NoBar:
-    def update(self, n: int, average: float | None):
-        del n, average
+    def show(self, step: int, average: float | None = None, estimate: float | None = None):
+        del step, average, estimate
+
+    def close(self, note: str | None = None):
+        del note
+
+
+class _Calls:
+    """``progress=`` a function: called as ``progress(step, value)`` (the running objective
+    after a chunk, or a step's estimate with ``progress_every``)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def show(self, step: int, average: float | None = None, estimate: float | None = None):
+        self.fn(step, average if average is not None else estimate)
 
     def close(self, note: str | None = None):
         del note
 
 
 def _make_progress(progress, total: int, desc: str):
+    if callable(progress):
+        return _Calls(progress)
     if progress is None:
         progress = _interactive()
     if not progress:
@@ -513,7 +538,8 @@ def fit(
     opt_state=None,
     early_stop: EarlyStop | Mapping | None = None,
     callback: Callable[[FitProgress], Any] | None = None,
-    progress: bool | None = None,
+    progress: bool | Callable | None = None,
+    progress_every: int | None = None,
     tracking="auto",
     tracking_state=None,
     min_ess: float = 0.05,
@@ -565,7 +591,13 @@ def fit(
             returning a true value stops the run.
         progress: show a progress bar with the running objective. ``None`` (default): on
             when stderr is a terminal (or in a Jupyter kernel), off otherwise (tests, CI,
-            logs). Uses tqdm when installed, else a single line on stderr.
+            logs). Uses tqdm when installed, else a single line on stderr. A function is
+            called as ``progress(step, value)`` instead (e.g. to log).
+        progress_every: report every ``k`` steps from *inside* the compiled loop, through an
+            unordered host callback on those steps only: the device never waits for the host,
+            so a long chunk still shows progress at no cost per step. The value reported is
+            that step's estimate. Default ``None``: report between chunks (the running
+            objective).
         tracking: how to estimate a program that applies a nonlinear function to an
             ``ex.expect``/``ex.log_expect`` (a compositional objective, whose plug-in
             estimator is biased): ``"auto"`` (default) tracks such expectations with
@@ -669,6 +701,11 @@ def fit(
     steps = _positive_int(steps, "steps", "the number of optimizer steps")
     chunk = _positive_int(chunk, "chunk", "the number of steps fused in one compiled scan")
     window = chunk if window is None else _positive_int(window, "window", "the steps in the running average")
+    if progress_every is not None:
+        progress_every = _positive_int(progress_every, "progress_every", "the steps between progress reports")
+    if progress is not None and not isinstance(progress, bool) and not callable(progress):
+        raise TypeError(f"fit: progress must be True, False, None or a function (step, value); "
+                        f"got {type(progress).__name__}.")
     if isinstance(argnums, bool) or not isinstance(argnums, numbers.Integral):
         raise ProgramError(
             f"fit: argnums must be one integer, the position of params among the objective's "
@@ -695,7 +732,7 @@ def fit(
     # --- trace the estimator once, outside the loop: its errors surface here --------------
     full = args[:argnums] + (params,) + args[argnums:]
     tracking = _resolve_tracking(objective, tracking, full, tracking_state)
-    compiled = _compiled(objective, optimizer, argnums, chunk, bool(maximize), tracking, mesh)
+    compiled = _compiled(objective, optimizer, argnums, chunk, bool(maximize), tracking, mesh, progress_every)
     program, vg, run_chunk, tracker = compiled
     track = () if tracker is None else tracker.init(*full) if tracking_state is None else tracking_state
     (value_struct, _), _, _ = jax.eval_shape(vg, key, track, *full)
@@ -742,14 +779,18 @@ def fit(
     stopped_early, reason, nonfinite_step, nonfinite_where = False, f"completed {steps} steps", None, None
     bar = _make_progress(progress, steps, f"fit {program.name}")
     if done:
-        bar.update(done, averages[-1] if averages else None)
+        bar.show(done, averages[-1] if averages else None)
+    # with progress_every, the compiled loop itself reports every k steps (host callbacks)
+    receiving = _progress.receiving(
+        (lambda step, value: bar.show(step, estimate=value)) if progress_every and not isinstance(bar, _NoBar) else None)
+    token = receiving.__enter__()
     note = None
     try:
         with _ckpt.stop_on_signals(ckpt is not None) as received:
             saved_at = done if ckpt is not None and ckpt.latest_step() == done else None
             while done < steps:
                 n_active = min(chunk, steps - done, every - done % every)
-                state, (estimates, diags) = run_chunk(state, np.int32(n_active), args)
+                state, (estimates, diags) = run_chunk(state, np.int32(n_active), args, token)
                 estimates = _sharding.to_host(estimates)  # the one host sync per chunk
                 now = int(_sharding.to_host(state.step))
                 applied = now - done
@@ -779,7 +820,8 @@ def fit(
                     average = float(np.mean(history[max(0, done - window) : done]))
                     averages.append(average)
                     average_steps.append(done)
-                bar.update(applied, average)
+                if not (progress_every and isinstance(bar, _Calls)):  # a function hears the k-th steps only
+                    bar.show(done, average)
 
                 status = int(_sharding.to_host(state.status))
                 if status != _OK:
@@ -833,6 +875,7 @@ def fit(
                 save()
                 saved_at = done
     finally:
+        receiving.__exit__(None, None, None)
         bar.close(note)
         if ckpt is not None:
             ckpt.close()

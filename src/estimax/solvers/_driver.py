@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._errors import EstimaxError
+from ..runtime import _progress
 from ..runtime._fit import _all_finite as all_finite
 
 
@@ -149,8 +150,10 @@ def start(solver, problem, x0, lam0, mu0, key, max_steps: int, tol) -> Carry:
     )
 
 
-def advance(solver, problem, carry: Carry, until, tol) -> Carry:
-    """Steps until ``carry.steps == until`` or the solver is done (a ``lax.while_loop``)."""
+def advance(solver, problem, carry: Carry, until, tol, report_every=None, token=0) -> Carry:
+    """Steps until ``carry.steps == until`` or the solver is done (a ``lax.while_loop``).
+    With ``report_every``, every ``k``-th step sends ``(step, kkt, value)`` to the host
+    receiver of ``token`` (an unordered callback: the loop does not wait)."""
 
     def cond(c: Carry):
         return (~c.done) & (c.steps < until)
@@ -163,6 +166,7 @@ def advance(solver, problem, carry: Carry, until, tol) -> Carry:
         state = jax.tree.map(lambda a, b: jax.lax.select(finite, a, b), new, c.state)
         done, result = solver.terminate(problem, state, tol)
         steps = c.steps + finite.astype(jnp.int32)
+        _progress.maybe_report(report_every, finite, token, steps, state.kkt, state.value)
         return Carry(
             state=state, key=key, steps=steps,
             done=done | ~finite,

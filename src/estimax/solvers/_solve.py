@@ -15,7 +15,8 @@ import numpy as np
 
 from .._errors import ProgramError
 from ..dsl._program import _as_program
-from ..runtime._checkpoint import Checkpointer, interrupted, stop_on_signals
+from ..runtime import _progress
+from ..runtime._checkpoint import Checkpointer, as_checkpoint, interrupted, stop_on_signals
 from ..transforms._constraints import split
 from . import _driver
 from ._driver import RESULTS, Solution, SolverError
@@ -54,7 +55,7 @@ def _bounds_key(bounds) -> str:
 class _Compiled:
     """A problem and its compiled loop, for one program, solver, argument shapes and options."""
 
-    def __init__(self, problem: Problem, solver, max_steps: int, tol: float):
+    def __init__(self, problem: Problem, solver, max_steps: int, tol: float, report_every: int | None = None):
         self.problem, self.solver, self.max_steps, self.tol = problem, solver, max_steps, tol
         self.compile_s = 0.0
 
@@ -66,9 +67,11 @@ class _Compiled:
             bound = problem.bind(data)
             return _driver.advance(solver, bound, carry, until, tol)
 
-        def run(x0, lam0, mu0, key, data):
+        def run(x0, lam0, mu0, key, data, token):
             carry = start(x0, lam0, mu0, key, data)
-            return _driver.finish(advance(carry, max_steps, data), max_steps)
+            bound = problem.bind(data)
+            carry = _driver.advance(solver, bound, carry, max_steps, tol, report_every, token)
+            return _driver.finish(carry, max_steps)
 
         self._start, self._advance, self._run = jax.jit(start), jax.jit(advance), jax.jit(run)
         self._aot: dict = {}
@@ -156,8 +159,10 @@ def solve(
             Same key, same inputs: the same iterates.
         multipliers: initial multipliers by constraint name (default: the solver's choice).
         throw: raise a :class:`SolverError` (carrying the solution) when the run does not succeed.
-        progress: show a progress line while the run goes (runs the loop in chunks of ``every``).
-        checkpoint: a folder: the whole run state (solver state, PRNG key, step, history) is
+        progress: show a progress line (step, KKT residual, value) every ``every`` steps while
+            the run goes, sent from inside the compiled loop by host callbacks that the loop
+            does not wait for (with ``checkpoint=``, between chunks of ``every`` steps).
+        checkpoint: a folder (or an ``estimax.Checkpoint``): the whole run state (solver state, PRNG key, step, history) is
             saved there atomically (orbax) every ``every`` steps and when the run is
             interrupted (Ctrl-C, SIGTERM: the chunk finishes, the state is saved, then
             ``KeyboardInterrupt`` is raised, with the signal as ``.signum``); calling ``solve``
@@ -178,6 +183,9 @@ def solve(
         raise ProgramError(f"ex.solve: tol must be a positive number; got {tol!r}.")
     if not (isinstance(every, int) and every >= 1):
         raise ProgramError(f"ex.solve: every must be a positive integer; got {every!r}.")
+    checkpoint = as_checkpoint(checkpoint, "ex.solve")
+    if checkpoint is not None and checkpoint.every:
+        every = checkpoint.every
     args = (params, *data)
     signature = _signature(args)
 
@@ -186,9 +194,11 @@ def solve(
         chosen = solver if solver is not None else _default_solver(problem)
         chosen.check(problem)
         steps = max_steps or getattr(chosen, "max_steps", None) or 500
-        return _Compiled(problem, chosen, steps, float(tol))
+        return _Compiled(problem, chosen, steps, float(tol), report_every)
 
-    entry = _cache_get((user_program, solver, signature, _bounds_key(bounds), bool(maximize), max_steps, float(tol)), build)
+    report_every = every if (progress and checkpoint is None) else None  # progress from inside the loop
+    entry = _cache_get((user_program, solver, signature, _bounds_key(bounds), bool(maximize), max_steps, float(tol),
+                        report_every), build)
     problem, chosen = entry.problem, entry.solver
     x0, _ = jax.flatten_util.ravel_pytree(params)
     x0 = jnp.asarray(x0, problem.dtype)
@@ -197,11 +207,17 @@ def solve(
     data_leaves = tuple(jax.tree_util.tree_leaves(data))
 
     compile_before = entry.compile_s
-    if checkpoint is None and not progress:
-        entry.compile_run(x0, lam0, mu0, key, data_leaves)  # compile outside the timed run
-        t0 = time.perf_counter()
-        carry = jax.block_until_ready(entry.run(x0, lam0, mu0, key, data_leaves))
-        solve_s = time.perf_counter() - t0
+    if checkpoint is None:  # one compiled loop; progress (if any) by host callbacks from inside it
+        def show(step, kkt, value):
+            print(f"\r{program.name}: step {step}  KKT {kkt:.3e}  value {value:.8g}", end="", flush=True)
+
+        with _progress.receiving(show if progress else None) as token:
+            entry.compile_run(x0, lam0, mu0, key, data_leaves, token)  # compile outside the timed run
+            t0 = time.perf_counter()
+            carry = jax.block_until_ready(entry.run(x0, lam0, mu0, key, data_leaves, token))
+            solve_s = time.perf_counter() - t0
+        if progress:
+            print()
     else:
         carry, solve_s = _chunked(entry, x0, lam0, mu0, key, data_leaves, checkpoint, every, progress,
                                   program.name, signature)
@@ -271,7 +287,8 @@ def _chunked(entry: _Compiled, x0, lam0, mu0, key, data, checkpoint, every, prog
         meta = {"program": name, "solver": repr(entry.solver), "max_steps": entry.max_steps, "tol": entry.tol,
                 "arguments": hashlib.sha256(json.dumps(str(signature)).encode()).hexdigest()[:16],
                 "start": hashlib.sha256(np.asarray(x0).tobytes() + np.asarray(key).tobytes()).hexdigest()[:16]}
-        ckpt = Checkpointer(checkpoint, format=_CHECKPOINT_FORMAT, meta=meta)
+        ckpt = Checkpointer(checkpoint.directory, format=_CHECKPOINT_FORMAT, meta={**meta, **dict(checkpoint.meta or {})},
+                            keep=checkpoint.keep)
         restored = ckpt.restore(carry)
         if restored is not None:
             carry = restored[0]
