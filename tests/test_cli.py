@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-import json
 import os
 import re
 import shutil
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
+
+from estimax.runtime._checkpoint import read_record
 import pytest
 
 from estimax import cli
@@ -300,9 +301,9 @@ def test_run_writes_parameters_history_and_plot(finished_run):
     assert sorted(params.files) == ["log_s", "m"] and params["m"].shape == ()
     assert np.load(out / "history.npy").shape == (30,)
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    checkpoint = np.load(out / "checkpoint.npz")
-    assert json.loads(str(checkpoint["meta"]))["step"] == 30
-    assert {"key", "history", "params.m", "opt_state.0.count", "opt_state.0.mu.m"} <= set(checkpoint.files)
+    record = read_record(out / "checkpoint")  # the whole run, through orbax (estimax.fit's checkpoint)
+    assert record["step"] == 30 and record["optimizer"] == "adam" and record["format"] == "estimax-fit/1"
+    assert (out / "checkpoint" / "30" / "state").is_dir()
     # and says what it did
     assert (
         "estimator plan for gaussian_mean.emx" in printed and "training: 30 steps of adam(lr=0.05)" in printed
@@ -329,7 +330,7 @@ def test_run_refuses_a_checkpoint_of_another_run(finished_run, capsys, data):
     np.savez(finished_run / "other.npz", x=np.ones(20, np.float32))
     code, _, err = cmd(capsys, *run_args({"gaussian_mean": finished_run / "other.npz"}, finished_run, 40))
     assert code == 1 and "was written by a run on other data" in err
-    assert json.loads(str(np.load(finished_run / "checkpoint.npz")["meta"]))["step"] == 30  # untouched
+    assert read_record(finished_run / "checkpoint")["step"] == 30  # untouched
 
 
 def test_run_without_data_and_fresh(finished_run, tmp_path, capsys):
@@ -371,15 +372,15 @@ def test_interrupted_run_resumes_to_the_same_parameters(tmp_path, capsys, data):
         text=True,
         env=_subprocess_env(),
     )
-    checkpoint = out / "checkpoint.npz"
+    checkpoint = out / "checkpoint"
     deadline = time.monotonic() + 120
-    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while read_record(checkpoint) is None and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "interrupted at step" in stderr and "step/s" in stderr
-    stopped = json.loads(str(np.load(checkpoint)["meta"]))["step"]
+    stopped = read_record(checkpoint)["step"]
     assert 0 < stopped < 100_000 and stopped % 10 == 0
     assert not (out / "params.npz").exists()
 

@@ -19,7 +19,8 @@
 
 Sharp edges:
 
-- ``run`` resumes bit for bit: its checkpoint holds the parameters, the optimizer state, the
+- ``run`` resumes bit for bit: its checkpoint (``OUT/checkpoint/``, :func:`estimax.fit`'s,
+  through orbax) holds the parameters, the optimizer state, the
   PRNG key, the step and the history, and step ``i`` of :func:`estimax.fit` uses the
   ``i``-th key split off the run's key whatever the chunking. A resumed run therefore ends
   with the parameters an uninterrupted run would have (on the same machine and JAX
@@ -35,14 +36,12 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import re
 import shutil
 import signal
 import sys
-import threading
 import warnings
 import zipfile
 from pathlib import Path
@@ -51,7 +50,6 @@ from typing import Any
 _EXIT_OK, _EXIT_ERROR, _EXIT_USAGE, _EXIT_INTERNAL = 0, 1, 2, 3
 _EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 _OPTIMIZERS = ("adam", "sgd", "rmsprop", "adagrad")
-_CHECKPOINT_FORMAT = "estimax-run-checkpoint/1"
 
 
 class _Fail(Exception):
@@ -401,74 +399,41 @@ def _save_npz_atomically(path: str, arrays: dict):
         raise _Fail(f"cannot write {path}: {e.strerror or e}") from None
 
 
-@dataclasses.dataclass
-class _RunState:
-    params: Any
-    opt_state: Any
-    key: Any
-    step: int
-    history: Any  # np.ndarray
+def _checkpoint_record(folder: str) -> dict | None:
+    """The record of the latest checkpoint of ``estimax run`` in ``folder``, or ``None``."""
+    from .runtime._checkpoint import CheckpointError, read_record
 
-
-def _save_checkpoint(path: str, state: _RunState, config: dict):
-    import numpy as np
-
-    arrays = {"meta": np.asarray(json.dumps(dict(config, format=_CHECKPOINT_FORMAT, step=state.step)))}
-    arrays["key"] = np.asarray(state.key)
-    arrays["history"] = np.asarray(state.history)
-    arrays.update(_arrays_from_tree(state.params, "params"))
-    arrays.update(_arrays_from_tree(state.opt_state, "opt_state"))
-    _save_npz_atomically(path, arrays)
-
-
-def _load_checkpoint(path: str, params_template, optimizer, config: dict) -> tuple[_RunState, dict]:
-    """The run state in the checkpoint at ``path``; refused (with what differs) when it was
-    written for other parameters, another optimizer, seed or data."""
-    import jax.numpy as jnp
-    import numpy as np
-
-    again = "pass --fresh to start over, or --out another folder"
-    arrays = _load_npz(path, "checkpoint", hint=again)
     try:
-        meta = json.loads(str(arrays["meta"]))
-        if not isinstance(meta, dict) or meta.get("format") != _CHECKPOINT_FORMAT:
-            raise ValueError(meta)
-    except (KeyError, ValueError, TypeError):
-        raise _Fail(f"{path} is not a checkpoint written by `estimax run`; {again}") from None
-    if meta.get("params") != config["params"]:
-        old = ", ".join(f"{n}{s}" for n, s in (meta.get("params") or {}).items())
+        return read_record(folder)
+    except CheckpointError as e:
+        raise _Fail(f"{e}; pass --fresh to start over, or --out another folder") from None
+
+
+_CHECKED = ("params", "optimizer", "lr", "seed", "data_sha256", "maximize")  # what a resumed run must match
+
+
+def _check_checkpoint(path: str, record: dict, config: dict) -> None:
+    """Refuse, with what differs, a checkpoint written for other parameters, another
+    optimizer, learning rate, seed or data."""
+    again = "pass --fresh to start over, or --out another folder"
+    if record.get("format") != "estimax-fit/1" or "optimizer" not in record:
+        raise _Fail(f"{path} is not a checkpoint written by `estimax run`; {again}")
+    if record.get("params") != config["params"]:
+        old = ", ".join(f"{n}{s}" for n, s in (record.get("params") or {}).items())
         new = ", ".join(f"{n}{s}" for n, s in config["params"].items())
         raise _Fail(
             f"{path} was written for other parameters ({old or 'none'}); "
             f"{os.path.basename(config['file'])} declares {new or 'none'}; {again}"
         )
     differences = [
-        f"{what} {meta.get(field)!r} (now {config[field]!r})"
+        f"{what} {record.get(field)!r} (now {config[field]!r})"
         for field, what in (("optimizer", "optimizer"), ("lr", "learning rate"), ("seed", "seed"))
-        if meta.get(field) != config[field]
+        if record.get(field) != config[field]
     ]
     if differences:
         raise _Fail(f"{path} was written by a run with another {'; '.join(differences)}; {again}")
-    if meta.get("data_sha256") != config["data_sha256"]:
+    if record.get("data_sha256") != config["data_sha256"]:
         raise _Fail(f"{path} was written by a run on other data; {again}")
-    params = _tree_from_arrays(params_template, arrays, path, prefix="params")
-    opt_state = _tree_from_arrays(optimizer.init(params), arrays, path, prefix="opt_state")
-    key = arrays.get("key")
-    history = arrays.get("history")
-    step = meta.get("step")
-    if (
-        key is None
-        or key.shape != (2,)
-        or key.dtype != np.uint32
-        or history is None
-        or not isinstance(step, int)
-    ):
-        raise _Fail(f"{path} is damaged (no key, history or step); {again}")
-    if history.shape != (step,):
-        raise _Fail(
-            f"{path} is damaged: its history has shape {list(history.shape)} for {step} steps; {again}"
-        )
-    return _RunState(params, opt_state, jnp.asarray(key), step, history), meta
 
 
 # --- run -----------------------------------------------------------------------------------
@@ -480,34 +445,6 @@ def _optimizer(name: str, lr: float):
     return {"adam": optax.adam, "sgd": optax.sgd, "rmsprop": optax.rmsprop, "adagrad": optax.adagrad}[name](
         lr
     )
-
-
-class _StopFlag:
-    """A signal handler that asks the run to stop after the current chunk; a second signal
-    stops at once (``KeyboardInterrupt``). It prints nothing: the signal may arrive while
-    the progress bar writes to stderr."""
-
-    def __init__(self):
-        self.signum: int | None = None
-
-    def __call__(self, signum, frame):
-        del frame
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _stop_on_signals(flag: _StopFlag):
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be installed in the main thread
-        return
-    previous = {s: signal.signal(s, flag) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def _format_value(x) -> str:
@@ -584,7 +521,7 @@ def _train(
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise _Fail(f"cannot create the output folder {out}: {e.strerror or e}", _EXIT_USAGE) from None
-    checkpoint = os.path.join(out, "checkpoint.npz")
+    checkpoint = os.path.join(out, "checkpoint")
     optimizer = _optimizer(optimizer_name, lr)
     params0 = program.init_params(dims)
     data = data if data is not None else {}
@@ -604,80 +541,61 @@ def _train(
     print(_plan_table(program, plan))
 
     if fresh and os.path.exists(checkpoint):
-        os.unlink(checkpoint)
-    if os.path.exists(checkpoint):
-        state, meta = _load_checkpoint(checkpoint, params0, optimizer, config)
-        print(f"resuming from {checkpoint} at step {state.step} of {steps}")
-        if meta.get("source_sha256") != config["source_sha256"]:
+        shutil.rmtree(checkpoint) if os.path.isdir(checkpoint) else os.unlink(checkpoint)
+    record = _checkpoint_record(checkpoint)
+    start = 0
+    if record is not None:
+        _check_checkpoint(checkpoint, record, config)
+        start = int(record["step"])
+        print(f"resuming from {checkpoint} at step {start} of {steps}")
+        if (record.get("info") or {}).get("source_sha256") != config["source_sha256"]:
             print(f"note: {program.filename} has changed since the checkpoint was written")
-        if state.step > steps:
+        if start > steps:
             raise _Fail(
-                f"{checkpoint} already holds {state.step} steps, more than --steps {steps}; pass "
-                f"--steps {state.step} or more to continue it, or --fresh to start over"
+                f"{checkpoint} already holds {start} steps, more than --steps {steps}; pass "
+                f"--steps {start} or more to continue it, or --fresh to start over"
             )
-    else:
-        state = _RunState(
-            params0, optimizer.init(params0), jax.random.PRNGKey(seed), 0, np.zeros(0, np.float32)
-        )
 
-    remaining = steps - state.step
-    flag = _StopFlag()
     status = _EXIT_OK
-    if remaining > 0:
-        start = state.step
-        parts = [state.history]
-
-        def on_chunk(info) -> bool:
-            parts.append(np.asarray(info.estimates))
-            snapshot = _RunState(
-                info.params, info.opt_state, info.key, start + info.step, np.concatenate(parts)
-            )
-            _save_checkpoint(checkpoint, snapshot, config)
-            return flag.signum is not None
-
-        with _stop_on_signals(flag), warnings.catch_warnings():
-            # from here on, Ctrl-C stops the run after the current chunk, with a checkpoint
-            print(
-                f"training: {steps} steps of {optimizer_name}(lr={lr:g}), seed {seed}, chunks of {chunk}; "
-                f"checkpoint {checkpoint}",
-                flush=True,
-            )
-            # a non-finite value is reported below, from the result
-            warnings.filterwarnings("ignore", message=r"fit\(.*\): non-finite", category=RuntimeWarning)
-            result = ex.fit(
-                program.objective,
-                state.params,
-                data,
-                optimizer=optimizer,
-                steps=remaining,
-                key=state.key,
-                opt_state=state.opt_state,
-                maximize=program.maximize,
-                chunk=chunk,
-                callback=on_chunk,
-                progress=progress,
-            )
-            state = _RunState(
-                result.params,
-                result.opt_state,
-                result.key,
-                start + result.steps_run,
-                np.concatenate([parts[0], result.history]),
-            )
-            _save_checkpoint(checkpoint, state, config)
-        if result.nonfinite_step is not None:
-            print(f"estimax: error: {program.filename}: training stopped: {result.reason}", file=sys.stderr)
-            status = _EXIT_ERROR
-        elif flag.signum is not None and state.step < steps:
-            print(
-                f"interrupted at step {state.step} of {steps}; {checkpoint} holds the run: "
-                "run the same command to resume it",
-                file=sys.stderr,
-            )
-            return _EXIT_SIGNAL.get(flag.signum, 130), None
+    if start < steps:
+        # from here on, Ctrl-C (SIGINT) or SIGTERM stops the run after the current chunk, saved
+        print(
+            f"training: {steps} steps of {optimizer_name}(lr={lr:g}), seed {seed}, chunks of {chunk}; "
+            f"checkpoint {checkpoint}",
+            flush=True,
+        )
     else:
         print(f"{checkpoint} already holds all {steps} steps")
-
+    with warnings.catch_warnings():
+        # a non-finite value is reported below, from the result
+        warnings.filterwarnings("ignore", message=r"fit\(.*\): non-finite", category=RuntimeWarning)
+        try:
+            result = ex.fit(
+                program.objective,
+                params0,
+                data,
+                optimizer=optimizer,
+                steps=steps,
+                key=jax.random.PRNGKey(seed),
+                maximize=program.maximize,
+                chunk=chunk,
+                progress=progress,
+                checkpoint=ex.Checkpoint(checkpoint, every=chunk, meta={k: config[k] for k in _CHECKED}, info=config),
+            )
+        except KeyboardInterrupt as stop:
+            record = _checkpoint_record(checkpoint)
+            at = int(record["step"]) if record else 0
+            print(
+                f"interrupted at step {at} of {steps}; {checkpoint} holds the run: run the same command to resume it",
+                file=sys.stderr,
+            )
+            return _EXIT_SIGNAL.get(getattr(stop, "signum", signal.SIGINT), 130), None
+        except ex.CheckpointError as e:
+            raise _Fail(f"{e} (pass --fresh to start over, or --out another folder)") from None
+    if result.nonfinite_step is not None:
+        print(f"estimax: error: {program.filename}: training stopped: {result.reason}", file=sys.stderr)
+        status = _EXIT_ERROR
+    state = result
     history = np.asarray(state.history)
     learned = {n: np.asarray(state.params[n]) for n in program.params}  # in the file's order
     _save_npz_atomically(os.path.join(out, "params.npz"), learned)
@@ -691,7 +609,7 @@ def _train(
     window = min(len(history), max(chunk, 1))
     if window:
         tail = history[-window:]
-        print(f"{state.step} steps; objective (mean of the last {window} estimates): {np.mean(tail):.6g}")
+        print(f"{state.steps_run} steps; objective (mean of the last {window} estimates): {np.mean(tail):.6g}")
     print("learned parameters:")
     for name, value in learned.items():
         print(f"  {name} = {_format_value(value)}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import numbers
 import os
 import signal
@@ -88,12 +89,12 @@ class Checkpointer:
     number of most recent checkpoints kept.
     """
 
-    def __init__(self, directory, *, format: str, meta: dict, keep: int = 2):
+    def __init__(self, directory, *, format: str, meta: dict, keep: int = 2, info: dict | None = None):
         self.directory = os.path.abspath(os.fspath(directory))
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise CheckpointError(f"the checkpoint {self.directory} is a file; a checkpoint is a folder "
                                   "(orbax writes one sub-folder per saved step). Pass a folder path.")
-        self.format, self.meta = format, dict(meta)
+        self.format, self.meta, self.info = format, dict(meta), dict(info or {})
         ocp = _ocp()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
         self._ocp = ocp
@@ -117,7 +118,8 @@ class Checkpointer:
         ocp = self._ocp
         host = {k: np.asarray(v) for k, v in (host or {}).items()}
         record = dict(self.meta, format=self.format, structure=_structure(state), step=int(step),
-                      host={k: [list(v.shape), str(v.dtype)] for k, v in host.items()}, extra=extra or {})
+                      host={k: [list(v.shape), str(v.dtype)] for k, v in host.items()}, extra=extra or {},
+                      info=self.info)
         items = dict(state=ocp.args.StandardSave(_plain(state)), record=ocp.args.JsonSave(record))
         if host:
             items["host"] = ocp.args.StandardSave(host)
@@ -175,13 +177,21 @@ class Checkpointer:
 @contextlib.contextmanager
 def stop_on_signals(enabled: bool = True):
     """While active, SIGINT and SIGTERM set the returned list's first entry instead of
-    interrupting: the loop finishes its chunk, saves, then stops (main thread only)."""
+    interrupting: the loop finishes its chunk, saves, then stops (main thread only). A second
+    signal interrupts at once (``KeyboardInterrupt``; the last checkpoint stays)."""
     received: list = []
     previous = {}
+
+    def handler(signum, frame):
+        del frame
+        if received:
+            raise interrupted(signum)
+        received.append(signum)
+
     if enabled:
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
+                previous[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread: no handlers
                 pass
     try:
@@ -208,13 +218,16 @@ class Checkpoint:
     - ``keep``: the number of most recent checkpoints kept;
     - ``meta``: JSON-able entries that a resumed run must match, besides the ones estimax
       checks itself (program, options, key, the data's shapes and contents, the state's
-      structure) -- e.g. a configuration or a code version.
+      structure) -- e.g. a configuration or a code version;
+    - ``info``: JSON-able entries saved with each checkpoint and not checked (read them back
+      with ``estimax.runtime._checkpoint.read_record``).
     """
 
     directory: str | os.PathLike
     every: int | None = None
     keep: int = 2
     meta: Mapping | None = None
+    info: Mapping | None = None
 
     def __post_init__(self):
         if not isinstance(self.directory, (str, os.PathLike)):
@@ -223,6 +236,26 @@ class Checkpoint:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1):
                 raise ValueError(f"Checkpoint: {name} must be a positive integer; got {v!r}.")
+
+
+def read_record(directory) -> dict | None:
+    """The JSON record of the latest checkpoint in ``directory`` (its format, ``meta``
+    entries, ``step`` and ``info``), or ``None`` when there is none."""
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(directory):
+        if os.path.exists(directory):
+            raise CheckpointError(f"the checkpoint {directory} is a file; a checkpoint is a folder.")
+        return None
+    steps = [int(d) for d in os.listdir(directory) if d.isdigit() and os.path.isdir(os.path.join(directory, d))]
+    if not steps:
+        return None
+    path = os.path.join(directory, str(max(steps)), "record", "metadata")
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read the checkpoint {directory}: {e}") from None
+    return record if isinstance(record, dict) else None
 
 
 def as_checkpoint(checkpoint, what: str) -> Checkpoint | None:

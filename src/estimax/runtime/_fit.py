@@ -755,7 +755,8 @@ def fit(
     if checkpoint is not None:
         meta = {"program": program.name, "maximize": bool(maximize), "argnums": argnums, "tracking": repr(tracking),
                 "key": _ckpt.digest(key), "data": _ckpt.digest(args), **dict(checkpoint.meta or {})}
-        ckpt = _ckpt.Checkpointer(checkpoint.directory, format=_CHECKPOINT_FORMAT, meta=meta, keep=checkpoint.keep)
+        ckpt = _ckpt.Checkpointer(checkpoint.directory, format=_CHECKPOINT_FORMAT, meta=meta, keep=checkpoint.keep,
+                                  info=checkpoint.info)
         restored = ckpt.restore(state)
         if restored is not None:
             state, host, extra = restored
