@@ -236,20 +236,26 @@ def time_config(cfg, repeats, calls, warmup):
         for _ in range(warmup):
             jax.block_until_ready(cfg.call(name))
     per_call = {name: [] for name in names}
+    wall = {name: 0.0 for name in names}
+    cpu = {name: 0.0 for name in names}
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         for r in range(repeats):
             order = names if r % 2 == 0 else names[::-1]
             for name in order:
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 for _ in range(calls):
                     jax.block_until_ready(cfg.call(name))
-                per_call[name].append((time.perf_counter() - t0) / calls)
+                t1, c1 = time.perf_counter(), time.process_time()
+                per_call[name].append((t1 - t0) / calls)
+                wall[name] += t1 - t0
+                cpu[name] += c1 - c0
     finally:
         if gc_was_enabled:
             gc.enable()
-    return {name: (statistics.median(ts), min(ts), max(ts)) for name, ts in per_call.items()}
+    return {name: (statistics.median(ts), min(ts), max(ts), cpu[name] / wall[name])
+            for name, ts in per_call.items()}
 
 
 def rel_discrepancy(out, ref):
@@ -368,8 +374,8 @@ def main(argv=None):
 
     ms = lambda s: f"{s * 1e3:.2f}"  # noqa: E731
     cols = ("n", "K", "estimax ms", "range", "hand ms", "range", "est/hand", "speedup e/h",
-            "effic. e/h", "compile s e/h", "split e/h")
-    fmt = "{:>2} {:>6} {:>10} {:>13} {:>8} {:>13} {:>8} {:>11} {:>11} {:>13} {:>9}"
+            "effic. e/h", "cores e/h", "compile s e/h", "split e/h")
+    fmt = "{:>2} {:>6} {:>10} {:>13} {:>8} {:>13} {:>8} {:>11} {:>11} {:>9} {:>13} {:>9}"
     header = fmt.format(*cols)
     for title, rows, weak_rows in (("strong scaling: fixed K", strong, False),
                                    ("weak scaling: K = K0 * n", weak, True)):
@@ -391,10 +397,12 @@ def main(argv=None):
                 f"{t['estimax'][0] / t['hand-written'][0]:.2f}x",
                 "-" if weak_rows else f"{speed['estimax']:.2f}/{speed['hand-written']:.2f}",
                 f"{eff['estimax']:.2f}/{eff['hand-written']:.2f}",
+                f"{t['estimax'][3]:.1f}/{t['hand-written'][3]:.1f}",
                 f"{cfg.compile_s['estimax']:.1f}/{cfg.compile_s['hand-written']:.1f}",
                 split))
     print("(speedup T(1)/T(n) and efficiency -- T(1)/(n T(n)) strong, T(1)/T(n) weak -- per version "
-          "against its own one-device time; compile = trace + lower + XLA compile)")
+          "against its own one-device time; cores = process CPU time / wall time while timing, all "
+          "threads; compile = trace + lower + XLA compile)")
 
     load = " (load avg now %.2f)" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
     print(f"\ntotal wall time {time.perf_counter() - t_start:.1f} s{load}")
