@@ -33,12 +33,23 @@ Two experiments:
 
 A time is the median over ``--repeats`` repeats (default 5) of the mean wall time per call
 of ``--calls`` calls (default 20) of the compiled function, ``jax.block_until_ready`` after
-each, after ``--warmup`` untimed calls. The two versions take turns, the first one
-alternating between repeats. Reported per row: estimax ms, hand-written ms, the ratio
-estimax / hand-written, each version's speedup and efficiency against its own one-device
-time, the compile times (trace + lower + XLA compile, information), and whether the compiled
-executable holds the particles split, i.e. an ``f32[K/n,H]`` array and no ``f32[K,H]`` one
-(``split``). The script never passes or fails on a time; compare ratios from the same run.
+each, after ``--warmup`` untimed calls. All rows and both versions are timed in rounds, one
+repeat of each per round, the order rotating from round to round, so that a change in the
+machine's load falls on every row alike. Reported per row:
+
+* ``estimax ms``, ``hand ms``: the medians, and the range of the repeats;
+* ``est/hand``: the ratio estimax / hand-written;
+* ``speedup``, ``effic.``: each version's speedup and efficiency against its own one-device
+  time;
+* ``cores``: this process's CPU time (all its threads) over the wall time while the version
+  was timed, i.e. how many cores it kept busy; ``others``: the cores that other processes on
+  the machine used meanwhile (from ``/proc/stat``; ``n/a`` elsewhere). On a GPU, ``cores``
+  is host time only;
+* ``compile s``: trace + lower + XLA compile of each version (information);
+* ``split``: whether the compiled executable holds the particles split, i.e. an
+  ``f32[K/n,H]`` array and no ``f32[K,H]`` one.
+
+The script never passes or fails on a time; compare ratios from the same run.
 
 Before the timings, an agreement check. With the same key, estimax draws the same particles
 whatever the device count (each lane's key derives from its lane index), and so does
@@ -47,7 +58,9 @@ whatever the device count (each lane's key derives from its lane index), and so 
 each version and each ``K`` of the run, the largest relative discrepancy over the device
 counts, ``|v_n - v_1| / |v_1|`` and ``max |g_n - g_1| / max |g_1|`` per parameter, is printed
 (float32; about 1e-6, flagged above 1e-5). The two versions draw different particles, so
-they are compared with each other only as estimates of the same IWELBO_K.
+they are compared with each other only as estimates of the same IWELBO_K. The full run
+compiles a one-device reference for every ``K`` of the weak-scaling rows; ``--quick`` checks
+only the ``K`` that have a one-device row (the strong-scaling ``K`` and ``K0``).
 
 Devices
 -------
@@ -60,12 +73,15 @@ as many as exist up to 8, and drops the device counts above that. Forced host de
 the machine's cores: on a 2-core machine 8 of them run on 2 cores, so no speedup beyond 2
 can appear there, and what the rows for 4 and 8 devices show is the cost of the partitioning
 (more, smaller computations and the cross-device reductions) at a fixed amount of compute.
+XLA:CPU also runs a single device's program on several threads where it can, so the
+one-device row may already keep more than one core busy (the ``cores`` column), which lowers
+the ceiling further.
 The script is meant for real multi-device machines as well. float32 throughout (x64 off).
 
 How to run
 ----------
-    python bench/bench_scale.py                  # full run (2-4 minutes on 2 CPU cores)
-    python bench/bench_scale.py --quick          # smoke run: smaller K, fewer repeats
+    python bench/bench_scale.py                  # full run: about 80 s on 2 CPU cores
+    python bench/bench_scale.py --quick          # smoke run: about 40 s (K 8x smaller)
     python bench/bench_scale.py --devices 1,2,4 --k 65536 --k0 8192 --repeats 7
     python bench/bench_scale.py --no-force       # only the devices JAX sees by itself
 
@@ -228,34 +244,66 @@ class Config:
             return self.fns[name](key_ if key is None else key, params, x)
 
 
-def time_config(cfg, repeats, calls, warmup):
-    """Seconds per call of each version: the median over ``repeats`` of the mean of ``calls``
-    blocked calls; the versions take turns, the first one alternating."""
-    names = list(cfg.fns)
-    for name in names:
+def machine_busy_s():
+    """CPU seconds spent so far by all processes on the machine (``/proc/stat``: user, nice,
+    system, irq, softirq), or ``None`` where there is no ``/proc/stat``."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        ticks = sum(int(fields[i]) for i in (1, 2, 3, 6, 7))
+        return ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def time_rows(configs, rows, repeats, calls, warmup):
+    """Seconds per call of each version of each row: the median over ``repeats`` of the mean
+    of ``calls`` blocked calls. The rows and versions are timed in rounds, one repeat of each
+    per round, the order rotating from round to round, so that a change in the machine's load
+    falls on all rows alike. Also, per row: the cores this process used while timing each
+    version, and the cores other processes used meanwhile (``None`` without ``/proc/stat``)."""
+    segments = [(nk, name) for nk in rows for name in configs[nk].fns]
+    for nk, name in segments:
         for _ in range(warmup):
-            jax.block_until_ready(cfg.call(name))
-    per_call = {name: [] for name in names}
-    wall = {name: 0.0 for name in names}
-    cpu = {name: 0.0 for name in names}
+            jax.block_until_ready(configs[nk].call(name))
+    per_call = {seg: [] for seg in segments}
+    wall = {seg: 0.0 for seg in segments}
+    cpu = {seg: 0.0 for seg in segments}
+    busy = {seg: 0.0 for seg in segments}
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         for r in range(repeats):
-            order = names if r % 2 == 0 else names[::-1]
-            for name in order:
-                c0, t0 = time.process_time(), time.perf_counter()
+            shift = (r * len(segments)) // max(repeats, 1)
+            order = segments[shift:] + segments[:shift]
+            if r % 2:
+                order = order[::-1]
+            for nk, name in order:
+                b0, c0, t0 = machine_busy_s(), time.process_time(), time.perf_counter()
                 for _ in range(calls):
-                    jax.block_until_ready(cfg.call(name))
-                t1, c1 = time.perf_counter(), time.process_time()
-                per_call[name].append((t1 - t0) / calls)
-                wall[name] += t1 - t0
-                cpu[name] += c1 - c0
+                    jax.block_until_ready(configs[nk].call(name))
+                t1, c1, b1 = time.perf_counter(), time.process_time(), machine_busy_s()
+                seg = (nk, name)
+                per_call[seg].append((t1 - t0) / calls)
+                wall[seg] += t1 - t0
+                cpu[seg] += c1 - c0
+                busy[seg] = None if b0 is None or b1 is None or busy[seg] is None else busy[seg] + (b1 - b0)
     finally:
         if gc_was_enabled:
             gc.enable()
-    return {name: (statistics.median(ts), min(ts), max(ts), cpu[name] / wall[name])
-            for name, ts in per_call.items()}
+    times = {nk: {} for nk in rows}
+    others = {}
+    for nk in rows:
+        for name in configs[nk].fns:
+            ts = per_call[nk, name]
+            times[nk][name] = (statistics.median(ts), min(ts), max(ts), cpu[nk, name] / wall[nk, name])
+        segs = [(nk, name) for name in configs[nk].fns]
+        if any(busy[seg] is None for seg in segs):
+            others[nk] = None
+        else:
+            other_cpu = sum(busy[seg] - cpu[seg] for seg in segs)
+            others[nk] = max(0.0, other_cpu) / sum(wall[seg] for seg in segs)
+    return times, others
 
 
 def rel_discrepancy(out, ref):
@@ -365,17 +413,16 @@ def main(argv=None):
           "Carlo noise only)", flush=True)
 
     # --- timings ---------------------------------------------------------------------------
-    times = {}
-    for nk in sorted(set(strong) | set(weak)):
-        times[nk] = time_config(configs[nk], args.repeats, args.calls, args.warmup)
-        est, hand = times[nk]["estimax"][0], times[nk]["hand-written"][0]
-        print(f"  timed n={nk[0]} K={nk[1]}: estimax {est * 1e3:.2f} ms, hand-written {hand * 1e3:.2f} ms",
-              flush=True)
+    rows = sorted(set(strong) | set(weak))
+    t0 = time.perf_counter()
+    times, others = time_rows(configs, rows, args.repeats, args.calls, args.warmup)
+    print(f"  timed {len(rows)} rows x 2 versions in {args.repeats} rounds  [{time.perf_counter() - t0:.1f} s]",
+          flush=True)
 
     ms = lambda s: f"{s * 1e3:.2f}"  # noqa: E731
     cols = ("n", "K", "estimax ms", "range", "hand ms", "range", "est/hand", "speedup e/h",
-            "effic. e/h", "cores e/h", "compile s e/h", "split e/h")
-    fmt = "{:>2} {:>6} {:>10} {:>13} {:>8} {:>13} {:>8} {:>11} {:>11} {:>9} {:>13} {:>9}"
+            "effic. e/h", "cores e/h", "others", "compile s e/h", "split e/h")
+    fmt = "{:>2} {:>6} {:>10} {:>13} {:>8} {:>13} {:>8} {:>11} {:>11} {:>9} {:>6} {:>13} {:>9}"
     header = fmt.format(*cols)
     for title, rows, weak_rows in (("strong scaling: fixed K", strong, False),
                                    ("weak scaling: K = K0 * n", weak, True)):
@@ -398,11 +445,13 @@ def main(argv=None):
                 "-" if weak_rows else f"{speed['estimax']:.2f}/{speed['hand-written']:.2f}",
                 f"{eff['estimax']:.2f}/{eff['hand-written']:.2f}",
                 f"{t['estimax'][3]:.1f}/{t['hand-written'][3]:.1f}",
+                "n/a" if others[n, k] is None else f"{others[n, k]:.1f}",
                 f"{cfg.compile_s['estimax']:.1f}/{cfg.compile_s['hand-written']:.1f}",
                 split))
     print("(speedup T(1)/T(n) and efficiency -- T(1)/(n T(n)) strong, T(1)/T(n) weak -- per version "
-          "against its own one-device time; cores = process CPU time / wall time while timing, all "
-          "threads; compile = trace + lower + XLA compile)")
+          "against its own one-device time; cores = this process's CPU time / wall time while timing "
+          "the version, all threads; others = cores used by other processes meanwhile, from /proc/stat; "
+          "compile = trace + lower + XLA compile)")
 
     load = " (load avg now %.2f)" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
     print(f"\ntotal wall time {time.perf_counter() - t_start:.1f} s{load}")

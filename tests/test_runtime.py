@@ -490,3 +490,18 @@ def test_solve_progress_from_inside_one_compiled_loop(capsys):
     assert {int(ln.split()[2]) for ln in lines} <= set(range(2, loud.steps + 1, 2))
     np.testing.assert_array_equal(loud.params, quiet.params)  # reports change nothing
     assert loud.steps == quiet.steps
+
+
+def _log_barrier(x):
+    ex.subject_to(eq=x[0] + x[1] - 1.0, name="sum")
+    return -jnp.log(x[0]) + x[1] ** 2  # NaN once a step takes x[0] below 0  # SOLVE-LOG-LINE
+
+
+def test_solve_nonfinite_names_the_step_the_piece_and_the_line():
+    sol = ex.solve(_log_barrier, jnp.array([0.05, 1.0]),
+                   solver=ex.solvers.StochasticLagrangian(optimizer=optax.sgd(1.0)), max_steps=50)
+    assert sol.result == ex.solvers.RESULTS.nonfinite and not sol.success
+    assert f"step {sol.steps + 1} produced non-finite values" in sol.message
+    assert "`log` at" in sol.message and "in the objective" in sol.message, sol.message
+    assert f"test_runtime.py:{_line_of('# SOLVE-LOG-LINE')}" in sol.message
+    assert bool(jnp.all(jnp.isfinite(sol.params)))  # the last finite iterate

@@ -243,3 +243,41 @@ def make_mesh(devices, axis: str):
     types = getattr(jax.sharding, "AxisType", None)
     kwargs = {} if types is None else {"axis_types": (types.Auto,)}
     return jax.sharding.Mesh(_np.asarray(devices), (axis,), **kwargs)
+
+
+# --- locating the first NaN (diagnosis replays under jax.debug_nans) ---------------------------
+def located_error(error: FloatingPointError, eqn, where_else: str = "") -> FloatingPointError:
+    """``error`` (raised by ``jax.debug_nans``/``debug_infs`` while evaluating ``eqn``) with the
+    operation and the user's line; ``where_else`` adds context (``"in constraint 'c'"``)."""
+    if getattr(error, "estimax_located", False):
+        return error
+    where = user_frame(eqn)
+    extra = f" {where_else}" if where_else else ""
+    out = FloatingPointError(
+        f"{str(error).splitlines()[0]}: `{eqn.primitive.name}` at {where or 'an unknown location'}{extra}")
+    out.estimax_located = True
+    out.location = where
+    return out
+
+
+def eval_jaxpr_located(jaxpr, consts, *args, context: str = ""):
+    """``eval_jaxpr`` one equation at a time, turning a ``FloatingPointError`` (under
+    ``jax.debug_nans``) into one that names the equation's operation and line."""
+    env = {}
+
+    def read(v):
+        return v.val if isinstance(v, jex.core.Literal) else env[v]
+
+    for v, x in zip(jaxpr.constvars, consts, strict=True):
+        env[v] = x
+    for v, x in zip(jaxpr.invars, args, strict=True):
+        env[v] = x
+    for eqn in jaxpr.eqns:
+        try:
+            outs = rebind(eqn, [read(v) for v in eqn.invars])
+        except FloatingPointError as e:
+            raise located_error(e, eqn, context) from None
+        for v, x in zip(eqn.outvars, outs, strict=True):
+            if not isinstance(v, DropVar):
+                env[v] = x
+    return [read(v) for v in jaxpr.outvars]

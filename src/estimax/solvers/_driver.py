@@ -168,7 +168,7 @@ def advance(solver, problem, carry: Carry, until, tol, report_every=None, token=
         steps = c.steps + finite.astype(jnp.int32)
         _progress.maybe_report(report_every, finite, token, steps, state.kkt, state.value)
         return Carry(
-            state=state, key=key, steps=steps,
+            state=state, key=jnp.where(finite, key, c.key), steps=steps,  # a failed step can be replayed
             done=done | ~finite,
             result=jnp.where(finite, result, RESULTS.nonfinite).astype(jnp.int32),
             bad_field=jnp.where(finite, -1, jnp.argmin(fields)).astype(jnp.int32),

@@ -223,6 +223,7 @@ def solve(
                                   program.name, signature)
     host = jax.device_get(carry)
     result = RESULTS(int(host.result))
+    where = _replay_nonfinite(entry, carry, data_leaves) if result == RESULTS.nonfinite else None
     state = host.state
     steps = int(host.steps)
     value = float(state.value)
@@ -234,7 +235,7 @@ def solve(
         infeasibility=float(state.infeasibility),
         steps=steps,
         result=result,
-        message=_driver.message(result, host),
+        message=_driver.message(result, host) + (f"; the first NaN (or Inf) of the step: {where}" if where else ""),
         history=_history(_driver.trim_history(host.history, steps), problem.maximize),
         stats={"compile_s": entry.compile_s - compile_before, "solve_s": solve_s, "solver": chosen.name,
                **(chosen.stats(state) if hasattr(chosen, "stats") else {})},
@@ -244,6 +245,32 @@ def solve(
         raise SolverError(f"ex.solve({program.name}) with {chosen.name}: {solution.message} "
                           f"(after {steps} steps; KKT residual {solution.kkt:.3g}).", solution)
     return solution
+
+
+def _replay_nonfinite(entry: _Compiled, carry, data) -> str | None:
+    """The failed step replayed on the host with ``jax.debug_nans`` (its key is the carry's:
+    a failed step does not advance it), the problem's pieces evaluated one operation at a
+    time: the operation, line and piece (objective or constraint) that made the first NaN."""
+    import contextlib
+    import io
+
+    from ..transforms._constraints import DIAGNOSING
+
+    _, sub = jax.random.split(carry.key)
+    bound = entry.problem.bind(data)
+    for check in (jax.debug_nans, jax.debug_infs):
+        DIAGNOSING.on = True
+        try:
+            with check(True), jax.disable_jit(), contextlib.redirect_stdout(io.StringIO()):
+                jax.block_until_ready(entry.solver.step(bound, carry.state, sub))
+        except FloatingPointError as e:
+            if getattr(e, "estimax_located", False):
+                return str(e).splitlines()[0]
+        except Exception:  # noqa: BLE001  (a diagnosis, never a second failure)
+            pass
+        finally:
+            DIAGNOSING.on = False
+    return None
 
 
 def _history(history, maximize):

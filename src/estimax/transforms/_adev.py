@@ -123,24 +123,13 @@ def jvp_eqn(eqn, duals, mode):
         try:
             return [(o, None) for o in compat.rebind(eqn, primals)]
         except FloatingPointError as e:
-            raise _located(e, eqn) from None
+            raise compat.located_error(e, eqn) from None
     ts = [_inst(p, t) for p, t in zip(primals, tangents, strict=True)]
     try:
         outs, touts = jax.jvp(lambda *a: compat.rebind(eqn, a), primals, ts)
     except FloatingPointError as e:  # under jax.debug_nans: say which line of the program
-        raise _located(e, eqn) from None
+        raise compat.located_error(e, eqn) from None
     return [(o, _clean_tangent(t)) for o, t in zip(outs, touts, strict=True)]
-
-
-def _located(error: FloatingPointError, eqn) -> FloatingPointError:
-    """``error`` (raised by ``jax.debug_nans``/``debug_infs`` in ``eqn``) with the user's line."""
-    if getattr(error, "estimax_located", False):
-        return error
-    where = compat.user_frame(eqn)
-    out = FloatingPointError(f"{str(error).splitlines()[0]}: `{eqn.primitive.name}` at {where or 'an unknown location'}")
-    out.estimax_located = True
-    out.location = where
-    return out
 
 
 def _split(key):

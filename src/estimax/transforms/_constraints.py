@@ -15,6 +15,7 @@ it at the top level), two constraints with one name, an objective that is not a 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Any, Sequence
 
 import jax
@@ -24,6 +25,14 @@ from ..dsl._constraints import ConstraintSpec, constraint_p, first_constraint
 from ..dsl._program import Expectation, _as_program
 from ..runtime import _jax_compat as compat
 from ._adev import contains_random
+
+
+class _Diagnosing(threading.local):
+    on = False
+
+
+#: set while ``ex.solve`` replays a failed step to find its first NaN
+DIAGNOSING = _Diagnosing()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -41,6 +50,9 @@ class Piece:
 
     def __call__(self, *flat_args):
         """The piece's value (deterministic pieces only; random ones need an estimator)."""
+        if DIAGNOSING.on:  # a replay under jax.debug_nans: say which piece, operation and line
+            what = "in the objective" if self.kind == "objective" else f"in constraint {self.name!r}"
+            return compat.eval_jaxpr_located(self.jaxpr, self.consts, *flat_args, context=what)[0]
         return compat.eval_jaxpr(self.jaxpr, self.consts, *flat_args)[0]
 
     def flat_program(self) -> Expectation:
