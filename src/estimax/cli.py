@@ -879,7 +879,7 @@ def _parser() -> argparse.ArgumentParser:
         parents=[common],
         help="train the parameters of a file's objective",
         description="Train FILE's parameters with estimax.fit, with a progress bar. "
-        "The whole state is checkpointed to OUT/checkpoint.npz after every chunk and "
+        "The whole state is checkpointed to OUT/checkpoint/ after every chunk and "
         "on Ctrl-C; running the same command again resumes from it. At the end, "
         "writes OUT/params.npz, OUT/history.npy and OUT/loss.png.",
     )
