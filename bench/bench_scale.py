@@ -80,8 +80,8 @@ The script is meant for real multi-device machines as well. float32 throughout (
 
 How to run
 ----------
-    python bench/bench_scale.py                  # full run: about 80 s on 2 CPU cores
-    python bench/bench_scale.py --quick          # smoke run: about 40 s (K 8x smaller)
+    python bench/bench_scale.py                  # full run: 1-1.5 minutes on 2 CPU cores
+    python bench/bench_scale.py --quick          # smoke run: 25-40 s (K 8x smaller)
     python bench/bench_scale.py --devices 1,2,4 --k 65536 --k0 8192 --repeats 7
     python bench/bench_scale.py --no-force       # only the devices JAX sees by itself
 
