@@ -29,8 +29,10 @@ Sharp edges:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import io
 import numbers
 import sys
 import time
@@ -181,11 +183,7 @@ def _locate_nonfinite(compiled, state, args, argnums, maximize, optimizer, statu
     that the NaN appears in the estimator pass's own evaluation of the program's lines rather
     than in the transposed (backward) computation, which has no line of the program."""
     vg = compiled.value_and_grad
-    import contextlib
-    import io
-
-    key, sub = jax.random.split(state.key)
-    del key
+    _, sub = jax.random.split(state.key)
     full = args[:argnums] + (state.params,) + args[argnums:]
     leaves: list[str] = []
     try:

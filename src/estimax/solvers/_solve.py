@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
+import io
 import json
 import os
 import time
@@ -162,8 +164,9 @@ def solve(
         progress: show a progress line (step, KKT residual, value) every ``every`` steps while
             the run goes, sent from inside the compiled loop by host callbacks that the loop
             does not wait for (with ``checkpoint=``, between chunks of ``every`` steps).
-        checkpoint: a folder (or an ``estimax.Checkpoint``): the whole run state (solver state, PRNG key, step, history) is
-            saved there atomically (orbax) every ``every`` steps and when the run is
+        checkpoint: a folder (or an ``estimax.Checkpoint``): the whole run state (solver
+            state, PRNG key, step, history) is saved there atomically (orbax) every
+            ``every`` steps and when the run is
             interrupted (Ctrl-C, SIGTERM: the chunk finishes, the state is saved, then
             ``KeyboardInterrupt`` is raised, with the signal as ``.signum``); calling ``solve``
             again with the same arguments resumes from it and ends where an uninterrupted run
@@ -251,9 +254,6 @@ def _replay_nonfinite(entry: _Compiled, carry, data) -> str | None:
     """The failed step replayed on the host with ``jax.debug_nans`` (its key is the carry's:
     a failed step does not advance it), the problem's pieces evaluated one operation at a
     time: the operation, line and piece (objective or constraint) that made the first NaN."""
-    import contextlib
-    import io
-
     from ..transforms._constraints import DIAGNOSING
 
     _, sub = jax.random.split(carry.key)
