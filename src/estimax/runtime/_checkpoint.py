@@ -121,8 +121,8 @@ class Checkpointer:
                       host={k: [list(v.shape), str(v.dtype)] for k, v in host.items()}, extra=extra or {},
                       info=self.info)
         items = dict(state=ocp.args.StandardSave(_plain(state)), record=ocp.args.JsonSave(record))
-        if host:
-            items["host"] = ocp.args.StandardSave(host)
+        if any(v.size for v in host.values()):  # orbax refuses empty arrays: their shapes restore them
+            items["host"] = ocp.args.StandardSave({k: v for k, v in host.items() if v.size})
         if int(step) in self._manager.all_steps():
             self._manager.delete(int(step))
         self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
@@ -157,8 +157,9 @@ class Checkpointer:
                                 if isinstance(x, jax.Array) else x, plain)
         host_shapes = record.get("host") or {}
         items = dict(state=ocp.args.StandardRestore(abstract))
-        if host_shapes:
-            items["host"] = ocp.args.StandardRestore({k: np.zeros(s, d) for k, (s, d) in host_shapes.items()})
+        if any(np.prod(s) for s, _ in host_shapes.values()):
+            items["host"] = ocp.args.StandardRestore({k: np.zeros(s, d) for k, (s, d) in host_shapes.items()
+                                                       if np.prod(s)})
         try:
             got = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001
@@ -170,7 +171,8 @@ class Checkpointer:
             v = saved[f"leaf_{i}"] if np.size(t) else t
             out.append(jax.random.wrap_key_data(v, impl=jax.random.key_impl(t)) if _is_key(t) and np.size(t) else v)
         state = jax.tree_util.tree_unflatten(treedef, out)
-        host = {k: np.asarray(v) for k, v in (got.get("host") or {}).items()}
+        host = {k: np.zeros(s, d) for k, (s, d) in host_shapes.items()}
+        host.update({k: np.asarray(v) for k, v in (got.get("host") or {}).items()})
         return state, host, dict(record.get("extra") or {})
 
 
