@@ -96,12 +96,11 @@ def test_distill_mixture_quick(tmp_path):
     assert (tmp_path / "o" / "distill_mixture.png").stat().st_size > 1000
 
 
-def test_iwae_devices_quick_and_resume(tmp_path):
-    args = [str(ROOT / "examples" / "iwae_devices.py"), "--devices", "2", "--steps", "60", "--every", "30",
-            "--out", str(tmp_path / "o")]
+def test_iwae_devices_quick(tmp_path):
+    # (the example's own 1-device against N-device check is skipped: tests/test_runtime.py makes it)
+    args = [str(ROOT / "examples" / "iwae_devices.py"), "--devices", "2", "--steps", "40", "--every", "20",
+            "--out", str(tmp_path / "o"), "--skip-check"]
     out = run(args, tmp_path)
-    assert "2 device(s): cpu" in out and "20 steps on 1 device and on 2: largest parameter difference" in out
-    assert "step     30: IWELBO-8 estimate" in out and "60 steps in all" in out
-    # the same command with more steps resumes from the checkpoint
-    out = run(args[:4] + ["90"] + args[5:], tmp_path)
-    assert "90 steps in all" in out and "step     90" in out and "step     30" not in out
+    assert "2 device(s): cpu" in out
+    assert "step     20: IWELBO-8 estimate" in out and "40 steps in all" in out
+    assert (tmp_path / "o" / "iwae_devices_2" / "checkpoint" / "40").is_dir()  # resumable (tests/test_runtime.py)
