@@ -337,15 +337,6 @@ def _leaf_name(path) -> str:
     return ".".join(parts)
 
 
-def _arrays_from_tree(tree, prefix: str) -> dict:
-    """The leaves of ``tree`` as NumPy arrays named by their tree paths (``opt_state.0.mu.m``)."""
-    import jax
-    import numpy as np
-
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {".".join(p for p in (prefix, _leaf_name(path)) if p): np.asarray(leaf) for path, leaf in leaves}
-
-
 def _tree_from_arrays(template, arrays: dict, source: str, prefix: str):
     """``template``'s structure with its leaves read from ``arrays`` by name; an error naming
     what is missing or has another shape or type."""
