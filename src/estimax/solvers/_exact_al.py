@@ -389,7 +389,7 @@ class _NullSpace:
         self.full_rank, self.static_full = full_rank, (m == 0)
         self.dense_only = m > n
         self.sv = jnp.where(ok, sv, 1.0)
-        self.g, self.c, self.n, self.m = g, c, n, m
+        self.g, self.n, self.m = g, n, m
         null = jnp.concatenate([~ok, jnp.ones((n - k,), bool)]) if m else jnp.ones((n,), bool)
         self.null_basis = u * null[None, :]
         # the range part of the step, and H along it (one product)
