@@ -103,3 +103,14 @@ def test_runtime_doc_examples_run(tmp_path):
     assert "`sqrt` at runtime.md example 2:" in outputs[2]  # the operation and the example's line
     assert "raised, with the result attached at step 0" in outputs[2]
     assert outputs[3].strip().endswith("[250, 500, 750, 1000]")
+
+
+def test_unbiased_doc_examples_run(tmp_path):
+    """The examples of docs/unbiased.md print what the page shows."""
+    outputs = _run_doc_blocks("unbiased.md", tmp_path)
+    assert len(outputs) == 3
+    text = (ROOT / "docs" / "unbiased.md").read_text()
+    shown = re.search(r"```\n(estimator plan for above.*?)```", text, re.S).group(1)
+    assert [line.split() for line in shown.strip().splitlines()] == [line.split() for line in outputs[0].strip().splitlines()]
+    assert "misses the jump at `z > 0`" in outputs[1]
+    assert outputs[2].strip() == "biased"

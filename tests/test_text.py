@@ -597,7 +597,9 @@ CASES = {
 
 
 def _plan(plan: ex.Plan):
-    sites = [(s.name, s.distribution, s.strategy.describe(), s.reason, s.context) for s in plan.sites]
+    # a reason may name the line of the operation it is about: the .emx line or the Python one
+    reason = lambda r: re.sub(r" \([^()]*:\d+\)", " (<line>)", r)
+    sites = [(s.name, s.distribution, s.strategy.describe(), reason(s.reason), s.context) for s in plan.sites]
     return sites, plan.certificate.kind
 
 

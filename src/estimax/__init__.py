@@ -9,6 +9,7 @@
     True
 """
 
+from ._errors import CertificateError as CertificateError
 from ._errors import EstimaxError as EstimaxError
 from ._errors import NoKeyError as NoKeyError
 from ._errors import ProgramError as ProgramError

@@ -21,3 +21,13 @@ class UnsupportedError(EstimaxError, NotImplementedError):
 
 class NoKeyError(EstimaxError, RuntimeError):
     """A random choice was evaluated outside an estimator, where there is no key."""
+
+
+class CertificateError(EstimaxError, ValueError):
+    """An estimator's certificate is weaker than the caller required (``require=``).
+
+    ``plan`` is the program's plan (what ``ex.explain`` returns), with the reasons."""
+
+    def __init__(self, message: str, plan=None):
+        super().__init__(message)
+        self.plan = plan

@@ -28,6 +28,8 @@ from ..runtime import _jax_compat as compat
 from ._primitives import _caller_location, _current_scope
 
 argmin_p = compat.Primitive("estimax_argmin")
+#: the name scope around an inner solve (see ``transforms/_smoothness``)
+ARGMIN_SCOPE = "estimax_argmin_solve"
 argmin_p.multiple_results = True
 
 
@@ -173,7 +175,10 @@ def argmin(inner, init, *args, method: str = "implicit", solver=None, linear_sol
     x0 = jnp.asarray(jax.flatten_util.ravel_pytree(init)[0], problem.dtype)
     arg_leaves = [jnp.asarray(a) for a in jax.tree_util.tree_leaves(args)]
     consts = list(parts.objective.consts)
-    x, lam, mu, result, nsteps, kkt, value = runner(x0, key, arg_leaves, consts)
+    # the scope marks the solve for the differentiability analysis: its stopping tests and
+    # step selections are the inner solver's, covered by the argmin's own certificate
+    with jax.named_scope(ARGMIN_SCOPE):
+        x, lam, mu, result, nsteps, kkt, value = runner(x0, key, arg_leaves, consts)
     if throw and method == "implicit":
         import equinox as eqx
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import linecache
+import re
+import sys
 import threading
 from typing import Any, Callable
 
@@ -68,20 +71,13 @@ def source_location(location: str):
 
 
 def _caller_location() -> str | None:
-    import traceback
-
+    """``file:line`` of the user's code that called into estimax (the innermost frame that is
+    not estimax's, JAX's, NumPyro's or the standard library's), or the location a front-end
+    set with :func:`source_location`."""
     override = getattr(_local, "location", None)
     if override is not None:
         return override
-
-    for frame in reversed(traceback.extract_stack()[:-2]):
-        f = frame.filename
-        if "/estimax/" in f.replace("\\", "/") and "/estimax/tests/" not in f:
-            continue
-        if "/jax/" in f or "/numpyro/" in f:
-            continue
-        return f"{frame.filename}:{frame.lineno}"
-    return None
+    return compat.caller_location(sys._getframe(1))
 
 
 # --- sample --------------------------------------------------------------------------------
@@ -425,8 +421,65 @@ def stage(fn: Callable, args: tuple, what: str, *, fresh_names: bool = True, flo
                 f"{what}: argument leaf {i} is a {type(x).__name__}, not an array; program "
                 "arguments must be pytrees of arrays and numbers."
             ) from e
-    with name_scope() if fresh_names else contextlib.nullcontext():
-        closed = jax.make_jaxpr(flat_fn)(*structs)
+    # A traced value (a random choice's, an argument's, or computed from them) used where Python
+    # needs a concrete one: JAX's error names its own frames and ``flat_fn``; say which of the
+    # user's lines did it, which random choices the value comes from, and what to write instead.
+    def traced_use_error(e) -> ProgramError:
+        how = compat.concretization_kind(e)
+        at = compat.exception_location(e)
+        where, code, sites = "an unknown location", "", []
+        if at is not None:
+            file, line, frame = at
+            where, code = f"{file}:{line}", linecache.getline(file, line).strip()
+            code = re.sub(r"\s+#[^'\"]*$", "", code)  # the line without its comment
+            local = frame.f_locals
+            for word in dict.fromkeys(re.findall(r"[A-Za-z_]\w*", code)):  # the line's names, in order
+                try:
+                    leaves = jax.tree_util.tree_leaves(local[word]) if word in local else ()
+                except Exception:  # noqa: BLE001 -- a value that is no pytree: not traced
+                    leaves = ()
+                for leaf in leaves:  # the random choices the line's traced values come from
+                    for prim, params in compat.traced_origins(leaf, stop_at={sample_p}):
+                        if prim is sample_p and params["spec"].name not in sites:
+                            sites.append(params["spec"].name)
+        use = {
+            "bool": "as a Python bool", "int": "as a Python int", "float": "as a Python number",
+            "array": "as a NumPy array",
+        }.get(how, "where a concrete value is needed (a shape, a size)")
+        if code:
+            message = f"{what}: `{code}` (at {where}) uses a traced value {use}."
+        else:
+            message = f"{what}: a traced value is used {use} at {where}."
+        if sites:
+            named = ", ".join(repr(n) for n in sites[:3]) + (", ..." if len(sites) > 3 else "")
+            message += (
+                f" The value comes from the random choice{'s' if len(sites) > 1 else ''} {named}: the values "
+                "of ex.sample are traced arrays, not numbers, while a program is staged (an estimator draws "
+                "them later, under jit)."
+            )
+        else:
+            message += (
+                " While a program is staged its arguments, the values of ex.sample and everything computed "
+                "from them are traced arrays, not numbers (an estimator runs the program under jit)."
+            )
+        message += {
+            "bool": " Python's `if`, `while`, `and`, `or` and `not` need a concrete bool: branch with "
+                    "`jax.lax.cond(pred, true_fn, false_fn, *operands)`, or choose a value with "
+                    "`jnp.where(pred, a, b)`.",
+            "int": " A Python loop count, size or list index must be a number when the program is staged: "
+                   "loop with `jax.lax.fori_loop(0, n, body, init)` or `jax.lax.while_loop`, or run a fixed "
+                   "maximum and mask the extra steps with `jnp.where(i < n, a, b)`; index a jnp array, not a "
+                   "Python list, with a traced index.",
+            "array": " Compute with jax.numpy (`jnp.exp(z)`), not NumPy (`np.exp(z)`).",
+        }.get(how, " Keep it an array: compute with jnp functions, and choose between values with "
+                   "`jnp.where(pred, a, b)` or `jax.lax.cond`.")
+        return ProgramError(message)
+
+    try:
+        with name_scope() if fresh_names else contextlib.nullcontext():
+            closed = jax.make_jaxpr(flat_fn)(*structs)
+    except compat.CONCRETIZATION_ERRORS as e:
+        raise traced_use_error(e) from e
     for v in closed.jaxpr.outvars if float_outputs else ():
         if not compat.is_float_dtype(v.aval.dtype):
             raise ProgramError(

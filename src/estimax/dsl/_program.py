@@ -165,11 +165,18 @@ def _scalar_check(program: Expectation, args, where: str):
         )
 
 
-def value_and_grad(objective, argnums: int | Sequence[int] = 0):
+def value_and_grad(objective, argnums: int | Sequence[int] = 0, *, require: str | None = None):
     """``f(key, *args) -> (estimate, gradient estimate)``; ``argnums`` as in ``jax.grad``.
 
     The gradient is an unbiased estimate of ``∇ E[objective(*args)]`` when ``explain``
     certifies the program ``unbiased``. With a tuple ``argnums`` the gradient is a tuple.
+    ``require="unbiased"`` (or ``"consistent"``) checks the certificate first, when the
+    program is staged and before anything is compiled, and raises
+    :class:`~estimax.CertificateError` with the reasons when it is weaker.
+
+    A program whose random choices sit in a ``lax.while_loop`` body (a random trip count)
+    is differentiated in forward mode, one pass per differentiated coordinate, since JAX
+    cannot reverse a ``while_loop``; the estimate is the same.
     """
     program = _as_program(objective, "ex.value_and_grad")
     where = f"ex.value_and_grad({program.name})"
@@ -179,15 +186,46 @@ def value_and_grad(objective, argnums: int | Sequence[int] = 0):
         _check_key(key, where + "(key, ...)")
         single, nums = _normalize_argnums(argnums, len(args), where)
         _scalar_check(program, args, where)
+        if require is not None:
+            # the plan is a static analysis of the staged program: no compilation happens here
+            from ..transforms._certify import explain, require_certificate
+
+            require_certificate(explain(program, *args, argnums=argnums), require, where)
         shifted = nums[0] + 1 if single else tuple(a + 1 for a in nums)
+        closed, _, _ = program.stage(args)
+        if _random_while(closed.jaxpr):
+            both = lambda *a: (program._estimate(*a),) * 2
+            g, value = jax.jacfwd(both, argnums=shifted, has_aux=True)(key, *args)
+            return value, g
         return jax.value_and_grad(program._estimate, argnums=shifted)(key, *args)
 
     return f
 
 
-def grad(objective, argnums: int | Sequence[int] = 0):
+def _random_while(jaxpr) -> bool:
+    """Whether a ``while_loop`` with random choices in its body occurs anywhere in ``jaxpr``
+    (nested expectations included): reverse mode cannot pass it."""
+    from ._primitives import expect_p, sample_p
+
+    def walk(j, inside):
+        for eqn in j.eqns:
+            if eqn.primitive is sample_p and inside:
+                return True
+            if eqn.primitive is expect_p:
+                if walk(eqn.params["spec"].jaxpr, inside):
+                    return True
+                continue
+            loop = inside or eqn.primitive is compat.while_p
+            if any(walk(sub, loop) for sub in compat.subjaxprs_of(eqn)):
+                return True
+        return False
+
+    return walk(jaxpr, False)
+
+
+def grad(objective, argnums: int | Sequence[int] = 0, *, require: str | None = None):
     """``g(key, *args) -> gradient estimate`` of ``E[objective(*args)]``; see :func:`value_and_grad`."""
-    vg = value_and_grad(objective, argnums)
+    vg = value_and_grad(objective, argnums, require=require)
     return jax.jit(lambda key, *args: vg(key, *args)[1])
 
 

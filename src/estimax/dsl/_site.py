@@ -51,6 +51,10 @@ class SiteSpec:
     n_extra: int = 0
     #: trailing operands that are not leaves but lane anchors of ``ex.vmap`` (see there)
     n_anchors: int = 0
+    #: why ``strategy`` was set by the default rather than the program (the differentiability
+    #: analysis replaces a reparameterized default that would be biased; see
+    #: ``transforms/_smoothness``), or ``None`` when the program chose it
+    reason: str | None = None
 
     def extras(self, operands) -> tuple:
         """The strategy's operands (between the leaves and the anchors)."""
@@ -166,6 +170,13 @@ class SiteDist:
 
         ``extra`` arguments are mapped along their leading axis at each level, except a key
         (``split_key=True``, first extra argument) which is split per lane.
+
+        Every ``jax.vmap`` is given the level's size: a level can map none of the leaves
+        (an ``ex.vmap`` lane whose distribution is shared by all lanes is mapped only through
+        its lane anchor, which is not a leaf), and a lifted function with no ``extra``
+        (the support, the natural parameters) then has nothing else to read the size from.
+        The result still has one axis per level, so shapes are the same whether the lanes
+        share their parameters or not.
         """
 
         def at_level(k):
@@ -178,13 +189,13 @@ class SiteDist:
 
                 def f(leaves, key, *extra):
                     keys = jax.random.split(key, size)
-                    return jax.vmap(inner, in_axes=(axes, 0) + (0,) * len(extra), out_axes=out_axes)(
-                        leaves, keys, *extra
-                    )
+                    return jax.vmap(
+                        inner, in_axes=(axes, 0) + (0,) * len(extra), out_axes=out_axes, axis_size=size
+                    )(leaves, keys, *extra)
 
                 return f
             return lambda leaves, *extra: jax.vmap(
-                inner, in_axes=(axes,) + (0,) * len(extra), out_axes=out_axes
+                inner, in_axes=(axes,) + (0,) * len(extra), out_axes=out_axes, axis_size=size
             )(leaves, *extra)
 
         return at_level(len(self.spec.levels) - 1)
@@ -215,11 +226,13 @@ class SiteDist:
         def at_level(k):
             if k < 0:
                 return lambda leaves, x, ex: fn(self.base(leaves), x, *ex)
-            axes, _ = self.spec.levels[k]
+            axes, size = self.spec.levels[k]
             inner = at_level(k - 1)
             leaf_axes = self.spec.full_axes(axes)
             extra_axes = tuple(self.spec.extras(axes)) if extras else ()
-            return lambda leaves, x, ex: jax.vmap(inner, in_axes=(leaf_axes, 0, extra_axes))(leaves, x, ex)
+            return lambda leaves, x, ex: jax.vmap(inner, in_axes=(leaf_axes, 0, extra_axes), axis_size=size)(
+                leaves, x, ex
+            )
 
         leaves = self.leaves if leaves is None else tuple(leaves)
         return at_level(len(self.spec.levels) - 1)(leaves, x, tuple(extras))

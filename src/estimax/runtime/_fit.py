@@ -522,6 +522,22 @@ def _as_early_stop(early_stop) -> EarlyStop | None:
 # --- fit -----------------------------------------------------------------------------------
 
 
+def _require(objective, tracking, full, argnums, require):
+    """``fit(require=...)``: the certificate of what will run, checked before compiling."""
+    # the plan lives a layer up (transforms): imported here, when asked for
+    from ..dsl._program import _as_program
+    from ..transforms._certify import Plan, explain, require_certificate
+
+    program = _as_program(objective, "fit")
+    plan = explain(program, *full, argnums=argnums)
+    if tracking is not None:
+        from ..transforms._compositional import Tracker
+
+        cert = Tracker(program, tracking, argnums).certificate(*full)
+        plan = Plan(plan.program, plan.sites, cert)
+    require_certificate(plan, require, f"fit({program.name})")
+
+
 def fit(
     objective: Expectation | Callable,
     params,
@@ -545,6 +561,7 @@ def fit(
     devices=None,
     shard_data=(),
     throw: bool = False,
+    require: str | None = None,
 ) -> FitResult:
     """Minimize the expected value of a program over ``params`` with an optax optimizer.
 
@@ -637,6 +654,9 @@ def fit(
             of returning the result with a ``RuntimeWarning``. Either way the message names
             the step, the parameter leaves that went bad and, where the replay finds it, the
             operation and line of the program that produced the first NaN or Inf.
+        require: ``"unbiased"`` or ``"consistent"``: check the estimator's certificate (the
+            tracked one where ``tracking`` applies) before anything is compiled, and raise
+            :class:`estimax.CertificateError` with its reasons when it is weaker.
 
     Returns:
         A :class:`FitResult`: ``params``, ``opt_state``, ``key``, ``history`` (per-step
@@ -730,6 +750,8 @@ def fit(
     # --- trace the estimator once, outside the loop: its errors surface here --------------
     full = args[:argnums] + (params,) + args[argnums:]
     tracking = _resolve_tracking(objective, tracking, full, tracking_state)
+    if require is not None:
+        _require(objective, tracking, full, argnums, require)
     compiled = _compiled(objective, optimizer, argnums, chunk, bool(maximize), tracking, mesh, progress_every)
     program, vg, run_chunk, tracker = compiled
     track = () if tracker is None else tracker.init(*full) if tracking_state is None else tracking_state

@@ -7,13 +7,20 @@ that a JAX upgrade is a change to one file.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
+import os
 import re
+import site
+import sysconfig
 from typing import Any
 
 import jax
 import jax.extend as jex
+import jaxlib
 import numpy as np
+import numpyro
 from jax.interpreters import ad, batching, mlir
 
 # --- core objects (public since 0.4.30 through ``jax.extend.core``) -----------------------
@@ -119,18 +126,94 @@ def source_context(eqn):
 
         return source_info_util.user_context(eqn.source_info.traceback)
     except Exception:  # pragma: no cover - layout change in a future JAX
-        import contextlib
-
         return contextlib.nullcontext()
 
 
 _SOURCE_SCOPE = re.compile(r"src=([^/()]+)")
 
 
+# --- whose code is a frame? ------------------------------------------------------------------
+# A location shown to a user is the innermost frame of *their* code: not estimax's, not JAX's,
+# NumPyro's or Python's own. Frames are told apart by the package directories the modules were
+# loaded from (resolved), never by names in the path: a user's script may well live under a
+# directory called ``estimax`` (a clone of this repository, ``.../estimax/examples/x.py``).
+_ESTIMAX_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # runtime/.. = estimax/
+
+
+def _package_dir(module) -> str | None:
+    f = getattr(module, "__file__", None)
+    return os.path.realpath(os.path.dirname(f)) + os.sep if f else None
+
+
+@functools.cache
+def _library_dirs() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """``(package directories, standard-library directories, site-packages directories)``."""
+    def resolved(d):
+        return os.path.realpath(d) + os.sep
+
+    packages = [resolved(_ESTIMAX_DIR)] + [d for d in map(_package_dir, (jax, jaxlib, numpyro)) if d]
+    # Python's standard library (``contextlib``'s wrappers, ``functools``, ``runpy``), as JAX's
+    # ``source_info_util`` also excludes it -- but not what is installed in a site-packages
+    # directory inside it.
+    stdlib = {sysconfig.get_path("stdlib"), os.path.dirname(contextlib.__file__)}
+    installed = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib"), *getattr(site, "getsitepackages", list)()}
+    return (tuple(packages), tuple(resolved(d) for d in stdlib if d), tuple(resolved(d) for d in installed if d))
+
+
+@functools.lru_cache(maxsize=4096)
+def is_library_file(filename: str) -> bool:
+    """Whether ``filename`` (a code object's ``co_filename``) is estimax's, JAX's, NumPyro's
+    or the standard library's code rather than the user's. ``<string>``, ``<stdin>`` and
+    notebook cells are the user's; ``<frozen ...>`` modules are Python's."""
+    if filename.startswith("<"):
+        return filename.startswith("<frozen")
+    path = os.path.realpath(os.path.abspath(filename))
+    packages, stdlib, installed = _library_dirs()
+    if path.startswith(packages):
+        return True
+    return path.startswith(stdlib) and not path.startswith(installed)
+
+
+def caller_location(frame) -> str | None:
+    """``file:line`` of the innermost user frame from ``frame`` outward (a frame object)."""
+    while frame is not None:
+        code = frame.f_code
+        if not is_library_file(code.co_filename):
+            return f"{code.co_filename}:{frame.f_lineno}"
+        frame = frame.f_back
+    return None
+
+
+def exception_location(error: BaseException) -> tuple[str, int, Any] | None:
+    """``(file, line, frame)`` of the innermost user frame in ``error``'s traceback (where a
+    user's line called into the code that raised), or ``None``."""
+    found = None
+    tb = error.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if not is_library_file(code.co_filename):
+            found = (code.co_filename, tb.tb_lineno, tb.tb_frame)
+        tb = tb.tb_next
+    return found
+
+
+@functools.lru_cache(maxsize=1024)
+def _traceback_user_frame(traceback) -> str | None:
+    # jaxlib's ``Traceback.raw_frames()`` (code objects and instruction offsets, innermost
+    # first) and ``code_addr2line`` (checked on 0.10.2); without them ``user_frame`` falls
+    # back to JAX's own guess, which skips only JAX's and the standard library's frames.
+    codes, lastis = traceback.raw_frames()
+    for code, lasti in zip(codes, lastis, strict=True):
+        if not is_library_file(code.co_filename):
+            return f"{code.co_filename}:{traceback.code_addr2line(code, lasti)}"
+    return None
+
+
 def user_frame(eqn) -> str | None:
     """``file:line`` of the user's code that created ``eqn``, if JAX recorded it. A
     ``jax.named_scope("src=<file>:<line>")`` around the code (what the text front-end puts
-    around each statement) takes precedence over the Python frame."""
+    around each statement) takes precedence over the Python frame. Frames of estimax, JAX,
+    NumPyro and the standard library are skipped (:func:`is_library_file`)."""
     try:
         scopes = _SOURCE_SCOPE.findall(str(eqn.source_info.name_stack))
         if scopes:
@@ -138,14 +221,81 @@ def user_frame(eqn) -> str | None:
     except Exception:  # pragma: no cover - layout change in a future JAX
         pass
     try:
+        traceback = eqn.source_info.traceback
+    except Exception:  # pragma: no cover - layout change in a future JAX
+        return None
+    if traceback is None:
+        return None
+    try:
+        return _traceback_user_frame(traceback)
+    except Exception:  # pragma: no cover - a jaxlib without raw_frames: JAX's own guess
+        pass
+    try:
         from jax._src import source_info_util
 
-        frame = source_info_util.user_frame(eqn.source_info.traceback)
+        frame = source_info_util.user_frame(traceback)
         if frame is None:
             return None
         return f"{frame.file_name}:{frame.start_line}"
     except Exception:  # pragma: no cover
         return None
+
+
+#: JAX's errors for a traced value used where Python needs a concrete one (``bool(x)``,
+#: ``int(x)``, ``range(x)``, ``np.asarray(x)``, a shape); public in ``jax.errors`` since 0.4.
+CONCRETIZATION_ERRORS = (
+    jax.errors.ConcretizationTypeError,  # TracerBoolConversionError is one
+    jax.errors.TracerIntegerConversionError,
+    jax.errors.TracerArrayConversionError,
+)
+_CONVERSION = re.compile(r"The problem arose with the `(\w+)` function")
+
+
+def concretization_kind(error: BaseException) -> str:
+    """What a :data:`CONCRETIZATION_ERRORS` error was converting the traced value to:
+    ``"bool"``, ``"int"`` (also an index), ``"float"``, ``"array"``, or ``"value"`` (a shape,
+    anything else)."""
+    if isinstance(error, jax.errors.TracerBoolConversionError):
+        return "bool"
+    if isinstance(error, jax.errors.TracerIntegerConversionError):
+        return "int"
+    if isinstance(error, jax.errors.TracerArrayConversionError):
+        return "array"
+    m = _CONVERSION.search(str(error))  # ``int(x)``, ``float(x)``: the message names the function
+    return {"int": "int", "float": "float", "complex": "float", "bool": "bool"}.get(m.group(1) if m else "", "value")
+
+
+def traced_origins(x, stop_at=(), limit: int = 100_000):
+    """The ``(primitive, params)`` of the staged equations the traced value ``x`` was computed
+    from, nearest first: what a message needs to say "this depends on the random choice 'z'".
+    The inputs of an equation whose primitive is in ``stop_at`` are not followed further.
+
+    Reads ``DynamicJaxprTracer.parent`` (the equation that produced a tracer while a jaxpr is
+    being staged; there on 0.10.2), through ``BatchTracer.val`` and ``JVPTracer.primal`` for
+    values inside ``vmap``/``jvp``. Yields nothing where JAX does not record it.
+    """
+    seen: set[int] = set()
+    queue = collections.deque([x])
+    while queue and len(seen) < limit:
+        t = queue.popleft()
+        if id(t) in seen or not isinstance(t, jax.core.Tracer):
+            continue
+        seen.add(id(t))
+        for inner in ("val", "primal"):  # BatchTracer.val, JVPTracer.primal
+            v = getattr(t, inner, None)
+            if isinstance(v, jax.core.Tracer):
+                queue.append(v)
+        parent = getattr(t, "parent", None)
+        if parent is None or id(parent) in seen:
+            continue
+        seen.add(id(parent))
+        try:
+            prim, params, inputs = parent.primitive, parent.params, list(getattr(parent, "in_tracers", ()))
+        except Exception:  # pragma: no cover - layout change in a future JAX
+            return
+        yield prim, params
+        if prim not in stop_at:
+            queue.extend(inputs)
 
 
 def register_rules(prim, *, impl, abstract_eval, batching_rule, jvp_rule, lowering_error=None):
@@ -179,6 +329,37 @@ def subjaxprs_of(eqn):
             elif isinstance(u, Jaxpr):
                 out.append(u)
     return out
+
+
+def in_scope(eqn, name: str) -> bool:
+    """Whether ``eqn`` was traced inside ``jax.named_scope(name)``."""
+    try:
+        return name in str(eqn.source_info.name_stack)
+    except Exception:  # pragma: no cover - layout change in a future JAX
+        return False
+
+
+def map_subjaxprs(eqn, fn):
+    """``eqn`` with ``fn`` applied to every (open) ``Jaxpr`` nested in its params (closed ones
+    keep their constants); the same object where ``fn`` changes nothing."""
+    def one(u):
+        if isinstance(u, ClosedJaxpr):
+            new = fn(u.jaxpr)
+            return u if new is u.jaxpr else ClosedJaxpr(new, u.consts)
+        if isinstance(u, Jaxpr):
+            return fn(u)
+        return u
+
+    params, changed = {}, False
+    for k, v in eqn.params.items():
+        if isinstance(v, (tuple, list)) and any(isinstance(u, (ClosedJaxpr, Jaxpr)) for u in v):
+            new = type(v)(one(u) for u in v)
+            changed |= any(a is not b for a, b in zip(new, v))
+        else:
+            new = one(v)
+            changed |= new is not v
+        params[k] = new
+    return eqn.replace(params=params) if changed else eqn
 
 
 def core_shaped(struct):

@@ -16,8 +16,12 @@ Sharp edges:
 
 - ``lax.scan``/``fori_loop``/``while_loop`` bodies: reparam and REINFORCE sites work (they
   need no continuation); enum and MVD sites are refused when their parameters carry a
-  derivative. A ``while_loop`` can be differentiated in forward mode only (as in JAX).
-- Random choices inside ``custom_jvp``/``custom_vjp`` functions are refused.
+  derivative. A ``while_loop`` can be differentiated in forward mode only (as in JAX):
+  ``ex.grad`` does that for such programs.
+- Which strategy a default site gets depends on the whole program: ``build_estimator`` runs
+  the differentiability analysis (``_smoothness.with_defaults``) first, as ``explain`` does.
+- Random choices inside ``custom_jvp``/``custom_vjp`` functions are refused (``explain``
+  refuses them too); ``jax.checkpoint`` functions are inlined like ``jit``.
 - The gradient estimate is unbiased for first derivatives. Differentiating it again
   (``jax.hessian`` of ``estimate``) is *not* an unbiased Hessian estimator.
 - A nested ``ex.expect`` is estimated by its own estimator with an independent key; used
@@ -37,6 +41,7 @@ from ..dsl._site import SiteDist
 from ..runtime import _jax_compat as compat
 from .estimators._base import ContinuationStrategy, LocalStrategy, SiteContext
 from ._rao_blackwell import CostTerms, analyze
+from ._smoothness import with_defaults
 from .estimators._defaults import resolve
 
 Literal = compat.Literal
@@ -267,22 +272,38 @@ def run_eqns(jaxpr, env, i, thread: Thread, k: Callable, mode: bool):
             duals = [_read(env, v, mode) for v in eqn.invars]
             _write(env, eqn.outvars, _apply_keyed(expect_estimator(eqn.params["spec"]), k_sub, duals, mode))
         elif _eqn_is_random(eqn):
-            if prim is compat.jit_p or prim is compat.closed_call_p:
+            if prim is compat.jit_p or prim is compat.closed_call_p or prim is compat.remat_p:
                 return _inline(jaxpr, env, i, thread, k, mode)
             if prim is compat.cond_p:
                 return _cond(jaxpr, env, i, thread, k, mode)
             if prim is compat.scan_p or prim is compat.while_p:
                 thread = _loop(eqn, env, thread, mode)
             else:
-                raise UnsupportedError(
-                    f"the estimator pass does not support random choices inside "
-                    f"`{prim.name}` (at {compat.user_frame(eqn) or 'an unknown location'}). "
-                    "Move ex.sample out of the custom_jvp/custom_vjp/checkpoint function."
-                )
+                raise refused_call(eqn)
         else:
             _write(env, eqn.outvars, jvp_eqn(eqn, [_read(env, v, mode) for v in eqn.invars], mode))
         i += 1
     return k([_read(env, v, mode) for v in jaxpr.outvars], thread, mode, env)
+
+
+def refused_call(eqn) -> UnsupportedError:
+    """The error for random choices inside a function with its own derivative rule (or
+    another higher-order primitive the pass cannot enter); ``explain`` raises it too."""
+    return UnsupportedError(
+        f"the estimator pass does not support random choices inside `{eqn.primitive.name}` (at "
+        f"{compat.user_frame(eqn) or 'an unknown location'}): a custom_jvp/custom_vjp function "
+        "defines its own derivative, which cannot include the derivative of a random choice's "
+        "distribution. Move ex.sample out of the function and pass its value in."
+    )
+
+
+def _inner(eqn):
+    """``(jaxpr, consts)`` of an inlined call: ``jit``/``closed_call`` carry a closed jaxpr,
+    ``checkpoint`` an open one."""
+    sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+    if isinstance(sub, compat.ClosedJaxpr):
+        return sub.jaxpr, sub.consts
+    return sub, ()
 
 
 def _after(jaxpr, env, i, k):
@@ -299,9 +320,9 @@ def _after(jaxpr, env, i, k):
 
 def _inline(jaxpr, env, i, thread, k, mode):
     eqn = jaxpr.eqns[i]
-    closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+    inner, consts = _inner(eqn)
     duals = [_read(env, v, mode) for v in eqn.invars]
-    return run_jaxpr(closed.jaxpr, closed.consts, duals, thread, _after(jaxpr, env, i, k), mode)
+    return run_jaxpr(inner, consts, duals, thread, _after(jaxpr, env, i, k), mode)
 
 
 def _cond(jaxpr, env, i, thread, k, mode):
@@ -396,9 +417,9 @@ def eval_pathwise(jaxpr, consts, args, key):
         elif prim is expect_p:
             outs = list(expect_estimator(eqn.params["spec"])(k_eqn, *ins))
         elif _eqn_is_random(eqn):
-            if prim is compat.jit_p or prim is compat.closed_call_p:
-                closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-                outs, s, o = eval_pathwise(closed.jaxpr, closed.consts, ins, k_eqn)
+            if prim is compat.jit_p or prim is compat.closed_call_p or prim is compat.remat_p:
+                inner, consts = _inner(eqn)
+                outs, s, o = eval_pathwise(inner, consts, ins, k_eqn)
             elif prim is compat.cond_p:
                 branches = [
                     (lambda c: lambda kk, ops: eval_pathwise(c.jaxpr, c.consts, ops, kk))(c)
@@ -408,10 +429,7 @@ def eval_pathwise(jaxpr, consts, args, key):
             elif prim is compat.scan_p or prim is compat.while_p:
                 *outs, s, o = _loop_pathwise(eqn, k_eqn, ins)
             else:
-                raise UnsupportedError(
-                    f"random choices inside `{prim.name}` are not supported (at "
-                    f"{compat.user_frame(eqn) or 'an unknown location'})."
-                )
+                raise refused_call(eqn)
             s_total, o_total = s_total + s, o_total + o
         else:
             outs = compat.rebind(eqn, ins)
@@ -465,6 +483,9 @@ def build_estimator(jaxpr, n_consts: int, override_site: str | None = None) -> C
     alone (to measure the variance it contributes with everything else held fixed).
     """
 
+    # the plan: defaults whose pathwise derivative would be biased are replaced (explain
+    # shows the same plan, from the same cached analysis)
+    jaxpr = with_defaults(jaxpr)
     costs = analyze(jaxpr)
     finish = make_finish(costs)
 

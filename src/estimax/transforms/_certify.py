@@ -13,13 +13,18 @@ import dataclasses
 from typing import Any
 
 
-from .._errors import ProgramError
+import jax
+
+from .._errors import CertificateError, ProgramError
 from ..dsl._primitives import expect_p, sample_p
 from ..dsl._site import SiteDist, describe
 from ..runtime import _jax_compat as compat
 from .estimators._base import ContinuationStrategy
 from .estimators._enum import Enum
+from .estimators._reinforce import Reinforce
 from .estimators._defaults import resolve
+from ._adev import contains_random, refused_call
+from ._smoothness import breaks, with_defaults
 
 _RANK = {"exact": 0, "unbiased": 1, "consistent": 2, "biased": 3}
 
@@ -38,6 +43,8 @@ class SitePlan:
     variance_se: float | None = None
     #: for a site whose score terms are Rao-Blackwellized per element: the element count
     elements: int | None = None
+    #: why this site's estimator is biased although its strategy is not in general
+    caveat: str | None = None
 
     @property
     def certificate(self) -> str:
@@ -128,7 +135,10 @@ class Plan:
 
 
 def collect_sites(jaxpr, prefix: str = "", context: str = "program") -> list[SitePlan]:
-    """Every site of ``jaxpr`` in program order; raises on duplicate names."""
+    """Every site of ``jaxpr`` in program order, with the strategies the estimator pass will
+    use (defaults the differentiability analysis replaced included); raises on duplicate
+    names and on sites the pass refuses."""
+    jaxpr = with_defaults(jaxpr)
     out: list[SitePlan] = []
     seen: dict[str, Any] = {}
     _walk(jaxpr, prefix, context, out, seen)
@@ -163,6 +173,11 @@ def _walk(jaxpr, prefix, context, out, seen):
             if isinstance(strategy, Enum):  # a plan that could not run is an error here too
                 strategy.check_size(prefix + spec.name, SiteDist(spec, avals))
             lane = SiteDist(spec, avals).lane
+            caveat = None
+            if isinstance(strategy, Reinforce) and _support_moves(lane.support):
+                caveat = (f"site {prefix + spec.name!r} uses ex.reinforce, but the support of "
+                          f"{describe(lane)} moves with its parameters: the score function misses the "
+                          "boundary's term. Use ex.mvd (Uniform has one) or ex.reparam")
             plan = SitePlan(
                 name=prefix + spec.name,
                 distribution=describe(lane, spec.levels),
@@ -170,6 +185,7 @@ def _walk(jaxpr, prefix, context, out, seen):
                 reason=reason,
                 context=context,
                 location=spec.location,
+                caveat=caveat,
             )
             _add(out, seen, plan, spec)
         elif prim is expect_p:
@@ -182,9 +198,24 @@ def _walk(jaxpr, prefix, context, out, seen):
             _walk(eqn.params["jaxpr"].jaxpr, prefix, "scan body", out, seen)
         elif prim is compat.while_p:
             _walk(eqn.params["body_jaxpr"].jaxpr, prefix, "while body", out, seen)
+        elif prim is compat.custom_jvp_call_p or prim is compat.custom_vjp_call_p:
+            if any(contains_random(sub) for sub in compat.subjaxprs_of(eqn)):
+                raise refused_call(eqn)  # what the estimator pass would say
         else:
             for sub in compat.subjaxprs_of(eqn):
                 _walk(sub, prefix, context, out, seen)
+
+
+def _support_moves(constraint) -> bool:
+    """Whether a support constraint of a per-lane distribution (built from abstract operands)
+    has a bound that is an operand: the support depends on the parameters."""
+    for v in vars(constraint).values() if hasattr(constraint, "__dict__") else ():
+        if isinstance(v, (jax.ShapeDtypeStruct, jax.core.ShapedArray, jax.core.Tracer)):
+            return True
+        if hasattr(v, "__dict__") and type(v).__module__.startswith("numpyro.distributions.constraints"):
+            if _support_moves(v):
+                return True
+    return False
 
 
 def _context_label(ctx: str) -> str:
@@ -236,6 +267,10 @@ def _nonlinear_uses(jaxpr, flagged_in: list, prefix="") -> tuple[list, list[str]
         out_flag = none.union(*ins)
         if eqn.primitive is expect_p:
             spec = eqn.params["spec"]
+            # the expectation's own program: a composition inside it is estimated by a plug-in
+            # too (E[log ĝ] is not log E[g]); its estimate is linear in the inner draws only
+            _, inner, _ = _nonlinear_uses(spec.jaxpr, [none] * len(spec.jaxpr.invars))
+            problems += [f"inside {spec.call}: {p}" for p in inner]
             if out_flag:
                 flag(f"the arguments of {spec.call} depend on {_names(out_flag)} (at {where})", out_flag)
             if spec.log:
@@ -255,6 +290,8 @@ def _nonlinear_uses(jaxpr, flagged_in: list, prefix="") -> tuple[list, list[str]
                     problems += p
                     used.update(u)
                     out_flag = out_flag.union(*outs)
+        elif name == "convert_element_type" and not compat.is_float_dtype(eqn.params["new_dtype"]):
+            flag(f"the conversion of {_names(out_flag)} to {eqn.params['new_dtype']} (at {where})", out_flag)
         elif name in _LINEAR_ANY and name not in ("pjit", "jit"):
             pass
         elif name in _LINEAR_FIRST:
@@ -268,9 +305,9 @@ def _nonlinear_uses(jaxpr, flagged_in: list, prefix="") -> tuple[list, list[str]
             bad = none.union(*idx_flags)
             if bad:
                 flag(f"`{name}` indexed or selected by {_names(bad)} (at {where})", bad)
-        elif name in ("pjit", "jit", "closed_call"):
+        elif name in ("pjit", "jit", "closed_call", "remat2", "checkpoint"):
             closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-            outs, p, u = _nonlinear_uses(closed.jaxpr, ins)
+            outs, p, u = _nonlinear_uses(getattr(closed, "jaxpr", closed), ins)
             problems += p
             used.update(u)
             for v, f in zip(eqn.outvars, outs, strict=True):
@@ -296,7 +333,10 @@ def contains_expect(jaxpr) -> bool:
     )
 
 
-def certify(jaxpr, sites: list[SitePlan]) -> Certificate:
+def certify(jaxpr, sites: list[SitePlan], differentiated=None) -> Certificate:
+    """The certificate of ``jaxpr``'s estimator (with the plan's ``sites``) when the inputs
+    flagged in ``differentiated`` (all by default) are differentiated."""
+    jaxpr = with_defaults(jaxpr)
     kind = "unbiased"
     reasons: list[str] = []
     for s in sites:
@@ -305,11 +345,18 @@ def certify(jaxpr, sites: list[SitePlan]) -> Certificate:
             kind = c
         if c != "unbiased":
             reasons.append(f"site {s.name!r} uses {s.strategy.describe()} ({c})")
+        if s.caveat is not None:
+            kind = "biased"
+            reasons.append(s.caveat)
         if s.context in ("scan body", "while body") and isinstance(s.strategy, ContinuationStrategy):
             reasons.append(
                 f"site {s.name!r} uses {s.strategy.describe()} inside a loop body: refused "
                 "when its parameters are differentiated"
             )
+    found, _ = breaks(jaxpr, differentiated)
+    for br in found:
+        kind = "biased"
+        reasons.append(_break_reason(br))
     problems, _ = compositions(jaxpr)
     if problems:
         kind = "biased"
@@ -317,6 +364,22 @@ def certify(jaxpr, sites: list[SitePlan]) -> Certificate:
         reasons.append("a nonlinear function of an expectation has no unbiased estimator from one draw; "
                        "ex.fit(..., tracking=ex.tracking.SCGD()) (or SOX, MSVR) tracks it instead (consistent)")
     return Certificate(kind, tuple(reasons))
+
+
+def _break_reason(br) -> str:
+    hint = ""
+    if "the jump at" in br.what:
+        hint = ("; if this is a jnp.where whose branches meet at the boundary, write it with "
+                "jnp.maximum / jnp.minimum / jnp.clip (continuous) instead")
+    if br.origin.kind == "site":
+        strategy = br.origin.spec.strategy
+        return (f"site {br.origin.name!r} uses ex.{strategy.describe()}, whose pathwise derivative "
+                f"misses {br.describe()}: estimator=ex.mvd (where the family has one) or "
+                f"ex.reinforce is unbiased here, and is what the default picks{hint}")
+    return (f"the derivative of the differentiated arguments does not pass {br.describe()}, and "
+            "no site's estimator can account for that: make the comparison a random choice (e.g. "
+            "`ex.sample(dist.Bernoulli(probs=p))` for `u < p`), or replace it by a smooth "
+            f"surrogate (e.g. jax.nn.sigmoid((z - t) / temperature) for `z > t`; biased too){hint}")
 
 
 def _mark_elements(jaxpr, sites):
@@ -338,7 +401,29 @@ def _mark_elements(jaxpr, sites):
     return [dataclasses.replace(s, elements=sizes[s.name]) if s.name in sizes else s for s in sites]
 
 
-def explain(objective, *args, variance: bool = False, key=None, argnums=0, samples=(32, 16)) -> Plan:
+def differentiated_leaves(args, argnums) -> list[bool]:
+    """Per flattened leaf of ``args``: whether it belongs to an argument in ``argnums``."""
+    nums = {argnums % len(args)} if isinstance(argnums, int) else {a % len(args) for a in argnums}
+    flags: list[bool] = []
+    for i, a in enumerate(args):
+        flags += [i in nums] * len(jax.tree_util.tree_leaves(a))
+    return flags
+
+
+def require_certificate(plan: "Plan", require: str | None, where: str) -> None:
+    """Raise :class:`CertificateError` when ``plan``'s certificate is weaker than ``require``."""
+    if require is None:
+        return
+    if require not in ("unbiased", "consistent", "biased"):
+        raise ProgramError(f"{where}: require= expects 'unbiased' or 'consistent'; got {require!r}.")
+    if _RANK[plan.certificate.kind] > _RANK[require]:
+        raise CertificateError(
+            f"{where}: require={require!r}, but the estimator of {plan.program!r} is "
+            f"{plan.certificate}\n(ex.explain shows the whole plan)", plan)
+
+
+def explain(objective, *args, variance: bool = False, key=None, argnums=0, samples=(32, 16),
+            require: str | None = None) -> Plan:
     """The per-site plan and the certificate of ``objective``'s estimator at ``args``.
 
     ``args`` are the program's arguments (no key); only their shapes and dtypes matter --
@@ -348,14 +433,20 @@ def explain(objective, *args, variance: bool = False, key=None, argnums=0, sampl
     ``E[Var(ĝ | all other sites)]``, summed over gradient coordinates (``samples`` =
     (outer, inner) draws; needs ``key``). A site with a large share is the one to give a
     better strategy or baseline. Sites in loop bodies and nested expectations show ``n/a``.
+
+    ``argnums`` also says which arguments are differentiated for the certificate: a
+    comparison of a differentiated argument (``z > theta``) makes it ``biased``, one of
+    data does not. ``require="unbiased"`` (or ``"consistent"``) raises
+    :class:`~estimax.CertificateError` when the certificate is weaker.
     """
     from ..dsl._program import _as_program
 
     program = _as_program(objective, "ex.explain")
     closed, _, _ = program.stage(args)
-    sites = collect_sites(closed.jaxpr)
+    jaxpr = with_defaults(closed.jaxpr)
+    sites = collect_sites(jaxpr)
     sites = [dataclasses.replace(s, context=_context_label(s.context)) for s in sites]
-    sites = _mark_elements(closed.jaxpr, sites)
+    sites = _mark_elements(jaxpr, sites)
     total = None
     if variance:
         if key is None:
@@ -369,7 +460,7 @@ def explain(objective, *args, variance: bool = False, key=None, argnums=0, sampl
             else s
             for s in sites
         ]
-    certificate = certify(closed.jaxpr, sites)
+    certificate = certify(jaxpr, sites, differentiated_leaves(args, argnums) if args else None)
     declared = program.declared_certificate
     if declared is not None:
         kind, reason = declared
@@ -398,7 +489,9 @@ def explain(objective, *args, variance: bool = False, key=None, argnums=0, sampl
             (c.name, c.describe(), f"λ[{c.name}]" if c.kind == "eq" else f"μ[{c.name}] >= 0", c.location or "?")
             for c in split(program, args).constraints
         )
-    return Plan(program.name, tuple(sites), certificate, total, constraints, argmins, _compositions(closed.jaxpr))
+    plan = Plan(program.name, tuple(sites), certificate, total, constraints, argmins, _compositions(closed.jaxpr))
+    require_certificate(plan, require, f"ex.explain({program.name})")
+    return plan
 
 
 def _compositions(jaxpr) -> tuple:

@@ -404,7 +404,8 @@ class Tracker:
     def certificate(self, *args):
         """The tracked estimator's certificate at ``args``: ``consistent`` (or weaker, when a
         site's strategy is), with the plug-in reasons replaced by what is tracked."""
-        from ._certify import _RANK, Certificate, collect_sites
+        from ._certify import _RANK, Certificate, _break_reason, collect_sites, differentiated_leaves
+        from ._smoothness import breaks, with_defaults
 
         closed, _, _ = self.program.stage(args)
         items, _ = self.build(args)
@@ -415,6 +416,9 @@ class Tracker:
                 kind = c
             if c != "unbiased":
                 reasons.append(f"site {site.name!r} uses {site.strategy.describe()} ({c})")
+        for br in breaks(with_defaults(closed.jaxpr), differentiated_leaves(args, self.argnums))[0]:
+            kind = "biased"
+            reasons.append(_break_reason(br))
         for it in items:
             s = it.spec
             per = f"one estimate per index (of {s.size})" if s.indexed else "one running estimate"

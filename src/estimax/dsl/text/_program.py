@@ -44,6 +44,7 @@ from .._marginal import Approximate
 from .._marginal import marginal as _marginal
 from .._marginal import normalize as _normalize
 from .._primitives import expect as _expect
+from .._primitives import expect_p as _expect_p
 from .._primitives import sample as _sample
 from .._primitives import source_location
 from .._primitives import stage as _stage
@@ -52,6 +53,7 @@ from .._primitives import vmap as _vmap
 from .._program import Expectation
 from .._site import log_density
 from ...objectives._vi import LogJoint
+from ...runtime import _jax_compat as _compat
 from ...transforms._certify import collect_sites
 from ._errors import TextError
 
@@ -329,6 +331,8 @@ STRATEGIES: dict[str, Any] = {
 }
 _DIST_METHODS = {"to_event", "expand", "mask", "mean", "variance"}
 _SHAPE_FUNCTIONS = {"reshape", "zeros", "ones", "transpose"}  # take a list literal as a shape, not an array
+#: the statements a block runs, each under its `file.emx:line` (see ``TextProgram._run_block``)
+_RUN_STATEMENTS = {"sample_stmt", "let_stmt", "constraint_stmt", "maximize", "minimize", "return_stmt"}
 _OBJECT_FUNCTIONS = {"logp", "marginal", "normalize", "argmin"}  # take distributions, programs or names, not only numbers
 _TYPES = {"real": jnp.float32, "int": jnp.int32}
 # The grammar's keywords. lark's contextual lexer reads a keyword as a name where no keyword
@@ -451,6 +455,7 @@ class _TextExpectation(Expectation):
     def stage(self, args):
         try:
             out = super().stage(args)
+            self._text._note_staged_sites(out[0].jaxpr)
             collect_sites(out[0].jaxpr)
             if self._text.constraints and not self._splitting:  # the constraints pass's checks, at the file's lines
                 from ...transforms._constraints import split
@@ -482,7 +487,11 @@ class TextProgram:
       declared names; ``maximize`` says the direction.
     - ``init_params(dims)``, ``abstract_data(dims)``: declared initial values and data
       shapes (``dims`` maps named sizes to numbers; see :meth:`dims_from`).
-    - ``sites``: the random choices' names and where they are written.
+    - ``sites``: the random choices' names and where they are written, ``(line, column)``;
+      once the objective is staged, also under their full names in the program
+      (``"expect/z"``, ``"marginal/u"``, ``"normalize/index"``), at the statement that draws
+      each (a program's choices where the program is written; a ``marginal``'s or
+      ``normalize``'s resampling index at the `~` that draws from it).
     """
 
     def __init__(self, source: str, filename: str = "<string>"):
@@ -518,6 +527,15 @@ class TextProgram:
         self._objective_node: Tree | None = None
         self._read(tree)
         self._check_names()
+        # the statement on each line (one per line), preferring a random choice's: a site's
+        # location is the `file.emx:line` of the statement that ran ``ex.sample``
+        self._statements: dict[int, Tree] = {}
+        for stmt in tree.iter_subtrees_topdown():
+            line = getattr(stmt.meta, "line", None)
+            if stmt.data in _RUN_STATEMENTS and line is not None and (
+                    stmt.data == "sample_stmt" or line not in self._statements):
+                self._statements[line] = stmt
+        self._staged_tokens: dict[str, Any] = {}  # full site name -> its strategy or name, once staged
         self._ctx = _Ctx(filename, source, self.maximize)
         name = Path(filename).stem if filename != "<string>" else "text_objective"
         self.objective = _TextExpectation(self._function(), name=name, program=self)
@@ -591,7 +609,8 @@ class TextProgram:
         full = (m.group(1) or m.group(2)) if m else None
         token = None
         if full is not None:  # a program's choices are named where the program is called: match the last part
-            token = self._site_tokens.get(full) or self._program_sites.get(full.rsplit("/", 1)[-1])
+            token = (self._staged_tokens.get(full) or self._site_tokens.get(full)
+                     or self._program_sites.get(full.rsplit("/", 1)[-1]))
         if token is None:
             return e
         if m.group(2) is not None and full not in self._site_tokens:
@@ -600,6 +619,40 @@ class TextProgram:
                               "(or a marginal or normalize) can run once in an objective", token,
                               hint="for several independent draws, run it inside `plate(n=...) { ... }`")
         return self.error(_in_text_terms(_first_line(e)), token)
+
+    def _note_staged_sites(self, jaxpr):
+        """Record where each random choice of the staged objective is written, under its full
+        name (as ``explain`` names it): the statement its location (``file.emx:line``, set
+        while the statement ran) names. A site's short name is ambiguous -- the reverse model
+        of a ``marginal`` draws ``marginal/u`` under the joint's name ``u`` -- and some sites
+        have none in the file (``normalize/index``)."""
+        base = os.path.basename(self.filename)
+        tokens: dict[str, Any] = {}
+
+        def walk(jaxpr, prefix):
+            for eqn in jaxpr.eqns:
+                if eqn.primitive is _sample_p:
+                    spec = eqn.params["spec"]
+                    file, _, line = (spec.location or "").rpartition(":")
+                    stmt = self._statements.get(int(line)) if file == base and line.isdigit() else None
+                    if stmt is not None and prefix + spec.name not in tokens:
+                        tokens[prefix + spec.name] = stmt
+                elif eqn.primitive is _expect_p:
+                    walk(eqn.params["spec"].jaxpr, f"{prefix}{eqn.params['spec'].name}/")
+                else:
+                    for sub in _compat.subjaxprs_of(eqn):
+                        walk(sub, prefix)
+
+        walk(jaxpr, "")
+        self._staged_tokens = {}
+        for full, stmt in tokens.items():
+            if stmt.data == "sample_stmt":
+                name, strategy = stmt.children[0], stmt.children[2]
+                self.sites[full] = (name.line, name.column)
+                self._staged_tokens[full] = strategy or name
+            else:  # e.g. a Python function of the file's imports that samples, called in a `let`
+                self.sites[full] = (stmt.meta.line, stmt.meta.column)
+                self._staged_tokens[full] = stmt
 
     # -- reading the statements ------------------------------------------------------------------
     def _read(self, tree: Tree):

@@ -72,6 +72,9 @@ class Strategy(abc.ABC):
     needs_continuation: ClassVar[bool]
     #: the identity the strategy implements
     identity: ClassVar[str]
+    #: whether the site's value carries the parameters' derivative (reparam, relaxations):
+    #: then the rest of the program must be differentiable in it (``transforms/_smoothness``)
+    pathwise_value: ClassVar[bool] = False
 
     @abc.abstractmethod
     def check(self, d, site_name: str) -> None:

@@ -14,6 +14,8 @@ def resolve(spec: SiteSpec, operands) -> tuple[Strategy, str]:
     """``(strategy, reason)`` for a site; ``operands`` may be arrays, tracers or avals."""
     site = SiteDist(spec, operands)
     d, n = site.lane, site.num_coordinates
+    if spec.reason is not None:  # a default the differentiability analysis replaced
+        return spec.strategy, spec.reason
     if spec.strategy is not None:
         reason = "chosen in the program"
         if isinstance(spec.strategy, Reparam) and Reparam.is_implicit(d):
@@ -41,3 +43,17 @@ def _mvd_hint(d) -> str:
     except Exception:
         return ""
     return "; ex.mvd applies and usually has far lower variance"
+
+
+def fallback(spec: SiteSpec, avals, in_loop: bool) -> Strategy:
+    """The default that replaces a reparameterized sampler whose pathwise derivative would be
+    biased (see ``transforms/_smoothness``): ``ex.mvd`` where the family has a measure-valued
+    derivative, ``ex.reinforce`` otherwise -- and inside a loop body, where no continuation
+    can cross the loop boundary, always ``ex.reinforce``."""
+    if not in_loop:
+        try:
+            mvd.check(SiteDist(spec, avals).lane, spec.name)
+            return mvd
+        except Exception:  # StrategyError: no rule for the family (or its event shape)
+            pass
+    return reinforce

@@ -87,6 +87,19 @@ def _normal(p, pdot, x, key):
     return weights, alts
 
 
+def _uniform(p, pdot, x, key):
+    del key
+    # E f = (1/(h - l)) ∫_l^h f: ∂h = (f(h) - E f)/(h - l), ∂l = (E f - f(l))/(h - l), with
+    # E f estimated by the site's own draw. The support moves with (l, h): a score function
+    # misses these boundary terms, which is why this rule exists.
+    low, high = p["low"].reshape(-1), p["high"].reshape(-1)
+    width = high - low
+    c_high, c_low = pdot["high"].reshape(-1) / width, pdot["low"].reshape(-1) / width
+    weights = jnp.concatenate([c_high, -c_low, c_low - c_high])
+    alts = jnp.concatenate([_replace_each(x, high), _replace_each(x, low), _replace_each(x, x)])
+    return weights, alts
+
+
 _RULES: dict[type, tuple[tuple[str, ...], Callable]] = {
     dist.BernoulliProbs: (("probs",), _bernoulli),
     dist.BernoulliLogits: (("probs",), _bernoulli),
@@ -94,6 +107,7 @@ _RULES: dict[type, tuple[tuple[str, ...], Callable]] = {
     dist.CategoricalLogits: (("probs",), _categorical),
     dist.Poisson: (("rate",), _poisson),
     dist.Normal: (("loc", "scale"), _normal),
+    dist.Uniform: (("low", "high"), _uniform),
 }
 
 
@@ -114,7 +128,8 @@ class MVD(ContinuationStrategy):
     Per coordinate and per parameter the derivative of the density is split into a positive
     and a negative part, each a probability measure (Bernoulli: ``f(1) − f(0)``; Categorical:
     ``Σ_k ṗ_k f(k)``; Poisson: ``f(x+1) − f(x)``; Normal: Rayleigh-shifted pair for the mean,
-    double-sided Maxwell against the site's own draw for the scale). Unbiased, needs no
+    double-sided Maxwell against the site's own draw for the scale; Uniform: the moving end
+    point against the site's own draw). Unbiased, needs no
     derivative of ``f`` (works for discontinuous ``f``), typically far lower variance than
     REINFORCE; costs two continuation evaluations per coordinate and parameter.
     """

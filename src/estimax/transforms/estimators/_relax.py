@@ -143,6 +143,7 @@ class Relaxation(LocalStrategy):
 
     temperature: float
     certificate = "biased"
+    pathwise_value = True
 
     @abc.abstractmethod
     def value(self, hard, relaxed):

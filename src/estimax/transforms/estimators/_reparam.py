@@ -27,6 +27,7 @@ class Reparam(LocalStrategy):
     """
 
     name = "reparam"
+    pathwise_value = True
     identity = "∇θ E_p[f(x)] = E_ε[∇θ f(g(θ, ε))]"
 
     def check(self, d, site_name):
