@@ -315,6 +315,15 @@ def test_batched_distributions_in_shared_lanes_are_unbiased_under_mvd():
     assert_sampled(ex.grad(batched_lanes(ex.mvd)), exact, args=(P,), seed="batched", resolution=1.0)
 
 
+def _numpyro_enumerates_expanded() -> bool:
+    try:  # NumPyro before 0.20 calls a torch-style `.expand` on a JAX array here
+        dist.Bernoulli(probs=0.5).expand([2]).enumerate_support()
+    except AttributeError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _numpyro_enumerates_expanded(), reason="this NumPyro cannot enumerate an expanded distribution")
 def test_expanded_distribution_in_shared_lanes_enumerates_exactly():
     @ex.expectation
     def program(p):

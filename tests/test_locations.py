@@ -188,7 +188,8 @@ def test_if_on_a_random_value_is_a_program_error_at_the_users_line(entry):
     message = str(e.value)
     assert message.startswith(f"program 'branch_on_z': `if z > 0:` (at {__file__}:{_line_of(HERE, '# BRANCH-ON-Z')}) "
                               "uses a traced value as a Python bool."), message
-    assert "random choice 'z'" in message and "ex.sample are traced arrays" in message
+    if compat.records_origins():  # else this JAX does not say where a traced value came from
+        assert "random choice 'z'" in message and "ex.sample are traced arrays" in message
     assert "jax.lax.cond(pred, " in message and "jnp.where(pred, a, b)" in message
     assert isinstance(e.value.__cause__, jax.errors.TracerBoolConversionError)
 
@@ -245,6 +246,8 @@ def test_traced_values_used_as_python_values(program, marker, expected, cause):
     message = str(e.value)
     assert f"(at {__file__}:{_line_of(HERE, marker)})" in message, message
     for fragment in expected:
+        if fragment.startswith("random choice") and not compat.records_origins():
+            continue  # this JAX does not record where a traced value came from: the line only
         assert fragment in message, (fragment, message)
     if program is branch_on_argument:
         assert "random choice" not in message

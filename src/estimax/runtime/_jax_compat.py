@@ -39,7 +39,10 @@ jit_p = getattr(_P, "jit_p", None) or getattr(_P, "pjit_p")
 closed_call_p = _P.closed_call_p
 custom_jvp_call_p = _P.custom_jvp_call_p
 custom_vjp_call_p = _P.custom_vjp_call_p
+# ``jax.checkpoint``'s primitive ("remat2"): exported by ``jax.extend`` from 0.7 on.
 remat_p = getattr(_P, "remat_p", None)
+if remat_p is None:  # JAX 0.6.x
+    from jax._src.ad_checkpoint import remat_p  # noqa: E402
 
 float0 = jax.dtypes.float0
 
@@ -263,6 +266,21 @@ def concretization_kind(error: BaseException) -> str:
         return "array"
     m = _CONVERSION.search(str(error))  # ``int(x)``, ``float(x)``: the message names the function
     return {"int": "int", "float": "float", "complex": "float", "bool": "bool"}.get(m.group(1) if m else "", "value")
+
+
+@functools.cache
+def records_origins() -> bool:
+    """Whether this JAX records which equation produced a tracer while a jaxpr is staged (what
+    :func:`traced_origins` reads; there on 0.10.2, not on 0.6.2)."""
+    found = []
+
+    def f(x):
+        y = jax.numpy.sin(x)
+        found.extend(traced_origins(y))
+        return y
+
+    jax.make_jaxpr(f)(1.0)
+    return bool(found)
 
 
 def traced_origins(x, stop_at=(), limit: int = 100_000):

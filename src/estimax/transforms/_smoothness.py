@@ -177,9 +177,9 @@ def _show(av: AV, names: dict) -> str:
 class Walker:
     """One pass of the analysis over a staged program.
 
-    ``strategy_of(spec, avals) -> Strategy`` gives each site's strategy. With
-    ``standalone_expects`` a nested expectation is analysed on its own (every input
-    differentiated, as its estimator is built: see :func:`with_defaults`) and its value is
+    ``strategy_of(spec, avals) -> Strategy`` gives each site's strategy. With ``nested``
+    (``spec -> replacement spec``) a nested expectation is analysed on its own, every input
+    differentiated, as its estimator is built (see :func:`with_defaults`), and its value is
     opaque; otherwise the walk follows the operands into the expectation's program.
     """
 
