@@ -93,8 +93,12 @@ def test_key_forgotten():
 
     with pytest.raises(ex.ProgramError, match=r"first argument must be a PRNG key"):
         f.estimate(0.5)
-    with pytest.raises(ex.ProgramError, match=r"first argument must be a PRNG key"):
+    with pytest.raises(ex.ProgramError, match=r"first argument must be a PRNG key") as e:
         ex.grad(f)({"mu": 0.5}, 0.3)
+    # the function the user called, and a call that is valid
+    assert str(e.value).startswith("ex.grad(f)(key, ...):") and str(e.value).endswith("ex.grad(f)(key, *args).")
+    with pytest.raises(ex.ProgramError, match=r"first argument.*: ex\.value_and_grad\(f\)\(key, \*args\)\."):
+        ex.value_and_grad(f)(0.5, 0.3)
 
 
 def test_duplicate_site_names():

@@ -26,13 +26,14 @@ def key_problem(key) -> str | None:
     return None if ok else f"{aval.dtype}{list(aval.shape)}"
 
 
-def _check_key(key, where: str):
+def _check_key(key, call: str):
+    """``call`` is how the user called the estimator, without arguments: ``ex.grad(f)``."""
     got = key_problem(key)
     if got is not None:
         raise ProgramError(
-            f"{where}: the first argument must be a PRNG key (jax.random.key(0) or "
+            f"{call}(key, ...): the first argument must be a PRNG key (jax.random.key(0) or "
             f"jax.random.PRNGKey(0)); got {got}. Every estimator takes the key first: "
-            f"{where.split('(')[0]}(key, *args)."
+            f"{call}(key, *args)."
         )
 
 
@@ -108,7 +109,7 @@ class Expectation:
         Differentiable: ``jax.grad(objective.estimate, argnums=1)(key, theta)`` is the
         estimator pass's gradient estimate.
         """
-        _check_key(key, f"{self.name}.estimate(key, ...)")
+        _check_key(key, f"{self.name}.estimate")
         flat_est, in_tree, _ = self._estimator(args)
         return flat_est(key, *jax.tree_util.tree_leaves(args))
 
@@ -178,12 +179,16 @@ def value_and_grad(objective, argnums: int | Sequence[int] = 0, *, require: str 
     is differentiated in forward mode, one pass per differentiated coordinate, since JAX
     cannot reverse a ``while_loop``; the estimate is the same.
     """
-    program = _as_program(objective, "ex.value_and_grad")
-    where = f"ex.value_and_grad({program.name})"
+    return _value_and_grad(objective, argnums, require, "ex.value_and_grad")
+
+
+def _value_and_grad(objective, argnums, require, entry: str):
+    program = _as_program(objective, entry)
+    where = f"{entry}({program.name})"
 
     @jax.jit
     def f(key, *args):
-        _check_key(key, where + "(key, ...)")
+        _check_key(key, where)
         single, nums = _normalize_argnums(argnums, len(args), where)
         _scalar_check(program, args, where)
         if require is not None:
@@ -225,7 +230,7 @@ def _random_while(jaxpr) -> bool:
 
 def grad(objective, argnums: int | Sequence[int] = 0, *, require: str | None = None):
     """``g(key, *args) -> gradient estimate`` of ``E[objective(*args)]``; see :func:`value_and_grad`."""
-    vg = value_and_grad(objective, argnums, require=require)
+    vg = _value_and_grad(objective, argnums, require, "ex.grad")
     return jax.jit(lambda key, *args: vg(key, *args)[1])
 
 
