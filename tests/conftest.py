@@ -18,3 +18,57 @@ settings.register_profile("ci", max_examples=4, derandomize=True, **_common)
 settings.register_profile("dev", max_examples=8, derandomize=True, **_common)
 settings.register_profile("thorough", max_examples=50, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+# --- the quick subset: `python -m pytest -m quick` --------------------------------------------
+# A few fast tests from every test module, so that every part of the package (language, passes,
+# strategies, objectives, solvers, text front-end, command, runtime, testing helpers) runs in
+# about two minutes on two cores. The full suite (what CI runs) is the reference.
+QUICK = {
+    "test_baselines.py": ["test_learned_baseline_mistakes"],
+    "test_bilevel.py": ["test_ridge_hypergradient_matches_the_closed_form[default]", "test_errors_name_the_mistake"],
+    "test_cli.py": ["test_check_prints_the_plan_and_certificate", "test_syntax_error_has_location_caret_and_expected",
+                    "test_help_for_every_command"],
+    "test_composition.py": ["test_eager_and_jit_agree", "test_tuple_argnums"],
+    "test_constrained_solvers.py": ["test_known_optimum[sl-eq_qp]", "test_augmented_lagrangian_options_are_checked"],
+    "test_constraints.py": ["test_explain_lists_constraints_kinds_and_multipliers", "test_malformed_constraints_are_named"],
+    "test_differentiability.py": ["test_where_jump_default_is_mvd_and_right", "test_argument_compared_with_a_draw_is_biased",
+                                  "test_a_site_inside_custom_jvp_is_refused_by_explain_as_by_the_estimator"],
+    "test_docs.py": ["test_doctests"],
+    "test_errors.py": None,  # the whole module: each test stages one small program
+    "test_explain.py": ["test_plan_lists_sites_strategies_and_reasons", "test_nonlinear_plug_in_is_named"],
+    "test_fit.py": ["test_argument_errors", "test_history_partial_last_chunk_and_chunk_size"],
+    "test_lane_sites.py": ["test_enumeration_over_lanes_sharing_their_parameters_is_exact"],
+    "test_locations.py": ["test_library_files_are_told_apart_by_package_not_by_name",
+                          "test_if_on_a_random_value_is_a_program_error_at_the_users_line"],
+    "test_marginal.py": ["test_marginal_errors_name_the_mistake", "test_explain_lists_the_reverse_model_draws"],
+    "test_objectives.py": ["test_elbo_value_and_gradient_are_unbiased", "test_dreg_refuses_a_non_reparameterized_guide"],
+    "test_programs.py": ["test_dependent_sites[reparam-mvd]", "test_enumeration_is_exact", "test_reinforce_inside_scan"],
+    "test_relax.py": ["test_explain_certifies_biased_and_names_the_strategy", "test_bad_temperatures_are_refused"],
+    "test_runtime.py": ["test_nonfinite_names_the_step_the_leaf_and_the_line"],
+    "test_score.py": ["test_fdistill_certificates_and_errors"],
+    "test_testing_helpers.py": ["test_seed_from_is_deterministic_and_input_sensitive",
+                                "test_assert_unbiased_catches_a_small_bias"],
+    "test_text.py": ["test_declarations_shapes_and_sizes", "test_golden_error[enum_on_normal]",
+                     "test_golden_error[duplicate_name]", "test_sites_report_the_file_line"],
+    "test_tracking.py": ["test_updates_equal_a_numpy_transcription", "test_tracking_errors_name_the_expectation"],
+    "test_unbiased.py": ["test_gradient_unbiased[reparam-Normal]", "test_gradient_unbiased[reinforce-Bernoulli]",
+                         "test_gradient_unbiased[mvd-Poisson]"],
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    matched: dict[str, set] = {}
+    for item in items:
+        names = QUICK.get(item.path.name, ())  # a test's name, or one parametrization of it
+        hit = set(names or ()) & {item.originalname, item.name}
+        matched.setdefault(item.path.name, set()).update(hit)
+        if names is None or hit:
+            item.add_marker(pytest.mark.quick)
+    # a renamed test must not silently leave the quick subset
+    stale = [f"{f}::{n}" for f, names in QUICK.items() if f in matched and names
+             for n in names if n not in matched[f] and not config.getoption("-k")]
+    if stale and len(matched) == len(QUICK):
+        raise pytest.UsageError(f"tests/conftest.py QUICK names tests that do not exist: {stale}")
