@@ -302,7 +302,7 @@ def test_run_writes_parameters_history_and_plot(finished_run):
     assert np.load(out / "history.npy").shape == (30,)
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     record = read_record(out / "checkpoint")  # the whole run, through orbax (estimax.fit's checkpoint)
-    assert record["step"] == 30 and record["optimizer"] == "adam" and record["format"] == "estimax-fit/1"
+    assert record["step"] == 30 and record["optimizer"] == "adam" and record["format"] == "estimax-fit/2"
     assert (out / "checkpoint" / "30" / "state").is_dir()
     # and says what it did
     assert (

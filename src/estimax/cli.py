@@ -24,8 +24,11 @@ Sharp edges:
   PRNG key, the step and the history, and step ``i`` of :func:`estimax.fit` uses the
   ``i``-th key split off the run's key whatever the chunking. A resumed run therefore ends
   with the parameters an uninterrupted run would have (on the same machine and JAX
-  version). A checkpoint is refused when the file's parameters, the optimizer, the
-  learning rate, the seed or the data differ from the run that wrote it.
+  version). A checkpoint is refused when the file's parameters, the program it stages
+  (comments and layout aside), the optimizer, the learning rate, the seed or the data differ
+  from the run that wrote it; ``--fresh`` starts over. A file with constraints resumes the
+  same way (``--steps`` may be raised). The output folder is locked while a ``run`` goes: a
+  second ``run`` on it is refused, naming the process that holds it.
 - ``check`` and ``explain`` without ``--data`` stage the objective with every named size
   (``real[N]``) set to a small default; pass ``--data`` to use the data's sizes.
 """
@@ -72,19 +75,28 @@ class _Invocation:
 # --- reading inputs ------------------------------------------------------------------------
 
 
-def _load_program(path: str, invocation: _Invocation):
-    """The parsed, checked objective file at ``path`` (an ``ex.text.TextProgram``)."""
+def _load_program(path: str, invocation: _Invocation, allow_imports=()):
+    """The parsed, checked objective file at ``path`` (an ``ex.text.TextProgram``);
+    ``allow_imports``: what it may import beyond the defaults (``--allow-import``)."""
     import estimax as ex
+    from estimax.dsl.text._program import MAX_SOURCE_BYTES, not_a_regular_file
 
     invocation.path = path
     if not os.path.exists(path):
         raise _Fail(f"no such file: {path}", _EXIT_USAGE)
     if os.path.isdir(path):
         raise _Fail(f"{path} is a directory, not an objective file", _EXIT_USAGE)
+    kind = not_a_regular_file(path)
+    if kind is not None:  # a FIFO would block, /dev/zero would never end
+        raise _Fail(f"{path} is {kind}, not an objective file; give the path of a .emx file", _EXIT_USAGE)
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SOURCE_BYTES + 1)
     except OSError as e:
         raise _Fail(f"cannot read {path}: {e.strerror or e}", _EXIT_USAGE) from None
+    if len(raw) > MAX_SOURCE_BYTES:
+        raise _Fail(f"{path} is larger than {MAX_SOURCE_BYTES // 2**20} MiB, too large for an objective file "
+                    "(is it the right file?)", _EXIT_USAGE)
     try:
         source = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -92,26 +104,78 @@ def _load_program(path: str, invocation: _Invocation):
         raise _Fail(
             f"{path}:{line}: the file is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})"
         ) from None
-    program = ex.text.parse(source, path)
+    if any(not entry.strip() for entry in allow_imports or ()):
+        raise _Fail("--allow-import needs a module name or a path; got an empty one", _EXIT_USAGE)
+    program = ex.text.parse(source, path, allow_imports=allow_imports or ())
     invocation.program = program
     return program
 
 
 def _load_npz(path: str, what: str, hint: str | None = None) -> dict:
-    """The named arrays of the ``.npz`` file at ``path``, read eagerly (no pickles)."""
+    """The named arrays of the ``.npz`` file at ``path``, read eagerly (no pickles). Each
+    array's header is read first: an array larger than the file holds (a damaged or crafted
+    header) or than the machine's memory is refused before anything is allocated."""
     import numpy as np
+    from numpy.lib import format as npy_format
+
+    from estimax.dsl.text._program import not_a_regular_file
 
     if not os.path.exists(path):
         raise _Fail(f"no such {what} file: {path}", _EXIT_USAGE)
     if os.path.isdir(path):
         raise _Fail(f"{path} is a directory, not a {what} file (.npz)", _EXIT_USAGE)
+    kind = not_a_regular_file(path)
+    if kind is not None:  # a FIFO would block, /dev/zero would never end
+        raise _Fail(f"{path} is {kind}, not a {what} file (.npz)", _EXIT_USAGE)
     hint = hint or f"write it with numpy.savez({path!r}, name=array, ...)"
+
+    def size(n: int) -> str:
+        return f"{n} bytes" if n < 2**20 else f"{n / 2**30:.3g} GiB"
+
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on this system: no limit but the file's own sizes
+        memory = None
+
+    def check_members(f):
+        total = 0
+        with zipfile.ZipFile(f) as archive:
+            for info in archive.infolist():
+                name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                need = info.file_size
+                if info.filename.endswith(".npy"):
+                    with archive.open(info) as member:
+                        version = npy_format.read_magic(member)
+                        read_header = getattr(npy_format, "_read_array_header", None)
+                        if read_header is not None:
+                            shape, _, dtype = read_header(member, version)
+                        elif version == (1, 0):
+                            shape, _, dtype = npy_format.read_array_header_1_0(member)
+                        else:
+                            shape, _, dtype = npy_format.read_array_header_2_0(member)
+                        header = member.tell()
+                    if dtype.hasobject:
+                        continue  # refused when read (no pickles)
+                    need = math.prod(shape) * dtype.itemsize
+                    if need > info.file_size - header:
+                        raise _Fail(f"{path} is damaged: the header of array {name!r} says shape {tuple(shape)} of "
+                                    f"{dtype} ({size(need)}), but the file holds {size(info.file_size - header)} of "
+                                    f"data for it; {hint}")
+                total += need
+                if memory is not None and total > memory:
+                    raise _Fail(f"{path}: the arrays take {size(total)} (array {name!r} alone {size(need)}), more "
+                                f"than this machine's memory ({size(memory)}); is it the right file?")
+
     try:
         with open(path, "rb") as f:
             magic = f.read(6)
             f.seek(0)
-            if not (magic.startswith(b"PK") or magic == b"\x93NUMPY"):
+            if magic == b"\x93NUMPY":
+                raise _Fail(f"{path} holds a single array (.npy), not named arrays; {hint}")
+            if not magic.startswith(b"PK"):
                 raise _Fail(f"{path} is not a .npz file (not a zip archive of arrays); {hint}")
+            check_members(f)
+            f.seek(0)
             loaded = np.load(f, allow_pickle=False)
             if not isinstance(loaded, np.lib.npyio.NpzFile):
                 raise _Fail(f"{path} holds a single array (.npy), not named arrays; {hint}")
@@ -121,7 +185,7 @@ def _load_npz(path: str, what: str, hint: str | None = None) -> dict:
         raise
     except PermissionError as e:
         raise _Fail(f"cannot read {path}: {e.strerror or e}", _EXIT_USAGE) from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, NotImplementedError) as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise _Fail(f"{path} is not a readable .npz file of arrays ({detail}); {hint}") from None
 
@@ -142,6 +206,12 @@ def _read_data(program, data_path: str | None, *, needed: bool, invocation: _Inv
     data = program.validate_data(raw)
     dims = program.dims_from(raw)
     invocation.note = None
+    unused = sorted(n for n in raw if n not in program.data)
+    if unused:  # a misspelled name, or the wrong file: say so rather than drop them silently
+        declared = ", ".join(program.data) or "none"
+        print(f"estimax: warning: {data_path} has array{'s' if len(unused) > 1 else ''} that no `data` "
+              f"declaration of {program.filename} uses: {', '.join(unused)} (ignored; declared: {declared})",
+              file=sys.stderr)
     return data, dims
 
 
@@ -286,7 +356,7 @@ def _plan_table(program, plan) -> str:
 
 
 def _cmd_check(args, invocation: _Invocation) -> int:
-    program = _load_program(args.file, invocation)
+    program = _load_program(args.file, invocation, allow_imports=args.allow_import)
     _, dims = _read_data(program, args.data, needed=False, invocation=invocation)
     params = program.init_params(dims)
     plan = _stage(program, params, program.abstract_data(dims))
@@ -300,7 +370,7 @@ def _cmd_explain(args, invocation: _Invocation) -> int:
 
     import estimax as ex
 
-    program = _load_program(args.file, invocation)
+    program = _load_program(args.file, invocation, allow_imports=args.allow_import)
     data, dims = _read_data(program, args.data, needed=args.variance, invocation=invocation)
     params = program.init_params(dims)
     if args.params is not None:
@@ -390,6 +460,55 @@ def _save_npz_atomically(path: str, arrays: dict):
         raise _Fail(f"cannot write {path}: {e.strerror or e}") from None
 
 
+def _save_npy_atomically(path: str, array):
+    """Write one array to ``path`` in one step (see ``runtime._checkpoint``)."""
+    from .runtime._checkpoint import save_npy_atomically
+
+    try:
+        save_npy_atomically(path, array)
+    except OSError as e:
+        raise _Fail(f"cannot write {path}: {e.strerror or e}") from None
+
+
+_WORDS = dict(start_over="pass --fresh to start over", another_folder="pass --out another folder",
+              run_again="run the same command again")  # what checkpoint errors tell the command's user
+
+
+@contextlib.contextmanager
+def _output_folder(out: str):
+    """The output folder, created, checked to be writable and locked for this command: a second
+    ``estimax run`` on the same folder is refused at once, naming the process that runs there."""
+    from .runtime._checkpoint import CheckpointError, FolderLock, reporting
+
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise _Fail(f"cannot create the output folder {out}: {e.strerror or e}; pass --out a folder you can write",
+                    _EXIT_USAGE) from None
+    if not os.path.isdir(out):
+        raise _Fail(f"the output folder {out} is a file; pass --out a folder", _EXIT_USAGE)
+    lock = FolderLock(out, "output folder")
+    with reporting(**_WORDS):
+        try:
+            lock.acquire()
+        except CheckpointError as e:
+            unwritable = str(e).startswith("cannot write")
+            raise _Fail(str(e), _EXIT_USAGE if unwritable else _EXIT_ERROR) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _check_counts(steps: int, chunk: int) -> None:
+    """``--steps`` and ``--chunk`` within what the compiled loop counts (32-bit integers)."""
+    limit = 2**31 - 1
+    for name, value in (("--steps", steps), ("--chunk", chunk)):
+        if value > limit:
+            raise _Fail(f"{name} {value} is too large: the compiled loop counts steps in 32-bit integers, so {name} "
+                        f"must be at most 2**31 - 1 = {limit}", _EXIT_USAGE)
+
+
 def _checkpoint_record(folder: str) -> dict | None:
     """The record of the latest checkpoint of ``estimax run`` in ``folder``, or ``None``."""
     from .runtime._checkpoint import CheckpointError, read_record
@@ -406,8 +525,15 @@ _CHECKED = ("params", "optimizer", "lr", "seed", "data_sha256", "maximize")  # w
 def _check_checkpoint(path: str, record: dict, config: dict) -> None:
     """Refuse, with what differs, a checkpoint written for other parameters, another
     optimizer, learning rate, seed or data."""
+    from .runtime._fit import _CHECKPOINT_FORMAT
+
     again = "pass --fresh to start over, or --out another folder"
-    if record.get("format") != "estimax-fit/1" or "optimizer" not in record:
+    got = record.get("format")
+    if got != _CHECKPOINT_FORMAT and isinstance(got, str) and got.startswith("estimax-fit/"):
+        raise _Fail(f"{path} holds a checkpoint in an older format ({got!r}; this version of estimax writes "
+                    f"{_CHECKPOINT_FORMAT!r}), which does not record everything that identifies a run, so it cannot "
+                    f"be resumed safely; {again}")
+    if got != _CHECKPOINT_FORMAT or "optimizer" not in record:
         raise _Fail(f"{path} is not a checkpoint written by `estimax run`; {again}")
     if record.get("params") != config["params"]:
         old = ", ".join(f"{n}{s}" for n, s in (record.get("params") or {}).items())
@@ -503,7 +629,9 @@ def _train(
     import numpy as np
 
     import estimax as ex
+    from estimax.runtime._checkpoint import reporting
 
+    _check_counts(steps, chunk)
     if not program.params:
         raise _Fail(
             f"{program.filename} declares no parameters (`param name: real = ...`): there is nothing to train"
@@ -531,33 +659,43 @@ def _train(
     plan = _stage(program, params0, program.abstract_data(dims))
     print(_plan_table(program, plan))
 
-    if fresh and os.path.exists(checkpoint):
-        shutil.rmtree(checkpoint) if os.path.isdir(checkpoint) else os.unlink(checkpoint)
-    record = _checkpoint_record(checkpoint)
-    start = 0
+    if fresh and os.path.isfile(checkpoint):  # not a checkpoint folder: --fresh replaces it
+        os.unlink(checkpoint)
+    record = None
+    if not fresh:  # the command's own words for what differs, before estimax.fit checks the rest
+        try:
+            record = _checkpoint_record(checkpoint)
+        except _Fail:
+            record = None  # unreadable: estimax.fit says what is damaged and what is intact
+    source_changed = False
     if record is not None:
         _check_checkpoint(checkpoint, record, config)
         start = int(record["step"])
-        print(f"resuming from {checkpoint} at step {start} of {steps}")
-        if (record.get("info") or {}).get("source_sha256") != config["source_sha256"]:
-            print(f"note: {program.filename} has changed since the checkpoint was written")
         if start > steps:
             raise _Fail(
                 f"{checkpoint} already holds {start} steps, more than --steps {steps}; pass "
                 f"--steps {start} or more to continue it, or --fresh to start over"
             )
+        source_changed = (record.get("info") or {}).get("source_sha256") != config["source_sha256"]
+
+    def resuming(step, saved):  # called by estimax.fit once every check has passed
+        del saved
+        if step >= steps:
+            print(f"{checkpoint} already holds all {steps} steps")
+        else:
+            print(f"resuming from {checkpoint} at step {step} of {steps}", flush=True)
+        if source_changed:
+            print(f"note: {program.filename} has changed since the checkpoint was written, but not the program it "
+                  "stages (comments or layout): the run resumes")
 
     status = _EXIT_OK
-    if start < steps:
-        # from here on, Ctrl-C (SIGINT) or SIGTERM stops the run after the current chunk, saved
-        print(
-            f"training: {steps} steps of {optimizer_name}(lr={lr:g}), seed {seed}, chunks of {chunk}; "
-            f"checkpoint {checkpoint}",
-            flush=True,
-        )
-    else:
-        print(f"{checkpoint} already holds all {steps} steps")
-    with warnings.catch_warnings():
+    # from here on, Ctrl-C (SIGINT) or SIGTERM stops the run after the current chunk, saved
+    print(
+        f"training: {steps} steps of {optimizer_name}(lr={lr:g}), seed {seed}, chunks of {chunk}; "
+        f"checkpoint {checkpoint}",
+        flush=True,
+    )
+    with warnings.catch_warnings(), reporting(**_WORDS, on_resume=resuming):
         # a non-finite value is reported below, from the result
         warnings.filterwarnings("ignore", message=r"fit\(.*\): non-finite", category=RuntimeWarning)
         try:
@@ -571,7 +709,8 @@ def _train(
                 maximize=program.maximize,
                 chunk=chunk,
                 progress=progress,
-                checkpoint=ex.Checkpoint(checkpoint, every=chunk, meta={k: config[k] for k in _CHECKED}, info=config),
+                checkpoint=ex.Checkpoint(checkpoint, every=chunk, meta={k: config[k] for k in _CHECKED}, info=config,
+                                         resume=not fresh),
             )
         except KeyboardInterrupt as stop:
             record = _checkpoint_record(checkpoint)
@@ -582,7 +721,11 @@ def _train(
             )
             return _EXIT_SIGNAL.get(getattr(stop, "signum", signal.SIGINT), 130), None
         except ex.CheckpointError as e:
-            raise _Fail(f"{e} (pass --fresh to start over, or --out another folder)") from None
+            if source_changed and {"program", "start"} & set(e.differences):
+                raise _Fail(f"{program.filename} has changed since {checkpoint} was written, and so has the program "
+                            "it stages: the checkpoint belongs to the earlier version; pass --fresh to start over, "
+                            "or --out another folder") from None
+            raise _Fail(str(e)) from None
     if result.nonfinite_step is not None:
         print(f"estimax: error: {program.filename}: training stopped: {result.reason}", file=sys.stderr)
         status = _EXIT_ERROR
@@ -590,7 +733,7 @@ def _train(
     history = np.asarray(state.history)
     learned = {n: np.asarray(state.params[n]) for n in program.params}  # in the file's order
     _save_npz_atomically(os.path.join(out, "params.npz"), learned)
-    np.save(os.path.join(out, "history.npy"), history)
+    _save_npy_atomically(os.path.join(out, "history.npy"), history)
     written = [os.path.join(out, "params.npz"), os.path.join(out, "history.npy")]
     png = os.path.join(out, "loss.png")
     if len(history) and _plot_history(history, png, os.path.basename(program.filename), program.maximize):
@@ -609,13 +752,16 @@ def _train(
 
 
 def _solve_constrained(program, data, dims, *, steps, solver_name, lr, seed, chunk, out, fresh, progress):
-    """``estimax run`` on a file with constraints: ``ex.solve``, checkpointed every chunk."""
+    """``estimax run`` on a file with constraints: ``ex.solve``, checkpointed every chunk; a
+    re-run resumes (``--steps`` may be raised, as for training)."""
     import jax
     import numpy as np
     import optax
 
     import estimax as ex
+    from estimax.runtime._checkpoint import reporting
 
+    _check_counts(steps, chunk)
     if not program.params:
         raise _Fail(f"{program.filename} declares no parameters: there is nothing to solve for")
     try:
@@ -627,8 +773,8 @@ def _solve_constrained(program, data, dims, *, steps, solver_name, lr, seed, chu
     plan = _stage(program, params0, program.abstract_data(dims))
     print(_plan_table(program, plan))
     checkpoint = os.path.join(out, "solve-checkpoint")
-    if fresh and os.path.exists(checkpoint):
-        shutil.rmtree(checkpoint) if os.path.isdir(checkpoint) else os.unlink(checkpoint)
+    if fresh and os.path.isfile(checkpoint):  # not a checkpoint folder: --fresh replaces it
+        os.unlink(checkpoint)
     solvers = {
         "auto": None,
         "exact_al": ex.solvers.ExactAL(),
@@ -638,18 +784,27 @@ def _solve_constrained(program, data, dims, *, steps, solver_name, lr, seed, chu
     solver = solvers[solver_name]
     print(f"solving: at most {steps} steps of {'the default solver' if solver is None else solver.name}, seed {seed}; "
           f"checkpoint {checkpoint}", flush=True)
+    def resuming(step, saved):  # called by ex.solve once every check has passed
+        del saved
+        print(f"resuming from {checkpoint} at step {step} (at most {steps} steps)", flush=True)
+
     try:
-        solution = ex.solve(program.objective, params0, data, solver=solver, maximize=program.maximize,
-                            max_steps=steps, key=jax.random.PRNGKey(seed), checkpoint=checkpoint, every=chunk,
-                            progress=progress)
+        with reporting(**_WORDS, on_resume=resuming):
+            solution = ex.solve(program.objective, params0, data, solver=solver, maximize=program.maximize,
+                                max_steps=steps, key=jax.random.PRNGKey(seed),
+                                checkpoint=ex.Checkpoint(checkpoint, every=chunk, resume=not fresh), every=chunk,
+                                progress=progress)
     except KeyboardInterrupt as stop:
         print(f"interrupted; {checkpoint} holds the run: run the same command to resume it", file=sys.stderr)
         return _EXIT_SIGNAL.get(getattr(stop, "signum", signal.SIGINT), 130), None
+    except ex.CheckpointError as e:
+        raise _Fail(str(e)) from None
     except ex.EstimaxError as e:
         raise _Fail(f"{program.filename}: {e}") from None
     learned = {n: np.asarray(solution.params[n]) for n in program.params}
     _save_npz_atomically(os.path.join(out, "params.npz"), learned)
-    np.save(os.path.join(out, "history.npy"), np.stack([solution.history[k] for k in ("value", "kkt", "infeasibility")], 1))
+    _save_npy_atomically(os.path.join(out, "history.npy"),
+                         np.stack([solution.history[k] for k in ("value", "kkt", "infeasibility")], 1))
     print(f"{solution.result.name}: {solution.message}")
     print(f"{solution.steps} steps ({solution.stats['solver']}); objective {solution.value:.10g}; "
           f"KKT residual {solution.kkt:.3g}; infeasibility {solution.infeasibility:.3g}")
@@ -665,29 +820,31 @@ def _solve_constrained(program, data, dims, *, steps, solver_name, lr, seed, chu
 
 
 def _cmd_run(args, invocation: _Invocation) -> int:
-    program = _load_program(args.file, invocation)
+    program = _load_program(args.file, invocation, allow_imports=getattr(args, "allow_import", None) or ())
     data, dims = _read_data(program, args.data, needed=True, invocation=invocation)
     print(f"{program.filename}: {_summary(program, dims, args.data is not None)}")
     out = args.out if args.out is not None else os.path.join("out", Path(program.filename).stem)
-    if program.constraints:
-        status, _ = _solve_constrained(program, data, dims, steps=args.steps, solver_name=args.solver, lr=args.lr,
-                                       seed=args.seed, chunk=args.chunk, out=out, fresh=args.fresh,
-                                       progress=not args.no_progress)
+    _check_counts(args.steps, args.chunk)
+    with _output_folder(out):  # one run at a time in a folder: refused before anything is staged
+        if program.constraints:
+            status, _ = _solve_constrained(program, data, dims, steps=args.steps, solver_name=args.solver, lr=args.lr,
+                                           seed=args.seed, chunk=args.chunk, out=out, fresh=args.fresh,
+                                           progress=not args.no_progress)
+            return status
+        status, _ = _train(
+            program,
+            data,
+            dims,
+            steps=args.steps,
+            optimizer_name=args.optimizer,
+            lr=args.lr,
+            seed=args.seed,
+            chunk=args.chunk,
+            out=out,
+            fresh=args.fresh,
+            progress=not args.no_progress,
+        )
         return status
-    status, _ = _train(
-        program,
-        data,
-        dims,
-        steps=args.steps,
-        optimizer_name=args.optimizer,
-        lr=args.lr,
-        seed=args.seed,
-        chunk=args.chunk,
-        out=out,
-        fresh=args.fresh,
-        progress=not args.no_progress,
-    )
-    return status
 
 
 # --- demo ----------------------------------------------------------------------------------
@@ -844,6 +1001,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("file", metavar="FILE", help="the objective file (.emx)")
     p.add_argument("--data", metavar="DATA.npz", help="take the named sizes (real[N]) from these arrays")
+    p.add_argument(
+        "--allow-import",
+        metavar="MODULE|PATH",
+        action="append",
+        default=[],
+        help="let FILE import from this module (and its submodules), or this Python file or folder, "
+        "beyond the defaults (numerical modules; .py files in FILE's folder); repeatable. "
+        "Importing runs the module's or file's code",
+    )
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser(
@@ -863,6 +1029,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--variance", action="store_true", help="measure each site's gradient variance")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the variance measurement (default: 0)")
+    p.add_argument(
+        "--allow-import",
+        metavar="MODULE|PATH",
+        action="append",
+        default=[],
+        help="let FILE import from this module (and its submodules), or this Python file or folder, "
+        "beyond the defaults (numerical modules; .py files in FILE's folder); repeatable. "
+        "Importing runs the module's or file's code",
+    )
     p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser(
@@ -891,6 +1066,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output folder (default: out/<file name>)")
     p.add_argument("--fresh", action="store_true", help="start over, ignoring a checkpoint in DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--allow-import",
+        metavar="MODULE|PATH",
+        action="append",
+        default=[],
+        help="let FILE import from this module (and its submodules), or this Python file or folder, "
+        "beyond the defaults (numerical modules; .py files in FILE's folder); repeatable. "
+        "Importing runs the module's or file's code",
+    )
     p.add_argument(
         "--solver",
         choices=("auto", "exact_al", "al", "stochastic"),

@@ -47,6 +47,7 @@ import optax
 from .._errors import ProgramError
 from ..dsl._program import Expectation, key_problem, value_and_grad
 from . import _checkpoint as _ckpt
+from . import _identity
 from . import _sharding
 from . import _jax_compat as compat
 from . import _progress
@@ -234,7 +235,7 @@ def _locate_nonfinite(compiled, state, args, argnums, maximize, optimizer, statu
 
 # Status codes carried through the scan (failure inside jit is data).
 _OK, _BAD_VALUE, _BAD_GRAD, _BAD_PARAMS = 0, 1, 2, 3
-_CHECKPOINT_FORMAT = "estimax-fit/1"
+_CHECKPOINT_FORMAT = "estimax-fit/2"  # 2: the run identified by its program, optimizer, start, ... (_identity)
 _STATUS_WHAT = {_BAD_VALUE: "objective", _BAD_GRAD: "gradient", _BAD_PARAMS: "updated parameters"}
 
 
@@ -460,11 +461,20 @@ def _make_progress(progress, total: int, desc: str):
 # --- argument checks -----------------------------------------------------------------------
 
 
-def _positive_int(value, name: str, what: str) -> int:
+_MAX_STEPS = 2**31 - 1  # the step counter carried through the compiled loop is an int32
+
+
+def _positive_int(value, name: str, what: str, limit: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"fit: {name} must be an integer >= 1 ({what}); got {value!r}.")
     if value < 1:
         raise ValueError(f"fit: {name} must be >= 1 ({what}); got {name}={value}.")
+    if limit is not None and value > limit:
+        raise ValueError(
+            f"fit: {name}={value} is too large: the compiled loop counts steps in 32-bit integers, so {name} "
+            f"must be at most 2**31 - 1 = {limit}" + (
+                " (and a chunk keeps one estimate per step on the device: chunks of 100 to 10000 steps are "
+                "typical)." if name == "chunk" else "."))
     return int(value)
 
 
@@ -635,8 +645,11 @@ def fit(
             finishes, the state is saved and ``KeyboardInterrupt`` is raised (the signal as
             ``.signum``). Calling ``fit`` again with the same arguments resumes from the
             latest checkpoint and ends where an uninterrupted run ends; ``steps`` may be raised
-            to continue a finished run. A folder written by another run (another program,
-            key, data, options, or parameter structure) is refused, naming what differs.
+            to continue a finished run. A folder written by another run -- another staged
+            program, optimizer hyperparameters, data, key, starting point or options (the
+            identity is the same in every process: ``docs/runtime.md``) -- is refused, naming
+            what differs; ``Checkpoint(folder, resume=False)`` starts over. The folder is
+            locked while the run goes: a second run on it is refused, naming the process.
         devices: run on several devices (XLA's SPMD partitioning): a device count, ``"all"``
             (every device of every process), a list of devices, a ``jax.sharding.Mesh``, or
             ``None`` (one device, the default). The
@@ -716,8 +729,8 @@ def fit(
             f"fit: optimizer must be an optax GradientTransformation such as optax.adam(1e-2); "
             f"got {type(optimizer).__name__}{hint}."
         )
-    steps = _positive_int(steps, "steps", "the number of optimizer steps")
-    chunk = _positive_int(chunk, "chunk", "the number of steps fused in one compiled scan")
+    steps = _positive_int(steps, "steps", "the number of optimizer steps", _MAX_STEPS)
+    chunk = _positive_int(chunk, "chunk", "the number of steps fused in one compiled scan", _MAX_STEPS)
     window = chunk if window is None else _positive_int(window, "window", "the steps in the running average")
     if progress_every is not None:
         progress_every = _positive_int(progress_every, "progress_every", "the steps between progress reports")
@@ -757,6 +770,7 @@ def fit(
     track = () if tracker is None else tracker.init(*full) if tracking_state is None else tracking_state
     (value_struct, _), _, _ = jax.eval_shape(vg, key, track, *full)
     state = _State(params, opt_state, key, jnp.int32(0), jnp.int32(_OK), track)
+    start = (params, opt_state, track)  # what the run starts from (part of a checkpoint's identity)
     if mesh is not None:  # parameters and state replicated, the chosen data split by batch
         state = _sharding.replicate(state, mesh)
         args = tuple(_sharding.shard_batch(a, mesh, what=f"fit: data argument {i}") if i in shard_data
@@ -773,11 +787,16 @@ def fit(
     done = 0
     ckpt = None
     if checkpoint is not None:
-        meta = {"program": program.name, "maximize": bool(maximize), "argnums": argnums, "tracking": repr(tracking),
-                "key": _ckpt.digest(key), "data": _ckpt.digest(args), **dict(checkpoint.meta or {})}
-        ckpt = _ckpt.Checkpointer(checkpoint.directory, format=_CHECKPOINT_FORMAT, meta=meta, keep=checkpoint.keep,
-                                  info=checkpoint.info)
-        restored = ckpt.restore(state)
+        identity, about = _run_identity(program, optimizer, full, start, key, args, argnums, maximize, tracking,
+                                        early_stop, window)
+        ckpt = _ckpt.Checkpointer(checkpoint.directory, format=_CHECKPOINT_FORMAT, meta=dict(checkpoint.meta or {}),
+                                  identity=identity, about=about, keep=checkpoint.keep, info=checkpoint.info,
+                                  resume=checkpoint.resume)
+        try:
+            restored = ckpt.restore(state)
+        except BaseException:
+            ckpt.close()
+            raise
         if restored is not None:
             state, host, extra = restored
             done = int(state.step)
@@ -785,7 +804,8 @@ def fit(
                 ckpt.close()
                 raise ProgramError(
                     f"fit: the checkpoint in {ckpt.directory} holds {done} steps, more than steps={steps}; pass "
-                    f"steps={done} or more to continue it, or another folder to start over.")
+                    f"steps={done} or more to continue it, or {_ckpt._words('start_over')}.")
+            ckpt.resuming(done)
             history[:done] = host["history"]
             averages, average_steps = list(host["averages"]), [int(i) for i in host["average_steps"]]
             best, waited = float(extra["best"]), int(extra["waited"])
@@ -920,6 +940,42 @@ def fit(
     if throw and nonfinite_step is not None:
         raise NonFiniteError(f"fit({program.name}): {reason}.", result)
     return result
+
+
+def _run_identity(program, optimizer, full, start, key, args, argnums, maximize, tracking, early_stop,
+                  window) -> tuple[dict, dict]:
+    """What identifies a run in its checkpoint (``runtime/_identity``): the staged program,
+    the optimizer's hyperparameters, the starting point, the key, the data (as the loop sees
+    them: with several processes, the global arrays) and the options that change the result;
+    and, to say how the optimizers differ, the numbers found in the optimizer."""
+    closed, in_tree, _ = program.stage(full)
+    optimizer_digest, numbers_ = _identity.optimizer_identity(optimizer)
+    identity = {
+        "program": _identity.program_digest(closed, in_tree),
+        "optimizer": optimizer_digest,
+        "start": _ckpt.digest(start),
+        "key": _ckpt.digest(key),
+        "data": _ckpt.digest(args),
+        "options": {
+            "maximize": bool(maximize),
+            "argnums": int(argnums),
+            "tracking": _readable(tracking),
+            # the stopping rule decides where a run ends (its window too)
+            "early_stop": None if early_stop is None else
+            {"patience": early_stop.patience, "min_delta": float(early_stop.min_delta), "window": int(window)},
+        },
+    }
+    return identity, {"optimizer": numbers_}
+
+
+def _readable(value) -> str | None:
+    """A dataclass of numbers as its text (``SCGD(beta=0.1)``), else a stable digest."""
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(value) and all(
+            isinstance(getattr(value, f.name), (bool, int, float, str, type(None))) for f in dataclasses.fields(value)):
+        return repr(value)
+    return f"{type(value).__name__} {_identity.describe(value)[:16]}"
 
 
 def _shard_positions(shard_data, n_args: int, mesh) -> frozenset:

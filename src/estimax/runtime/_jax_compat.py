@@ -108,7 +108,9 @@ def aval_of(x):
 
 
 def is_float_dtype(dtype) -> bool:
-    return bool(np.issubdtype(np.dtype(dtype), np.inexact))
+    # jax.numpy's issubdtype: NumPy's does not count bfloat16 and the float8 types (ml_dtypes)
+    # as floating point, which would give their leaves float0 tangents (zero gradients)
+    return bool(jax.numpy.issubdtype(np.dtype(dtype), jax.numpy.inexact))
 
 
 def zero_tangent(aval):

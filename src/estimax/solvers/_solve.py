@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import io
-import json
 import os
 import time
 
@@ -18,13 +18,16 @@ import numpy as np
 from .._errors import ProgramError
 from ..dsl._program import _as_program
 from ..runtime import _progress
-from ..runtime._checkpoint import Checkpointer, as_checkpoint, interrupted, stop_on_signals
+from ..runtime import _identity
+from ..runtime._checkpoint import Checkpointer, _words, as_checkpoint, digest, interrupted, stop_on_signals
 from ..transforms._constraints import split
 from . import _driver
 from ._driver import RESULTS, Solution, SolverError
 from ._problem import Problem
 
-_CHECKPOINT_FORMAT = "estimax-solve/2"
+# 3: a run identified by its program, solver, data, start, ... (runtime/_identity); the history
+# saved apart from the loop's state, so that max_steps may be raised on resume
+_CHECKPOINT_FORMAT = "estimax-solve/3"
 
 
 def _default_solver(problem: Problem):
@@ -170,7 +173,11 @@ def solve(
             interrupted (Ctrl-C, SIGTERM: the chunk finishes, the state is saved, then
             ``KeyboardInterrupt`` is raised, with the signal as ``.signum``); calling ``solve``
             again with the same arguments resumes from it and ends where an uninterrupted run
-            would. A folder written for another run is refused, naming what differs.
+            would (``max_steps`` may be raised to continue a run). A folder written for another
+            run -- another staged program, solver options (an optax optimizer's hyperparameters
+            among them), data, start, key, bounds or ``tol`` -- is refused, naming what differs;
+            ``Checkpoint(folder, resume=False)`` starts over. The folder is locked while the run
+            goes.
 
     Returns:
         A :class:`Solution`.
@@ -222,8 +229,9 @@ def solve(
         if progress:
             print()
     else:
+        identity, about = _run_identity(program, args, chosen, x0, lam0, mu0, key, bounds, maximize, tol)
         carry, solve_s = _chunked(entry, x0, lam0, mu0, key, data_leaves, checkpoint, every, progress,
-                                  program.name, signature)
+                                  program.name, identity, about)
     host = jax.device_get(carry)
     result = RESULTS(int(host.result))
     where = _replay_nonfinite(entry, carry, data_leaves) if result == RESULTS.nonfinite else None
@@ -305,20 +313,59 @@ def _initial_multipliers(problem: Problem, multipliers):
     return jnp.asarray(lam, problem.dtype), jnp.asarray(mu, problem.dtype)
 
 
-def _chunked(entry: _Compiled, x0, lam0, mu0, key, data, checkpoint, every, progress, name, signature):
+def _run_identity(program, args, solver, x0, lam0, mu0, key, bounds, maximize, tol) -> tuple[dict, dict]:
+    """What identifies a constrained run in its checkpoint (``runtime/_identity``): the staged
+    program, the solver and its options (an optax optimizer among them by its
+    hyperparameters; not ``max_steps``, a budget that a resumed run may raise), the data, the
+    starting point and multipliers, the key, the bounds and the options; and the numbers found
+    in the solver, to say which differs."""
+    closed, in_tree, _ = program.stage(args)
+    fields = {f.name: getattr(solver, f.name) for f in dataclasses.fields(solver)} \
+        if dataclasses.is_dataclass(solver) else {"solver": solver}
+    fields.pop("max_steps", None)
+    solver_digest, numbers = _identity.describe_with_numbers(fields)  # its kind: options["solver"]
+    identity = {
+        "program": _identity.program_digest(closed, in_tree),
+        "solver": solver_digest,
+        "data": digest(args[1:]),
+        "start": digest((x0, lam0, mu0)),
+        "key": digest(key),
+        "bounds": _bounds_key(bounds)[:32],
+        "options": {"maximize": bool(maximize), "tol": float(tol),
+                    "solver": f"{type(solver).__module__}.{type(solver).__qualname__}"},
+    }
+    return identity, {"solver": numbers}
+
+
+def _chunked(entry: _Compiled, x0, lam0, mu0, key, data, checkpoint, every, progress, name, identity, about):
     """The loop in chunks of ``every`` steps: progress between chunks, checkpoints after each
-    and on interruption; resumes from ``checkpoint`` (a folder) when it holds one."""
+    and on interruption; resumes from ``checkpoint`` (a folder) when it holds one. The history
+    is saved apart from the loop's state, as long as the steps taken: a run resumed with a
+    larger ``max_steps`` continues where it stopped."""
     carry = entry.start(x0, lam0, mu0, key, data)
     ckpt = None
     if checkpoint is not None:
-        meta = {"program": name, "solver": repr(entry.solver), "max_steps": entry.max_steps, "tol": entry.tol,
-                "arguments": hashlib.sha256(json.dumps(str(signature)).encode()).hexdigest()[:16],
-                "start": hashlib.sha256(np.asarray(x0).tobytes() + np.asarray(key).tobytes()).hexdigest()[:16]}
-        ckpt = Checkpointer(checkpoint.directory, format=_CHECKPOINT_FORMAT, meta={**meta, **dict(checkpoint.meta or {})},
-                            keep=checkpoint.keep)
-        restored = ckpt.restore(carry)
-        if restored is not None:
-            carry = restored[0]
+        ckpt = Checkpointer(checkpoint.directory, format=_CHECKPOINT_FORMAT, meta=dict(checkpoint.meta or {}),
+                            identity=identity, about=about, keep=checkpoint.keep, info=checkpoint.info,
+                            resume=checkpoint.resume)
+        try:
+            restored = ckpt.restore(carry._replace(history={}))
+            if restored is not None:
+                state, host, _ = restored
+                steps = int(state.steps)
+                if steps > entry.max_steps:
+                    raise ProgramError(
+                        f"ex.solve: the checkpoint in {ckpt.directory} holds {steps} steps, more than "
+                        f"max_steps={entry.max_steps}; pass max_steps={steps} or more to continue it, or "
+                        f"{_words('start_over')}.")
+                history = {k: np.asarray(v).copy() for k, v in jax.device_get(carry.history).items()}
+                for k in history:
+                    history[k][: steps + 1] = host[f"history_{k}"][: steps + 1]
+                carry = state._replace(history={k: jnp.asarray(v) for k, v in history.items()})
+                ckpt.resuming(steps)
+        except BaseException:
+            ckpt.close()
+            raise
     t0 = time.perf_counter()
     try:
         with stop_on_signals(ckpt is not None) as received:
@@ -344,5 +391,7 @@ def _chunked(entry: _Compiled, x0, lam0, mu0, key, data, checkpoint, every, prog
 
 
 def save_state(ckpt: Checkpointer, step: int, carry) -> None:
-    """One checkpoint of the loop (a separate function, so that tests can interrupt after it)."""
-    ckpt.save(step, carry)
+    """One checkpoint of the loop (a separate function, so that tests can interrupt after it):
+    the loop's state, and its history up to ``step`` apart."""
+    history = {f"history_{k}": np.asarray(v)[: step + 1] for k, v in jax.device_get(carry.history).items()}
+    ckpt.save(step, carry._replace(history={}), host=history)

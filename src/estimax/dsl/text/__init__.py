@@ -11,9 +11,11 @@
 """
 
 from ._errors import TextError as TextError
+from ._imports import ALLOWED_MODULES as ALLOWED_MODULES
+from ._imports import DENIED_NAMES as DENIED_NAMES
 from ._program import Declaration as Declaration
 from ._program import TextProgram as TextProgram
 from ._program import load as load
 from ._program import parse as parse
 
-__all__ = ["Declaration", "TextError", "TextProgram", "load", "parse"]
+__all__ = ["ALLOWED_MODULES", "DENIED_NAMES", "Declaration", "TextError", "TextProgram", "load", "parse"]

@@ -20,6 +20,7 @@ import inspect
 import math
 import os
 import re
+import stat
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -56,6 +57,7 @@ from ...objectives._vi import LogJoint
 from ...runtime import _jax_compat as _compat
 from ...transforms._certify import collect_sites
 from ._errors import TextError
+from ._imports import ImportPolicy, module_allowed, opt_in_hint
 
 # --- the vocabulary ------------------------------------------------------------------------
 # NumPyro's distributions by name: the classes, and the factories that pick a class by
@@ -340,6 +342,8 @@ _TYPES = {"real": jnp.float32, "int": jnp.int32}
 _KEYWORDS = {"from", "import", "as", "param", "data", "let", "maximize", "minimize", "return", "if", "then",
              "else", "and", "or", "not", "true", "false", "expect", "program", "plate", "in", "subject_to"}
 _STATEMENT_KEYWORDS = ["param", "data", "let", "maximize", "minimize", "from", "return", "program", "subject_to"]
+_INT32_MAX = 2**31 - 1
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _DEFAULT_DIM = 2  # the size given to a named dimension when no data fixes it (check, explain)
 
 _TOKEN_NAMES = {
@@ -494,9 +498,10 @@ class TextProgram:
       ``normalize``'s resampling index at the `~` that draws from it).
     """
 
-    def __init__(self, source: str, filename: str = "<string>"):
+    def __init__(self, source: str, filename: str = "<string>", allow_imports=()):
         self.source, self.filename = source, filename
         self.directory = os.path.dirname(os.path.abspath(filename)) if os.path.exists(filename) else os.getcwd()
+        self._policy = ImportPolicy(self.directory, allow_imports)
         try:
             tree = _parser().parse(source if source.endswith("\n") else source + "\n")
         except UnexpectedInput as e:
@@ -504,11 +509,15 @@ class TextProgram:
         except RecursionError:
             raise TextError("an expression is nested too deeply to read", filename=filename, source=source,
                             line=1, column=1) from None
+        self._at = None  # the statement being read (for an error that has no better place)
         try:
             self._build(tree)
         except RecursionError:
-            raise TextError("an expression is nested too deeply to check", filename=filename, source=source,
-                            line=1, column=1) from None
+            if self._at is None:
+                raise TextError("an expression is nested too deeply to check", filename=filename, source=source,
+                                line=1, column=1) from None
+            raise self.error("this statement is nested too deeply to check: hundreds of blocks or expressions "
+                             "inside one another", self._at, hint="name the inner parts with `let`") from None
 
     def _build(self, tree):
         source, filename = self.source, self.filename
@@ -566,6 +575,11 @@ class TextProgram:
         if close:
             return f"did you mean {close[0]!r}?"
         return f"a statement that starts with a name is a random choice: `{m.group(1)} ~ <distribution>`"
+
+    def _too_deep(self, stmt) -> TextError:
+        return self.error("this statement's expression is nested too deeply to evaluate: hundreds of calls, "
+                          "brackets, `-`, `**`, `not` or `if` inside one another", stmt,
+                          hint="name the inner parts with `let` (a long sum `a + b + ...` is fine as it is)")
 
     def _line_end(self, line: int) -> int:
         lines = _shown(self.source).split("\n")
@@ -659,6 +673,7 @@ class TextProgram:
         stmts = list(tree.children)
         for i, stmt in enumerate(stmts):
             kind = stmt.data
+            self._at = stmt
             if self._objective_node is not None:
                 raise self.error("statements after the objective: `maximize`/`minimize` must come last",
                                  stmt, hint=f"the objective is on line {self._objective_node.meta.line}")
@@ -719,15 +734,22 @@ class TextProgram:
             raise self.error(f"{name!r} is a built-in name; {what} needs another name", token)
 
     def _import(self, stmt: Tree):
+        """``from "file.py" import name`` or ``from module import name``, under the import policy
+        (``_imports``): nothing runs before the import is known to be allowed."""
         module_node, name, alias = stmt.children
         target = str(alias or name)
         self._check_new_name(alias or name, "an import", self._defined())
+        policy = self._policy
         if module_node.data == "file_module":
             path = str(module_node.children[0])[1:-1]
             full = path if os.path.isabs(path) else os.path.join(self.directory, path)
             if not os.path.exists(full):
                 raise self.error(f"no such file: {path!r}", module_node,
                                  hint=f"looked for {_relative(full)}; a relative path is read from the objective file's folder")
+            why = policy.refuse_file(full)
+            if why is not None:
+                raise self.error(f"importing {path!r} is not allowed: {why}", module_node,
+                                 hint=opt_in_hint(_relative(os.path.realpath(full))))
             spec = importlib.util.spec_from_file_location(Path(full).stem, full)
             if spec is None or spec.loader is None or not os.path.isfile(full):
                 raise self.error(f"cannot import {path!r}: not a Python file", module_node)
@@ -737,27 +759,61 @@ class TextProgram:
             except (Exception, SystemExit) as e:  # noqa: BLE001 -- the user's module failed to import
                 raise self.error(f"importing {path!r} failed: {type(e).__name__}: {_first_line(e)}",
                                  module_node) from None
+            policy.trust(module)  # the file's own code: what it defines may be used freely
             where = repr(path)
         else:
             dotted = ".".join(str(t) for t in module_node.children)
-            added = self.directory not in sys.path
-            if added:  # modules next to the objective file, for this import only
-                sys.path.insert(0, self.directory)
-            try:
-                module = importlib.import_module(dotted)
-            except (Exception, SystemExit) as e:  # noqa: BLE001 -- not found, or the module's own code failed
-                what = _first_line(e) if isinstance(e, ImportError) else f"{type(e).__name__}: {_first_line(e)}"
-                raise self.error(f"cannot import module {dotted!r}: {what}", module_node) from None
-            finally:
-                if added and self.directory in sys.path:
-                    sys.path.remove(self.directory)
+            submodule = f"{dotted}.{name}"
+            if policy.module_opted_in(dotted):
+                module = self._import_module(dotted, module_node, search_folder=True)
+                policy.trust(module)
+            elif module_allowed(dotted):
+                module = self._import_module(dotted, module_node)
+            elif module_allowed(submodule) or policy.module_opted_in(submodule):
+                # `from jax import numpy`: the module jax.numpy itself
+                self.imports[target] = self._import_module(submodule, name)
+                if policy.module_opted_in(submodule):
+                    policy.trust(self.imports[target])
+                return
+            else:
+                raise self.error(f"importing from module {dotted!r} is not allowed: importing a module runs its code, "
+                                 "and an objective file imports by default only from numerical modules (math, numpy, "
+                                 "jax.numpy, jax.nn, jax.lax, jax.scipy, numpyro.distributions; the list is "
+                                 "ex.text.ALLOWED_MODULES)", module_node, hint=opt_in_hint(dotted))
             where = f"module {dotted!r}"
         if not hasattr(module, str(name)):
-            names = [n for n in dir(module) if not n.startswith("_")]
-            close = difflib.get_close_matches(str(name), names, n=1)
-            raise self.error(f"{where} has no name {str(name)!r}", name,
-                             hint=f"did you mean {close[0]!r}?" if close else None)
-        self.imports[target] = getattr(module, str(name))
+            if module_node.data == "dotted_module" and (module_allowed(submodule) or policy.module_opted_in(dotted)):
+                value = self._import_module(submodule, name)  # a submodule not imported by its package
+            else:
+                names = [n for n in dir(module) if not n.startswith("_")]
+                close = difflib.get_close_matches(str(name), names, n=1)
+                raise self.error(f"{where} has no name {str(name)!r}", name,
+                                 hint=f"did you mean {close[0]!r}?" if close else None)
+        else:
+            value = getattr(module, str(name))
+        why = policy.refuse_name(module, str(name), value)
+        if why is not None:
+            entry = getattr(value, "__name__", None) if inspect.ismodule(value) and not str(name).startswith("_") else None
+            raise self.error(f"importing {str(name)!r} is not allowed: {why}", name,
+                             hint=opt_in_hint(entry or getattr(module, "__name__", "?")))
+        if policy.trusted(module):
+            policy.trust(value)
+        self.imports[target] = value
+
+    def _import_module(self, dotted: str, node, search_folder: bool = False):
+        """The module ``dotted``; with ``search_folder`` (an opted-in module), the objective file's
+        folder is searched too."""
+        added = search_folder and self.directory not in sys.path
+        if added:  # modules next to the objective file, for this import only
+            sys.path.insert(0, self.directory)
+        try:
+            return importlib.import_module(dotted)
+        except (Exception, SystemExit) as e:  # noqa: BLE001 -- not found, or the module's own code failed
+            what = _first_line(e) if isinstance(e, ImportError) else f"{type(e).__name__}: {_first_line(e)}"
+            raise self.error(f"cannot import module {dotted!r}: {what}", node) from None
+        finally:
+            if added and self.directory in sys.path:
+                sys.path.remove(self.directory)
 
     def _declare(self, stmt: Tree):
         kind = "param" if stmt.data == "param_decl" else "data"
@@ -773,6 +829,9 @@ class TextProgram:
         for d in type_node.children[1:]:
             tok = d.children[0]
             if d.data == "int_dim":
+                if _too_large(str(tok)):
+                    shown = str(tok) if len(str(tok)) <= 24 else f"{str(tok)[:12]}... ({len(str(tok))} digits)"
+                    raise self.error(f"the size {shown} is too large: an axis has at most {_INT32_MAX} entries", tok)
                 if int(tok) < 1:
                     raise self.error("a size must be at least 1", tok)
                 shape.append(int(tok))
@@ -780,6 +839,10 @@ class TextProgram:
                 shape.append(str(tok))
                 self._size_tokens.setdefault((str(name), str(tok)), tok)
         decl = Declaration(kind, str(name), _TYPES[str(type_name)], tuple(shape), init, stmt.meta.line)
+        static = [s for s in shape if isinstance(s, int)]
+        if math.prod(static) > _INT32_MAX:
+            raise self.error(f"{kind} {str(name)!r} is declared with {math.prod(static)} entries; an array has at most "
+                             f"{_INT32_MAX}", type_node)
         (self.params if kind == "param" else self.data)[str(name)] = decl
 
     def _note_binding(self, stmt: Tree):
@@ -803,6 +866,7 @@ class TextProgram:
 
     def _resolve_block(self, stmts, known: dict[str, str], prefix: str = "", program: bool = False):
         for stmt in stmts:
+            self._at = stmt
             if stmt.data == "program_def":
                 self._resolve_program(stmt, known)
             elif stmt.data in ("let_stmt", "sample_stmt"):
@@ -882,22 +946,57 @@ class TextProgram:
                     self._resolve(kw.children[1], known, prefix)
 
     def _resolve(self, node, known: dict[str, str], prefix: str = ""):
-        if not isinstance(node, Tree):
+        """Check the names of an expression, left to right. A loop over a stack, not a recursion:
+        a sum of 10^4 terms is a tree 10^4 deep."""
+        stack = [node]
+        while stack:
+            node = stack.pop()
+            if not isinstance(node, Tree):
+                continue
+            if node.data == "number":
+                self._check_number(node)
+            elif node.data == "name":
+                self._resolve_name(node.children[0], known)
+            elif node.data in ("expect_block", "plate_block"):
+                self._resolve_scope(node, known, prefix)
+            elif node.data == "kwarg":
+                stack.append(node.children[1])
+            elif node.data == "attr":
+                stack.append(node.children[0])
+            else:
+                stack.extend(reversed(node.children))
+
+    def _resolve_name(self, tok: Token, known: dict[str, str]):
+        name = str(tok)
+        if name in known or name in FUNCTIONS or name in DISTRIBUTIONS or name in CONSTANTS:
             return
-        if node.data == "name":
-            tok = node.children[0]
-            name = str(tok)
-            if name in known or name in FUNCTIONS or name in DISTRIBUTIONS or name in CONSTANTS:
-                return
-            candidates = list(known) + list(FUNCTIONS) + list(DISTRIBUTIONS) + list(CONSTANTS)
-            close = difflib.get_close_matches(name, candidates, n=1)
-            later = name in self.sites or any(
-                s.data == "let_stmt" and str(s.children[0]) == name for s in self.body
-            )
-            hint = f"did you mean {close[0]!r}?" if close else None
-            if later:
-                hint = f"{name!r} is defined further down; statements run in order"
-            raise self.error(f"unknown name {name!r}", tok, hint=hint)
+        candidates = list(known) + list(FUNCTIONS) + list(DISTRIBUTIONS) + list(CONSTANTS)
+        close = difflib.get_close_matches(name, candidates, n=1)
+        later = name in self.sites or any(
+            s.data == "let_stmt" and str(s.children[0]) == name for s in self.body
+        )
+        hint = f"did you mean {close[0]!r}?" if close else None
+        if later:
+            hint = f"{name!r} is defined further down; statements run in order"
+        raise self.error(f"unknown name {name!r}", tok, hint=hint)
+
+    def _check_number(self, node: Tree):
+        """A number literal must fit its type: whole numbers are 32-bit integers, others 32-bit
+        floats (a larger one would overflow, or silently become infinity)."""
+        tok = node.children[0]
+        text = str(tok)
+        shown = text if len(text) <= 24 else f"{text[:12]}... ({len(text)} characters)"
+        if text.isdigit():
+            if _too_large(text):
+                raise self.error(f"the whole number {shown} is too large: whole numbers are 32-bit integers "
+                                 f"(at most {_INT32_MAX})", tok,
+                                 hint="for a real number, write it with a decimal point or an exponent (e.g. 1e11)")
+        elif float(text) > _FLOAT32_MAX:
+            raise self.error(f"the number {shown} is too large: real numbers are 32-bit floats (at most about 3.4e38)",
+                             tok)
+
+    def _resolve_scope(self, node: Tree, known: dict[str, str], prefix: str):
+        """An ``expect { ... }`` or ``plate(...) { ... }`` block in an expression."""
         if node.data == "expect_block":
             kwargs, *stmts = node.children
             if kwargs is not None:
@@ -908,8 +1007,7 @@ class TextProgram:
             self._check_block(node, stmts, "an `expect { ... }`", "`expect`")
             self._note_block_sites(stmts)
             self._resolve_block(stmts, dict(known), prefix + "expect/")  # the block's function is `expect`
-            return
-        if node.data == "plate_block":
+        elif node.data == "plate_block":
             spec, *stmts = node.children
             inner = dict(known)
             if spec.data == "plate_size":
@@ -926,15 +1024,6 @@ class TextProgram:
             self._check_block(node, stmts, "a `plate { ... }`", "`plate`")
             self._note_block_sites(stmts)
             self._resolve_block(stmts, inner, prefix)  # a plate's random choices keep their names
-            return
-        if node.data == "kwarg":
-            self._resolve(node.children[1], known, prefix)
-            return
-        if node.data == "attr":
-            self._resolve(node.children[0], known, prefix)
-            return
-        for child in node.children:
-            self._resolve(child, known, prefix)
 
     # -- lowering ------------------------------------------------------------------------------
     def dims_from(self, data: dict | None) -> dict[str, int]:
@@ -964,10 +1053,14 @@ class TextProgram:
         out = {}
         for decl in self.params.values():
             shape = decl.concrete_shape(dims)
+            self._check_entries(decl, shape)
             if decl.init is None:
                 out[decl.name] = jnp.zeros(shape, decl.dtype)
                 continue
-            value = self._eval(decl.init, {}, self._ctx)
+            try:
+                value = self._eval(decl.init, {}, self._ctx)
+            except RecursionError:
+                raise self._too_deep(decl.init) from None
             if _not_numeric(value):
                 raise self.error(f"the initial value of {decl.name!r} must be a number or an array; got "
                                  f"{_describe_value(value)}", decl.init)
@@ -978,8 +1071,20 @@ class TextProgram:
                                  f"not fit the declared shape {shape}", decl.init) from None
         return out
 
+    def _check_entries(self, decl: Declaration, shape: tuple):
+        """One array has at most ``_INT32_MAX`` entries (XLA's and the language's indices are 32-bit)."""
+        if math.prod(shape) > _INT32_MAX:
+            named = {s: v for s, v in zip(decl.shape, shape) if isinstance(s, str)}
+            sizes = ", ".join(f"{s}={v}" for s, v in named.items())
+            what = "parameter" if decl.kind == "param" else "data"
+            raise self.error(f"{what} {decl.name!r} would have {math.prod(shape)} entries (shape {shape}"
+                             f"{', with ' + sizes if sizes else ''}); an array has at most {_INT32_MAX}",
+                             line=decl.line, column=1)
+
     def abstract_data(self, dims: dict | None = None) -> dict:
         dims = dims or {}
+        for d in self.data.values():
+            self._check_entries(d, d.concrete_shape(dims))
         return {d.name: jax.ShapeDtypeStruct(d.concrete_shape(dims), d.dtype) for d in self.data.values()}
 
     def validate_data(self, data: dict) -> dict:
@@ -1021,7 +1126,10 @@ class TextProgram:
         for stmt in stmts:
             where = f"{os.path.basename(self.filename)}:{stmt.meta.line}"
             with jax.named_scope(f"src={where}"), source_location(where):
-                done, value = self._run_statement(stmt, env, ctx, block)
+                try:
+                    done, value = self._run_statement(stmt, env, ctx, block)
+                except RecursionError:
+                    raise self._too_deep(stmt) from None
             if done:
                 return value
         raise AssertionError("a block without a value")  # excluded by _read / _resolve
@@ -1135,7 +1243,7 @@ class TextProgram:
     def _eval(self, node, env, ctx):
         try:
             return self._eval_inner(node, env, ctx)
-        except TextError:
+        except (TextError, RecursionError):  # too deep: reported at the statement (_run_block)
             raise
         except Exception as e:  # noqa: BLE001 -- whatever the file asked for failed here: say where
             raise self.error(_describe_error(e), node) from None
@@ -1180,18 +1288,23 @@ class TextProgram:
             return jnp.stack([jnp.asarray(x) for x in items])
         if kind == "neg":
             return -self._num(ev(node.children[0]), node.children[0], "'-'")
-        if kind in ("binop", "pow", "compare", "and_expr", "or_expr"):
-            if kind in ("binop", "compare"):
-                a, op, b = node.children
-                op = str(op)
-            else:
-                (a, b), op = node.children, {"pow": "**", "and_expr": "and", "or_expr": "or"}[kind]
-            x, y = self._num(ev(a), a, f"'{op}'"), self._num(ev(b), b, f"'{op}'")
-            if op in _WHOLE_NUMBER_OPS and _whole(x) and _whole(y):
-                return _WHOLE_NUMBER_OPS[op](x, y)  # stays a number written in the file: x[:N - 1]
-            self._same_shapes(x, y, node, f"'{op}'")
-            with jax.numpy_rank_promotion("allow"):  # the language broadcasts as NumPy does
-                return _BINARY[op](x, y)
+        if kind in _CHAINS:
+            # `a + b + ... + z` is a tree as deep as it is long: its left spine is evaluated in a
+            # loop, each operation located at its own node
+            spine = [node]
+            while isinstance(spine[-1].children[0], Tree) and spine[-1].children[0].data in _CHAINS:
+                spine.append(spine[-1].children[0])
+            value = ev(spine[-1].children[0])
+            for step in reversed(spine[1:]):
+                try:
+                    value = self._binary(step, value, ev)
+                except (TextError, RecursionError):
+                    raise
+                except Exception as e:  # noqa: BLE001 -- as _eval does for this node
+                    raise self.error(_describe_error(e), step) from None
+            return self._binary(node, value, ev)
+        if kind in ("pow", "compare"):
+            return self._binary(node, ev(node.children[0]), ev)
         if kind == "not_expr":
             return jnp.logical_not(self._num(ev(node.children[0]), node.children[0], "'not'"))
         if kind == "if_expr":
@@ -1239,7 +1352,14 @@ class TextProgram:
                                      node.children[1])
                 return obj.values[name]
             if inspect.ismodule(obj) and hasattr(obj, name):
-                return getattr(obj, name)
+                value = getattr(obj, name)
+                why = self._policy.refuse_name(obj, name, value)
+                if why is not None:
+                    entry = value.__name__ if inspect.ismodule(value) and not name.startswith("_") else obj.__name__
+                    raise self.error(f"{why}", node.children[1], hint=opt_in_hint(entry))
+                if self._policy.trusted(obj):
+                    self._policy.trust(value)
+                return value
             if name == "T" and hasattr(obj, "shape"):
                 return jnp.transpose(obj)
             raise self.error(f"{_describe_value(obj)} has no attribute {name!r}", node.children[1])
@@ -1260,6 +1380,25 @@ class TextProgram:
         if kind == "plate_block":
             return self._plate(node, env, ctx)
         raise self.error(f"unsupported expression ({kind})", node)
+
+    def _binary(self, node, left, ev):
+        """A binary operation of ``node`` whose left operand has the value ``left``."""
+        kind = node.data
+        if kind in ("binop", "compare"):
+            a, op, b = node.children
+            op = str(op)
+        else:
+            (a, b), op = node.children, {"pow": "**", "and_expr": "and", "or_expr": "or"}[kind]
+        x, y = self._num(left, a, f"'{op}'"), self._num(ev(b), b, f"'{op}'")
+        if op in _WHOLE_NUMBER_OPS and _whole(x) and _whole(y):
+            value = _WHOLE_NUMBER_OPS[op](x, y)  # stays a number written in the file: x[:N - 1]
+            if not -_INT32_MAX - 1 <= value <= _INT32_MAX:
+                raise self.error(f"{x} {op} {y} is too large for a whole number (32-bit integers reach {_INT32_MAX})",
+                                 node, hint="for a real number, write one operand with a decimal point (e.g. 2.0)")
+            return value
+        self._same_shapes(x, y, node, f"'{op}'")
+        with jax.numpy_rank_promotion("allow"):  # the language broadcasts as NumPy does
+            return _BINARY[op](x, y)
 
     def _cond(self, cond, then_node, else_node, node, ev):
         """A scalar condition: ``lax.cond``, only the taken branch's random choices run. The
@@ -1385,7 +1524,15 @@ _BINARY = {
 }
 
 
+_CHAINS = {"binop", "and_expr", "or_expr"}  # left-associative: `a + b + c` is binop(binop(a, b), c)
 _WHOLE_NUMBER_OPS = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}
+
+
+def _too_large(digits: str) -> bool:
+    """Whether a whole number written with ``digits`` exceeds 32 bits (read without converting
+    thousands of digits)."""
+    digits = digits.lstrip("0")
+    return len(digits) > 10 or int(digits or "0") > _INT32_MAX
 
 
 def _whole(x) -> bool:
@@ -1463,19 +1610,74 @@ def _first_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def parse(source: str, filename: str = "<string>") -> TextProgram:
-    """Parse and check an objective given as text."""
-    return TextProgram(source, filename)
+def parse(source: str, filename: str = "<string>", allow_imports=()) -> TextProgram:
+    """Parse and check an objective given as text. ``allow_imports``: the modules (by name) and
+    Python files or folders (by path) that it may import beyond the defaults (see ``load``);
+    relative ``from "file.py"`` imports are read from ``filename``'s folder, or the current
+    directory when there is no such file."""
+    return TextProgram(source, filename, allow_imports)
 
 
-def load(path: str | os.PathLike) -> TextProgram:
-    """Parse and check the objective file at ``path``."""
-    path = os.fspath(path)
+#: The largest objective file read (a file is a program of a few hundred lines).
+MAX_SOURCE_BYTES = 16 * 2**20
+
+
+def read_source(path: str) -> str:
+    """The text of the objective file at ``path``: a regular file (not a FIFO or a device, which
+    could block or never end) of at most ``MAX_SOURCE_BYTES``, in UTF-8."""
     try:
-        source = Path(path).read_text(encoding="utf-8")
+        info = os.stat(path)
     except OSError as e:
         raise EstimaxError(f"cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise EstimaxError(f"{path} is {_file_kind(info.st_mode)}, not an objective file (a regular file)")
+    if info.st_size > MAX_SOURCE_BYTES:
+        raise EstimaxError(f"{path} is {info.st_size / 2**20:.0f} MiB; objective files are at most "
+                           f"{MAX_SOURCE_BYTES // 2**20} MiB (is it the right file?)")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SOURCE_BYTES + 1)
+    except OSError as e:
+        raise EstimaxError(f"cannot read {path}: {e.strerror}") from None
+    if len(raw) > MAX_SOURCE_BYTES:
+        raise EstimaxError(f"{path} is larger than {MAX_SOURCE_BYTES // 2**20} MiB; objective files are at most that")
+    try:
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = Path(path).read_bytes()[: e.start].count(b"\n") + 1
-        raise EstimaxError(f"{path}:{line}: the file is not UTF-8 text (byte {e.object[e.start]:#04x})") from None
-    return TextProgram(source, path)
+        line = raw[: e.start].count(b"\n") + 1
+        raise EstimaxError(f"{path}:{line}: the file is not UTF-8 text (byte {raw[e.start]:#04x})") from None
+
+
+def not_a_regular_file(path: str) -> str | None:
+    """What ``path`` is when it is not a regular file ("a FIFO (named pipe)", "a device", ...):
+    reading one could block forever or never end. ``None`` for a regular file (or a link to
+    one) and for a path that cannot be examined (reading it then says why)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else _file_kind(mode)
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def load(path: str | os.PathLike, allow_imports=()) -> TextProgram:
+    """Parse and check the objective file at ``path``.
+
+    Importing runs code, so a file may import by default only from the numerical modules of
+    ``ex.text.ALLOWED_MODULES`` and only Python files in its own folder (or below it);
+    ``allow_imports`` lists what else it may import: module names (a module and its
+    submodules, every name in them) and paths (a ``.py`` file, or a folder), relative to the
+    current directory. See docs/objective-language.md, "Imports"."""
+    path = os.fspath(path)
+    return TextProgram(read_source(path), path, allow_imports)
