@@ -323,6 +323,7 @@ def _numpyro_enumerates_expanded() -> bool:
     return True
 
 
+# NumPyro < 0.20 (in the tested range, with JAX 0.6.2) fails in its own enumerate_support
 @pytest.mark.skipif(not _numpyro_enumerates_expanded(), reason="this NumPyro cannot enumerate an expanded distribution")
 def test_expanded_distribution_in_shared_lanes_enumerates_exactly():
     @ex.expectation

@@ -991,17 +991,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser(
-        "check",
-        parents=[common],
-        help="parse and check a file; print its estimator plan",
-        description="Parse FILE, resolve its names, stage the objective and its gradient "
-        "estimator (checking shapes and types) and print the estimator plan and certificate.",
-    )
-    p.add_argument("file", metavar="FILE", help="the objective file (.emx)")
-    p.add_argument("--data", metavar="DATA.npz", help="take the named sizes (real[N]) from these arrays")
-    p.add_argument(
+    # check, explain and run read objective files: the import opt-in is theirs
+    imports = argparse.ArgumentParser(add_help=False)
+    imports.add_argument(
         "--allow-import",
         metavar="MODULE|PATH",
         action="append",
@@ -1010,11 +1002,21 @@ def _parser() -> argparse.ArgumentParser:
         "beyond the defaults (numerical modules; .py files in FILE's folder); repeatable. "
         "Importing runs the module's or file's code",
     )
+
+    p = sub.add_parser(
+        "check",
+        parents=[common, imports],
+        help="parse and check a file; print its estimator plan",
+        description="Parse FILE, resolve its names, stage the objective and its gradient "
+        "estimator (checking shapes and types) and print the estimator plan and certificate.",
+    )
+    p.add_argument("file", metavar="FILE", help="the objective file (.emx)")
+    p.add_argument("--data", metavar="DATA.npz", help="take the named sizes (real[N]) from these arrays")
     p.set_defaults(func=_cmd_check)
 
     p = sub.add_parser(
         "explain",
-        parents=[common],
+        parents=[common, imports],
         help="the per-site table and certificate",
         description="Print the per-site table of FILE's estimator (each random choice, its "
         "line, distribution and gradient strategy) and its certificate; with --variance, "
@@ -1029,20 +1031,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--variance", action="store_true", help="measure each site's gradient variance")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the variance measurement (default: 0)")
-    p.add_argument(
-        "--allow-import",
-        metavar="MODULE|PATH",
-        action="append",
-        default=[],
-        help="let FILE import from this module (and its submodules), or this Python file or folder, "
-        "beyond the defaults (numerical modules; .py files in FILE's folder); repeatable. "
-        "Importing runs the module's or file's code",
-    )
     p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser(
         "run",
-        parents=[common],
+        parents=[common, imports],
         help="train the parameters of a file's objective",
         description="Train FILE's parameters with estimax.fit, with a progress bar. "
         "The whole state is checkpointed to OUT/checkpoint/ after every chunk and "
@@ -1066,15 +1059,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output folder (default: out/<file name>)")
     p.add_argument("--fresh", action="store_true", help="start over, ignoring a checkpoint in DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--allow-import",
-        metavar="MODULE|PATH",
-        action="append",
-        default=[],
-        help="let FILE import from this module (and its submodules), or this Python file or folder, "
-        "beyond the defaults (numerical modules; .py files in FILE's folder); repeatable. "
-        "Importing runs the module's or file's code",
-    )
     p.add_argument(
         "--solver",
         choices=("auto", "exact_al", "al", "stochastic"),
