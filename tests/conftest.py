@@ -37,6 +37,9 @@ QUICK = {
     "test_docs.py": ["test_doctests"],
     "test_errors.py": None,  # the whole module: each test stages one small program
     "test_explain.py": ["test_plan_lists_sites_strategies_and_reasons", "test_nonlinear_plug_in_is_named"],
+    "test_faults_inputs.py": ["test_a_module_outside_the_allow_list_is_refused_before_it_runs",
+                              "test_deep_nesting_is_located_at_its_statement"],
+    "test_faults_runs.py": ["test_a_damaged_latest_checkpoint_is_refused_and_the_previous_one_offered"],
     "test_fit.py": ["test_argument_errors", "test_history_partial_last_chunk_and_chunk_size"],
     "test_lane_sites.py": ["test_enumeration_over_lanes_sharing_their_parameters_is_exact"],
     "test_locations.py": ["test_library_files_are_told_apart_by_package_not_by_name",

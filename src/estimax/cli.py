@@ -1,9 +1,11 @@
 """The ``estimax`` command: check, explain and train objective files.
 
-    estimax check FILE [--data DATA.npz]
+    estimax check FILE [--data DATA.npz] [--allow-import MODULE|PATH ...]
     estimax explain FILE [--data DATA.npz] [--params PARAMS.npz] [--variance] [--seed S]
+                         [--allow-import MODULE|PATH ...]
     estimax run FILE [--data DATA.npz] [--steps N] [--optimizer adam] [--lr LR] [--seed S]
                      [--chunk C] [--out DIR] [--fresh] [--no-progress]
+                     [--allow-import MODULE|PATH ...]
     estimax demo [--steps N] [--out DIR]
 
 ``main(argv)`` runs one command and returns its exit status:
@@ -29,6 +31,10 @@ Sharp edges:
   from the run that wrote it; ``--fresh`` starts over. A file with constraints resumes the
   same way (``--steps`` may be raised). The output folder is locked while a ``run`` goes: a
   second ``run`` on it is refused, naming the process that holds it.
+- Reading a file runs only code it may import: the numerical modules of the allow-list and
+  ``.py`` files in the objective file's own folder (importing a ``.py`` file runs it). Any
+  other import is a located error until ``--allow-import MODULE|PATH`` names it (see
+  ``estimax.dsl.text._imports``).
 - ``check`` and ``explain`` without ``--data`` stage the objective with every named size
   (``real[N]``) set to a small default; pass ``--data`` to use the data's sizes.
 """
@@ -1158,8 +1164,9 @@ def main(argv: list[str] | None = None) -> int:
             return _EXIT_ERROR
         except RecursionError:
             print(
-                f"estimax: error: {invocation.path}: the expressions nest too deeply to be read; "
-                "split them with `let`",
+                f"estimax: error: {invocation.path}: the program is too deep for estimax's analysis "
+                "(Python's recursion limit was reached outside the statements it can locate); this is a "
+                "limit of estimax, not a mistake in the file: please report it with the file",
                 file=sys.stderr,
             )
             return _EXIT_ERROR

@@ -34,6 +34,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._errors import UnsupportedError
 from ..dsl._primitives import ExpectSpec, expect_p, sample_p
@@ -155,18 +156,21 @@ def make_finish(costs: CostTerms | None):
         if not mode:
             return primals, None
         tangents = [_inst(p, t) for p, t in outs]
-        contributions = None
+        stacked, downstream = None, {}  # the terms, stacked once; each distinct mask's sum of them
         for s, o, mask in thread.scores:
             plan = None
             if isinstance(mask, _Elements):
                 mask, plan = mask
+            if mask is not None and tuple(mask) not in downstream:
+                if stacked is None:
+                    stacked = jnp.stack(costs.contributions(env))
+                # one dot a site, not one add a term: a thousand sites stay a thousand operations
+                downstream[tuple(mask)] = jnp.dot(np.asarray(mask, stacked.dtype), stacked)
             new = []
             for p, t in zip(primals, tangents, strict=True):
                 value = p
                 if mask is not None:
-                    if contributions is None:
-                        contributions = costs.contributions(env)
-                    value = sum(mask[i] * c for i, c in enumerate(contributions)).astype(p.dtype)
+                    value = downstream[tuple(mask)].astype(p.dtype)
                 if plan is not None:  # value_b = the scalar terms + element b's own terms
                     value = value + costs.element_contributions(env, plan).astype(p.dtype)
                     term = jnp.sum(value * s.astype(p.dtype))

@@ -49,8 +49,9 @@ class CostTerms:
     elements: dict = dataclasses.field(default_factory=dict)
 
     def mask(self, spec):
+        """The site's mask over the terms (a tuple of bools, static), or ``None``."""
         m = self.masks.get(spec)
-        return None if m is None else jnp.asarray(m, jnp.result_type(float))
+        return None if m is None else tuple(bool(b) for b in m)
 
     def element_plan(self, spec):
         """The site's per-element plan, or ``None`` where no term is aligned with it."""
