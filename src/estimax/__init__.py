@@ -9,6 +9,7 @@
     True
 """
 
+from ._errors import ArgumentError as ArgumentError
 from ._errors import CertificateError as CertificateError
 from ._errors import EstimaxError as EstimaxError
 from ._errors import NoKeyError as NoKeyError
@@ -42,7 +43,7 @@ from .runtime._fit import NonFiniteError as NonFiniteError
 from .runtime._fit import fit as fit
 from . import solvers as solvers
 from . import tracking as tracking
-from .solvers._bilevel import solve_bilevel as solve_bilevel
+from .solvers._lvhba import solve_bilevel as solve_bilevel
 from .solvers._multiblock import solve_multiblock as solve_multiblock
 from .solvers._solve import solve as solve
 from .transforms._certify import Certificate as Certificate

@@ -11,6 +11,15 @@ class StrategyError(EstimaxError, ValueError):
     """A gradient strategy cannot apply to a site's distribution."""
 
 
+class ArgumentError(EstimaxError, ValueError, TypeError):
+    """An argument or option of an estimax function has a wrong value or type.
+
+    Raised the same way by every entry point (``fit``, ``solve``, ``argmin``, the objectives,
+    the strategies): the message names the function, the argument, what was expected and what
+    was given. It is both a ``ValueError`` and a ``TypeError`` so that code written against
+    either keeps working."""
+
+
 class ProgramError(EstimaxError, TypeError):
     """A program has the wrong shape for what was asked of it (e.g. a non-scalar to grad)."""
 

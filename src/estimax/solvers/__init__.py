@@ -15,13 +15,13 @@ conjugate-gradient Newton steps, Armijo line search), :class:`LBFGS` (``optax.lb
 """
 
 from ._al import AugmentedLagrangian as AugmentedLagrangian
-from ._bilevel import LVHBA as LVHBA
+from ._lvhba import LVHBA as LVHBA
 from ._multiblock import BSVRB as BSVRB
 from ._driver import RESULTS as RESULTS
 from ._driver import Solution as Solution
 from ._driver import SolverError as SolverError
 from ._exact_al import ExactAL as ExactAL
-from ._stochastic import StochasticLagrangian as StochasticLagrangian
+from ._stochastic_al import StochasticLagrangian as StochasticLagrangian
 from ._unconstrained import LBFGS as LBFGS
 from ._unconstrained import GradientDescent as GradientDescent
 from ._unconstrained import Newton as Newton

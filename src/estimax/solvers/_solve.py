@@ -33,7 +33,7 @@ _CHECKPOINT_FORMAT = "estimax-solve/3"
 def _default_solver(problem: Problem):
     from ._al import AugmentedLagrangian
     from ._exact_al import ExactAL
-    from ._stochastic import StochasticLagrangian
+    from ._stochastic_al import StochasticLagrangian
 
     if problem.stochastic:
         return StochasticLagrangian()
