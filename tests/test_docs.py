@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ["estimax", "estimax.dsl._program", "estimax.testing.strategies"]
+MODULES = ["estimax", "estimax.transforms._estimate", "estimax.testing.strategies"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -93,7 +93,7 @@ def argmin(inner, init, *args, method: str = "implicit", solver=None, linear_sol
     from ..solvers._problem import Problem
     from ..transforms._bilevel import ArgminInfo, ArgminSpec, Inner, check_method, choose_linear_solver
     from ..transforms._constraints import split
-    from ._program import _as_program
+    from ..transforms._estimate import as_program as _as_program
 
     counts = _current_scope().counts
     index = counts.get("#argmin", 0)

@@ -22,7 +22,7 @@ import numpyro.distributions as dist
 
 from .._errors import EstimaxError, NoKeyError, ProgramError, StrategyError, UnsupportedError
 from ..runtime import _jax_compat as compat
-from ..transforms.estimators._base import Strategy
+from ._strategy import Strategy
 from ._site import OPERAND, SiteDist, SiteSpec, family_name
 
 # --- naming scopes ------------------------------------------------------------------------

@@ -3,13 +3,13 @@
 from ._hvi import diwhvi as diwhvi
 from ._hvi import hvi as hvi
 from ._hvi import iwhvi as iwhvi
-from ._vi import LogJoint as LogJoint
+from ..dsl._model import LogJoint as LogJoint
 from ._vi import cubo as cubo
 from ._vi import elbo as elbo
 from ._vi import guide_draw as guide_draw
 from ._vi import iwelbo as iwelbo
 from ._vi import log_weight as log_weight
-from ._vi import model_log_density as model_log_density
+from ..dsl._model import model_log_density as model_log_density
 from ._vi import renyi as renyi
 from ._vi import rws as rws
 from ._vi import snis_forward_kl as snis_forward_kl

@@ -26,7 +26,7 @@ import numpyro.distributions as dist
 
 from .._errors import ProgramError
 from ..dsl._primitives import sample, vmap
-from ..dsl._program import Expectation
+from ..transforms._estimate import Expectation
 from ._score import Schedule
 
 

@@ -16,8 +16,8 @@ reverse model's draws) keeps its own gradient strategy and ``explain`` lists the
 
 from __future__ import annotations
 
-from ..dsl._marginal import marginal
-from ..dsl._program import Expectation
+from ._marginal import marginal
+from ..transforms._estimate import Expectation
 from ._vi import elbo, iwelbo
 
 

@@ -33,7 +33,7 @@ import numpyro.distributions as dist
 
 from .._errors import ProgramError
 from ..dsl._primitives import sample
-from ..dsl._program import Expectation
+from ..transforms._estimate import Expectation
 
 PREDICTIONS = ("score", "eps", "x0", "v")
 

@@ -24,44 +24,12 @@ import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
 from .._errors import ProgramError
-from ..dsl._marginal import Approximate
 from ..dsl._primitives import vmap
-from ..dsl._program import Expectation
+from ..transforms._estimate import Expectation
 from ..dsl._site import log_density
-from ..dsl._trace import trace
-
-
-@dataclasses.dataclass(frozen=True)
-class LogJoint:
-    """A model given by its log joint density: ``fn(latents: dict, params, *data) -> scalar``."""
-
-    fn: Callable
-
-    def __call__(self, latents, params, *data):
-        return self.fn(latents, params, *data)
-
-
-def model_log_density(model, latents: dict, params, data) -> Any:
-    """``log p(data, latents)`` of a NumPyro model or a :class:`LogJoint`."""
-    if isinstance(model, LogJoint):
-        return model(latents, params, *data)
-    from numpyro import handlers
-
-    conditioned = handlers.substitute(model, data=latents)
-    model_trace = handlers.trace(handlers.seed(conditioned, rng_seed=0)).get_trace(params, *data)
-    total = jnp.zeros((), jnp.result_type(float))
-    for name, site in model_trace.items():
-        if site["type"] != "sample":
-            continue
-        if not site["is_observed"] and name not in latents:
-            raise ProgramError(
-                f"the model's latent site {name!r} has no value in the guide's trace (guide sites: "
-                f"{sorted(latents)}). Sample it in the guide with ex.sample(..., name={name!r})."
-            )
-        lp = log_density(site["fn"], site["value"])  # NumPyro's log_prob, with right derivatives at logits 0
-        scale = site.get("scale")
-        total = total + jnp.sum(lp if scale is None else scale * lp).astype(total.dtype)
-    return total
+from ..dsl._model import LogJoint, model_log_density
+from ..transforms._trace import trace
+from ._marginal import Approximate
 
 
 def guide_draw(guide, params, data, *, stop_params: bool | str = False):

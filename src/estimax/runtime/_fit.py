@@ -45,7 +45,9 @@ import numpy as np
 import optax
 
 from .._errors import ProgramError
-from ..dsl._program import Expectation, key_problem, value_and_grad
+from ..dsl._program import key_problem
+from ..transforms._estimate import Expectation
+from ..transforms._grad import value_and_grad
 from . import _checkpoint as _ckpt
 from . import _identity
 from . import _sharding
@@ -535,8 +537,9 @@ def _as_early_stop(early_stop) -> EarlyStop | None:
 def _require(objective, tracking, full, argnums, require):
     """``fit(require=...)``: the certificate of what will run, checked before compiling."""
     # the plan lives a layer up (transforms): imported here, when asked for
-    from ..dsl._program import _as_program
-    from ..transforms._certify import Plan, explain, require_certificate
+    from ..transforms._estimate import as_program as _as_program
+    from ..transforms._certify import require_certificate
+    from ..transforms._explain import Plan, explain
 
     program = _as_program(objective, "fit")
     plan = explain(program, *full, argnums=argnums)

@@ -238,7 +238,7 @@ class BilevelProblem:
     equalities, then its inequalities) on flat vectors, the projection onto ``C``."""
 
     def __init__(self, upper, lower, x0, y0, data, projection_steps: int):
-        from ..dsl._program import _as_program
+        from ..transforms._estimate import as_program as _as_program
         from ..transforms._constraints import split
         from ._problem import Problem
 

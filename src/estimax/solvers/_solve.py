@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._errors import ProgramError
-from ..dsl._program import _as_program
+from ..transforms._estimate import as_program as _as_program
 from ..runtime import _progress
 from ..runtime import _identity
 from ..runtime._checkpoint import Checkpointer, _words, as_checkpoint, digest, interrupted, stop_on_signals

@@ -26,7 +26,7 @@ from .estimators._defaults import resolve
 from ._adev import contains_random, refused_call
 from ._smoothness import breaks, with_defaults
 
-_RANK = {"exact": 0, "unbiased": 1, "consistent": 2, "biased": 3}
+RANK = {"exact": 0, "unbiased": 1, "consistent": 2, "biased": 3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,78 +60,6 @@ class Certificate:
         if not self.reasons:
             return self.kind
         return self.kind + "\n" + "\n".join(f"  - {r}" for r in self.reasons)
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """What ``explain`` returns: the per-site plan and the estimator's certificate."""
-
-    program: str
-    sites: tuple[SitePlan, ...]
-    certificate: Certificate
-    #: total gradient variance (trace of the covariance), when measured
-    total_variance: float | None = None
-    #: a constrained program's constraints: (name, kind, multiplier, where) each
-    constraints: tuple = ()
-    #: the program's inner problems (``ex.argmin``): an ``ArgminSpec`` each
-    argmins: tuple = ()
-    #: the expectations used nonlinearly (compositions): (call, tracked as, where) each
-    compositions: tuple = ()
-
-    def site(self, name: str) -> SitePlan:
-        for s in self.sites:
-            if s.name == name:
-                return s
-        raise KeyError(f"no site named {name!r}; sites: {[s.name for s in self.sites]}")
-
-    def __str__(self) -> str:
-        header = ("site", "distribution", "strategy", "why", "where")
-        rows = [
-            (s.name, s.distribution, s.strategy.describe(), s.reason, s.context) for s in self.sites
-        ]
-        if self.total_variance is not None:
-            header = header + ("grad variance",)
-            rows = [
-                r + ("n/a" if s.variance is None else f"{s.variance:.4g} ± {s.variance_se:.2g}",)
-                for r, s in zip(rows, self.sites)
-            ]
-        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        lines = [f"estimator plan for {self.program}", fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-        lines += [fmt.format(*r) for r in rows] or ["(no random choices)"]
-        per_element = [f"{s.name} ({s.elements} elements)" for s in self.sites if s.elements]
-        if per_element:
-            lines.append("score terms Rao-Blackwellized per element: " + ", ".join(per_element))
-        if self.total_variance is not None:
-            lines.append(f"total gradient variance (trace of the covariance): {self.total_variance:.4g}")
-        lines.append(f"certificate: {self.certificate}")
-        if self.constraints:
-            rows = [("constraint", "kind", "multiplier", "where"), *self.constraints]
-            widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
-            fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-            lines.append("constraints (solved with ex.solve, which builds their Lagrangian):")
-            lines += [fmt.format(*rows[0]).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip()]
-            lines += [fmt.format(*r).rstrip() for r in rows[1:]]
-        if self.argmins:
-            rows = [("argmin", "variables", "inner solver", "hypergradient", "certificate", "where")]
-            for a in self.argmins:
-                size = f"{a.n}" + (f", {a.m_eq} eq" if a.m_eq else "") + (f", {a.m_in} ineq" if a.m_in else "")
-                rows.append((a.name, size, a.solver, a.describe_method(), a.certificate, a.location or "?"))
-            widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-            fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-            lines.append("inner problems (ex.argmin):")
-            lines += [fmt.format(*rows[0]).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip()]
-            lines += [fmt.format(*r).rstrip() for r in rows[1:]]
-        if self.compositions:
-            rows = [("expectation used nonlinearly", "tracked by ex.fit as", "where"), *self.compositions]
-            widths = [max(len(str(r[i])) for r in rows) for i in range(3)]
-            fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-            lines.append("compositions (ex.fit tracks them across steps: estimax.tracking):")
-            lines += [fmt.format(*rows[0]).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip()]
-            lines += [fmt.format(*r).rstrip() for r in rows[1:]]
-        return "\n".join(lines)
-
-    __repr__ = __str__
 
 
 def collect_sites(jaxpr, prefix: str = "", context: str = "program") -> list[SitePlan]:
@@ -218,7 +146,7 @@ def _support_moves(constraint) -> bool:
     return False
 
 
-def _context_label(ctx: str) -> str:
+def context_label(ctx: str) -> str:
     if ctx.startswith("cond#"):
         return "cond " + ctx.split("/", 1)[1]
     return ctx
@@ -341,7 +269,7 @@ def certify(jaxpr, sites: list[SitePlan], differentiated=None) -> Certificate:
     reasons: list[str] = []
     for s in sites:
         c = s.strategy.certificate
-        if _RANK[c] > _RANK[kind]:
+        if RANK[c] > RANK[kind]:
             kind = c
         if c != "unbiased":
             reasons.append(f"site {s.name!r} uses {s.strategy.describe()} ({c})")
@@ -356,7 +284,7 @@ def certify(jaxpr, sites: list[SitePlan], differentiated=None) -> Certificate:
     found, _ = breaks(jaxpr, differentiated)
     for br in found:
         kind = "biased"
-        reasons.append(_break_reason(br))
+        reasons.append(break_reason(br))
     problems, _ = compositions(jaxpr)
     if problems:
         kind = "biased"
@@ -366,7 +294,7 @@ def certify(jaxpr, sites: list[SitePlan], differentiated=None) -> Certificate:
     return Certificate(kind, tuple(reasons))
 
 
-def _break_reason(br) -> str:
+def break_reason(br) -> str:
     hint = ""
     if "the jump at" in br.what:
         hint = ("; if this is a jnp.where whose branches meet at the boundary, write it with "
@@ -382,7 +310,7 @@ def _break_reason(br) -> str:
             f"surrogate (e.g. jax.nn.sigmoid((z - t) / temperature) for `z > t`; biased too){hint}")
 
 
-def _mark_elements(jaxpr, sites):
+def mark_elements(jaxpr, sites):
     """Set ``elements`` on the top-level sites whose scores are Rao-Blackwellized per element."""
     from ._rao_blackwell import analyze
 
@@ -410,104 +338,17 @@ def differentiated_leaves(args, argnums) -> list[bool]:
     return flags
 
 
-def require_certificate(plan: "Plan", require: str | None, where: str) -> None:
-    """Raise :class:`CertificateError` when ``plan``'s certificate is weaker than ``require``."""
+def require_certificate(plan, require: str | None, where: str) -> None:
+    """Raise :class:`CertificateError` when ``plan``'s certificate (an :class:`~estimax.Plan`) is
+    weaker than ``require``."""
     if require is None:
         return
     if require not in ("unbiased", "consistent", "biased"):
         raise ProgramError(f"{where}: require= expects 'unbiased' or 'consistent'; got {require!r}.")
-    if _RANK[plan.certificate.kind] > _RANK[require]:
+    if RANK[plan.certificate.kind] > RANK[require]:
         raise CertificateError(
             f"{where}: require={require!r}, but the estimator of {plan.program!r} is "
             f"{plan.certificate}\n(ex.explain shows the whole plan)", plan)
 
 
-def explain(objective, *args, variance: bool = False, key=None, argnums=0, samples=(32, 16),
-            require: str | None = None) -> Plan:
-    """The per-site plan and the certificate of ``objective``'s estimator at ``args``.
-
-    ``args`` are the program's arguments (no key); only their shapes and dtypes matter --
-    unless ``variance=True``: then the gradient estimator (with respect to ``argnums``) is
-    run at ``args`` and each site's contribution to its variance is measured: the expected
-    variance of the gradient when only that site's random numbers change,
-    ``E[Var(ĝ | all other sites)]``, summed over gradient coordinates (``samples`` =
-    (outer, inner) draws; needs ``key``). A site with a large share is the one to give a
-    better strategy or baseline. Sites in loop bodies and nested expectations show ``n/a``.
-
-    ``argnums`` also says which arguments are differentiated for the certificate: a
-    comparison of a differentiated argument (``z > theta``) makes it ``biased``, one of
-    data does not. ``require="unbiased"`` (or ``"consistent"``) raises
-    :class:`~estimax.CertificateError` when the certificate is weaker.
-    """
-    from ..dsl._program import _as_program
-
-    program = _as_program(objective, "ex.explain")
-    closed, _, _ = program.stage(args)
-    jaxpr = with_defaults(closed.jaxpr)
-    sites = collect_sites(jaxpr)
-    sites = [dataclasses.replace(s, context=_context_label(s.context)) for s in sites]
-    sites = _mark_elements(jaxpr, sites)
-    total = None
-    if variance:
-        if key is None:
-            raise ProgramError("ex.explain(..., variance=True) needs key= to draw the estimates.")
-        from ._variance import site_variances
-
-        measured, total = site_variances(program, closed, args, sites, key=key, argnums=argnums, samples=samples)
-        sites = [
-            dataclasses.replace(s, variance=measured[s.name][0], variance_se=measured[s.name][1])
-            if s.name in measured
-            else s
-            for s in sites
-        ]
-    certificate = certify(jaxpr, sites, differentiated_leaves(args, argnums) if args else None)
-    declared = program.declared_certificate
-    if declared is not None:
-        kind, reason = declared
-        if _RANK[kind] > _RANK[certificate.kind]:
-            certificate = Certificate(kind, certificate.reasons + (reason,))
-        else:
-            certificate = Certificate(certificate.kind, certificate.reasons + (reason,))
-    from ..dsl._argmin import find_argmins
-
-    argmins = tuple(find_argmins(closed.jaxpr))
-    for a in argmins:
-        if a.method == "implicit":
-            reason = (f"argmin {a.name!r}: implicit differentiation, exact up to the inner solver's tolerance "
-                      "(a converged inner solve is checked at run time)")
-        else:
-            reason = (f"argmin {a.name!r}: {a.linear_solver}: the exact derivative of a truncated solve, "
-                      "consistent as the solve converges")
-        kind = certificate.kind if a.method == "implicit" or _RANK[certificate.kind] >= _RANK["consistent"] \
-            else "consistent"
-        certificate = Certificate(kind, certificate.reasons + (reason,))
-    constraints = ()
-    from ._constraints import is_constrained, split
-
-    if is_constrained(closed.jaxpr):
-        constraints = tuple(
-            (c.name, c.describe(), f"λ[{c.name}]" if c.kind == "eq" else f"μ[{c.name}] >= 0", c.location or "?")
-            for c in split(program, args).constraints
-        )
-    plan = Plan(program.name, tuple(sites), certificate, total, constraints, argmins, _compositions(closed.jaxpr))
-    require_certificate(plan, require, f"ex.explain({program.name})")
-    return plan
-
-
-def _compositions(jaxpr) -> tuple:
-    from ._compositional import tracked_items
-
-    try:
-        items = tracked_items(jaxpr)
-    except Exception as e:  # a composition the pass cannot track: say so in the table
-        return (("?", f"not trackable: {e}", ""),)
-    rows = []
-    for it in items:
-        s = it.spec
-        how = (f"one estimate per index (of {s.size})" if s.indexed else "one running estimate") + (
-            ", in log space" if s.log else "")
-        rows.append((s.call, how, s.location or "?"))
-    return tuple(rows)
-
-
-__all__ = ["Plan", "SitePlan", "Certificate", "collect_sites", "certify", "explain"]
+__all__ = ["Certificate", "SitePlan", "certify", "collect_sites", "require_certificate"]

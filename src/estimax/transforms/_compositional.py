@@ -52,6 +52,9 @@ import jax.numpy as jnp
 from .._errors import ProgramError, UnsupportedError
 from ..dsl._primitives import ExpectSpec, expect_p
 from ..runtime import _jax_compat as compat
+from ._certify import RANK, Certificate, break_reason, collect_sites, compositions, differentiated_leaves
+from ._estimate import Expectation, as_program
+from ._smoothness import breaks, with_defaults
 
 sg = jax.lax.stop_gradient
 
@@ -164,7 +167,6 @@ class TrackerState(NamedTuple):
 
 def tracked_items(jaxpr) -> tuple[Item, ...]:
     """The expectations a tracking pass must track in ``jaxpr``: those used nonlinearly."""
-    from ._certify import compositions
 
     _, specs = compositions(jaxpr)
     found: dict[int, Item] = {}
@@ -367,7 +369,6 @@ class Tracker:
 
     def build(self, args):
         """``(items, surrogate program)`` for arguments shaped like ``args``."""
-        from ..dsl._program import Expectation
 
         closed, in_tree, out_tree = self.program.stage(args)
         key = id(closed)
@@ -404,21 +405,19 @@ class Tracker:
     def certificate(self, *args):
         """The tracked estimator's certificate at ``args``: ``consistent`` (or weaker, when a
         site's strategy is), with the plug-in reasons replaced by what is tracked."""
-        from ._certify import _RANK, Certificate, _break_reason, collect_sites, differentiated_leaves
-        from ._smoothness import breaks, with_defaults
 
         closed, _, _ = self.program.stage(args)
         items, _ = self.build(args)
         kind, reasons = "consistent", []
         for site in collect_sites(closed.jaxpr):
             c = site.strategy.certificate
-            if _RANK[c] > _RANK[kind]:
+            if RANK[c] > RANK[kind]:
                 kind = c
             if c != "unbiased":
                 reasons.append(f"site {site.name!r} uses {site.strategy.describe()} ({c})")
         for br in breaks(with_defaults(closed.jaxpr), differentiated_leaves(args, self.argnums))[0]:
             kind = "biased"
-            reasons.append(_break_reason(br))
+            reasons.append(break_reason(br))
         for it in items:
             s = it.spec
             per = f"one estimate per index (of {s.size})" if s.indexed else "one running estimate"
@@ -466,9 +465,8 @@ def track(objective, tracking: Tracking | None = None, argnums: int = 0) -> Trac
         >>> state = t.init(1.0)
         >>> (value, grad), state, diag = t.value_and_grad(jax.random.key(0), state, 1.0)
     """
-    from ..dsl._program import _as_program
 
-    program = _as_program(objective, "ex.tracking.track")
+    program = as_program(objective, "ex.tracking.track")
     return Tracker(program, SCGD() if tracking is None else tracking, argnums)
 
 

@@ -22,9 +22,9 @@ import jax
 
 from .._errors import ProgramError, UnsupportedError
 from ..dsl._constraints import ConstraintSpec, constraint_p, first_constraint
-from ..dsl._program import Expectation, _as_program
 from ..runtime import _jax_compat as compat
 from ._adev import contains_random
+from ._estimate import Expectation, as_program
 
 
 class _Diagnosing(threading.local):
@@ -106,7 +106,7 @@ def split(program, args: Sequence, *, n_param_leaves: int | None = None) -> Cons
     ``n_param_leaves``: how many leading leaves of the flattened ``args`` are the optimized
     parameters (default: those of ``args[0]``); every constraint must depend on them.
     """
-    program = _as_program(program, "ex.solve")
+    program = as_program(program, "ex.solve")
     args = tuple(args)
     closed, in_tree, out_tree = program.stage(args)
     jaxpr = closed.jaxpr

@@ -41,9 +41,9 @@ from ...transforms.estimators import reinforce as _reinforce
 from ...transforms.estimators import reparam as _reparam
 from ...transforms.estimators import straight_through as _straight_through
 from .._constraints import subject_to as _subject_to
-from .._marginal import Approximate
-from .._marginal import marginal as _marginal
-from .._marginal import normalize as _normalize
+from ...objectives._marginal import Approximate
+from ...objectives._marginal import marginal as _marginal
+from ...objectives._marginal import normalize as _normalize
 from .._primitives import expect as _expect
 from .._primitives import expect_p as _expect_p
 from .._primitives import sample as _sample
@@ -51,7 +51,7 @@ from .._primitives import source_location
 from .._primitives import stage as _stage
 from .._primitives import sample_p as _sample_p
 from .._primitives import vmap as _vmap
-from .._program import Expectation
+from ...transforms._estimate import Expectation
 from .._site import log_density
 from ...objectives._vi import LogJoint
 from ...runtime import _jax_compat as _compat

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from ...dsl._site import SiteDist
+from ...dsl._strategy import Strategy
 from ...runtime import _jax_compat as compat
 
 
@@ -58,51 +59,6 @@ class Continuation(Protocol):
     def __call__(self, value, tangent=None, *, mode: bool | None = None) -> tuple[list, list | None]: ...
 
     def with_score(self, score_tangent, offset_tangent) -> "Continuation": ...
-
-
-class Strategy(abc.ABC):
-    """A per-site gradient strategy. Final subclasses are frozen dataclasses (hashable)."""
-
-    #: short name shown by ``explain``
-    name: ClassVar[str]
-    #: ``unbiased``, ``consistent`` or ``biased``
-    certificate: ClassVar[str] = "unbiased"
-    #: whether the strategy calls its continuation more than once or with other values;
-    #: such strategies cannot be used inside ``lax.scan``/``while_loop`` bodies.
-    needs_continuation: ClassVar[bool]
-    #: the identity the strategy implements
-    identity: ClassVar[str]
-    #: whether the site's value carries the parameters' derivative (reparam, relaxations):
-    #: then the rest of the program must be differentiable in it (``transforms/_smoothness``)
-    pathwise_value: ClassVar[bool] = False
-
-    @abc.abstractmethod
-    def check(self, d, site_name: str) -> None:
-        """Raise :class:`~estimax.StrategyError` naming the site if ``d`` is unsupported."""
-
-    @abc.abstractmethod
-    def estimate(self, ctx: SiteContext, cont: Continuation) -> tuple[list, list | None]:
-        """The program's outputs and their tangents, estimated through this site."""
-
-    def describe(self) -> str:
-        return self.name
-
-    def split_operands(self) -> tuple["Strategy", tuple]:
-        """``(static strategy, traced values)``: traced settings (e.g. a baseline passed as a
-        program argument) travel as operands of the site, never inside its static data."""
-        return self, ()
-
-    def value_struct(self, d):
-        """The ``jax.ShapeDtypeStruct`` of the site's value, or ``None`` for ``d``'s sample.
-
-        Strategies that relax a discrete site (its value becomes float, or one-hot) say so
-        here; the program is then traced with that value type.
-        """
-        del d
-        return None
-
-    def __repr__(self) -> str:
-        return f"ex.{self.describe()}"
 
 
 class LocalStrategy(Strategy):

@@ -44,8 +44,9 @@ import numpyro.distributions as dist
 from jax.scipy.special import logsumexp
 
 from .._errors import ProgramError
-from ._primitives import sample, vmap
-from ._trace import trace
+from ..dsl._model import model_log_density
+from ..dsl._primitives import sample, sample_p, stage, vmap
+from ..transforms._trace import trace
 
 
 class Approximate:
@@ -161,8 +162,6 @@ def _density_prefix(q: Approximate, name: str | None) -> str:
 
 def _proposal_sites(proposal, kept, params, data) -> tuple[str, ...]:
     """The top-level site names of ``proposal(kept, params, *data)`` (staged, not run)."""
-    from ._primitives import sample_p, stage
-
     closed, _, _ = stage(
         getattr(proposal, "fn", proposal), (kept, params, *data), f"the proposal {_label(proposal)!r}",
         fresh_names=True, float_outputs=False,
@@ -181,8 +180,6 @@ class Normalized(Approximate):
         return f"ex.normalize({_label(self.target)}, proposal={_label(self.proposal)}, particles={self.particles})"
 
     def _log_target(self, values, params, data):
-        from ..objectives._vi import model_log_density
-
         return model_log_density(self.target, values, params, data)
 
     def _particles(self, params, data, k, prefix):

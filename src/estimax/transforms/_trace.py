@@ -22,8 +22,11 @@ import jax.numpy as jnp
 
 from .._errors import UnsupportedError
 from ..runtime import _jax_compat as compat
-from ._primitives import expect_p, sample_p, stage
-from ._site import SiteDist, log_density  # noqa: F401  (log_density: re-exported for models)
+from ._adev import contains_random
+from .estimators._defaults import resolve
+from .estimators._reparam import Reparam
+from ..dsl._primitives import expect_p, sample_p, stage
+from ..dsl._site import SiteDist, log_density  # noqa: F401  (log_density: re-exported for models)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,9 +170,6 @@ def _stops(stop_params, spec, operands) -> bool:
     """Whether the site's log density is evaluated with its parameters stopped."""
     if stop_params != "non-reparam":
         return bool(stop_params)
-    from ..transforms.estimators._defaults import resolve
-    from ..transforms.estimators._reparam import Reparam
-
     strategy, _ = resolve(spec, operands)
     return not isinstance(strategy, Reparam)
 
@@ -180,8 +180,6 @@ def _drop_sites(result):
 
 
 def _has_sites(eqn) -> bool:
-    from ..transforms._adev import contains_random
-
     return any(contains_random(sub) for sub in compat.subjaxprs_of(eqn))
 
 
