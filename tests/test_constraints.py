@@ -70,11 +70,11 @@ def test_a_constrained_program_is_not_differentiated_as_if_unconstrained():
 @pytest.mark.parametrize(
     "program, error, match",
     [
-        (lambda x: (ex.subject_to(eq=x[0] == 1.0), x.sum())[1], ex.ProgramError, r"floating point; got booleans \(a comparison\?\)"),
-        (lambda x: (ex.subject_to(eq=x[0], le=x[1]), x.sum())[1], ex.ProgramError, "exactly one of .*got eq=, le="),
-        (lambda x: (ex.subject_to(), x.sum())[1], ex.ProgramError, "got none"),
-        (lambda x: (ex.subject_to(le="x"), x.sum())[1], ex.ProgramError, "expects a number or an array"),
-        (lambda x: (ex.subject_to(le=x[0], name=3), x.sum())[1], ex.ProgramError, "name=.*non-empty string"),
+        (lambda x: (ex.subject_to(eq=x[0] == 1.0), x.sum())[1], ex.ArgumentError, r"floating point; got booleans \(a comparison\?\)"),
+        (lambda x: (ex.subject_to(eq=x[0], le=x[1]), x.sum())[1], ex.ArgumentError, "exactly one of .*got eq=, le="),
+        (lambda x: (ex.subject_to(), x.sum())[1], ex.ArgumentError, "got none"),
+        (lambda x: (ex.subject_to(le="x"), x.sum())[1], ex.ArgumentError, "expects a number or an array"),
+        (lambda x: (ex.subject_to(le=x[0], name=3), x.sum())[1], ex.ArgumentError, "name=.*non-empty string"),
         (lambda x: (ex.subject_to(eq=jnp.ones(2), name="const"), x.sum())[1], ex.ProgramError,
          "constraint 'const' .*does not depend on the optimized parameters"),
         (lambda x: (jax.jit(lambda y: ex.subject_to(eq=y[0]))(x), x.sum())[1], ex.UnsupportedError,

@@ -129,7 +129,7 @@ def test_not_a_distribution():
     def f(mu):
         return ex.sample(dist.Normal, name="z")
 
-    with pytest.raises(ex.ProgramError, match=r"site 'z'.*Distribution.*dist\.Normal\(0\.0, 1\.0\)"):
+    with pytest.raises(ex.ArgumentError, match=r"site 'z'.*Distribution.*dist\.Normal\(0\.0, 1\.0\)"):
         f.estimate(KEY, 0.0)
 
 

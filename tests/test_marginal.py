@@ -227,9 +227,9 @@ def test_marginal_errors_name_the_mistake():
 
     with pytest.raises(ex.ProgramError, match=r"exactly the joint program's auxiliary sites \['u'\]"):
         ex.objectives.iwhvi(model, joint, keep="z", proposal=wrong, m=2).estimate(key_from(0), P, X)
-    with pytest.raises(ex.ProgramError, match="particles must be an integer >= 0"):
+    with pytest.raises(ex.ArgumentError, match="particles must be an integer >= 0"):
         ex.marginal(joint, keep="z", proposal=reverse, particles=-1)
-    with pytest.raises(ex.ProgramError, match="particles must be an integer >= 1"):
+    with pytest.raises(ex.ArgumentError, match="particles must be an integer >= 1"):
         ex.normalize(model, _proposal, particles=0)
     q = ex.marginal(joint, keep="z", proposal=reverse)
     for build in (

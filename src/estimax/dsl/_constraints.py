@@ -26,7 +26,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from .._errors import EstimaxError, ProgramError
+from .._errors import ArgumentError, EstimaxError
 from ..runtime import _jax_compat as compat
 from ._primitives import _caller_location, _current_scope
 
@@ -99,22 +99,22 @@ def subject_to(*, eq=None, le=None, ge=None, name: str | None = None) -> None:
     """
     given = {k: v for k, v in (("eq", eq), ("le", le), ("ge", ge)) if v is not None}
     if len(given) != 1:
-        raise ProgramError(
+        raise ArgumentError(
             "ex.subject_to takes exactly one of eq= (value == 0), le= (value <= 0) or ge= (value >= 0); "
             f"got {', '.join(k + '=' for k in given) or 'none'}."
         )
     (kind, value), = given.items()
     if name is not None and (not isinstance(name, str) or not name):
-        raise ProgramError(f"ex.subject_to(name=...) expects a non-empty string; got {name!r}.")
+        raise ArgumentError(f"ex.subject_to(name=...) expects a non-empty string; got {name!r}.")
     if isinstance(value, bool) or not _is_numeric(value):
-        raise ProgramError(
+        raise ArgumentError(
             f"ex.subject_to({kind}=...) expects a number or an array (the constraint's value); got "
             f"{type(value).__name__}. Write `{kind}=lhs - rhs`, not a comparison."
         )
     value = jnp.asarray(value)
     if not compat.is_float_dtype(value.dtype):
         what = "booleans (a comparison?)" if value.dtype == jnp.bool_ else f"dtype {value.dtype}"
-        raise ProgramError(
+        raise ArgumentError(
             f"ex.subject_to({kind}=...): the constraint's value must be floating point; got {what}. "
             f"Write `{kind}=lhs - rhs` for `lhs {'==' if kind == 'eq' else '<=' if kind == 'le' else '>='} rhs`."
         )

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
 
-from .._errors import EstimaxError, NoKeyError, ProgramError, StrategyError, UnsupportedError
+from .._errors import ArgumentError, EstimaxError, NoKeyError, ProgramError, StrategyError, UnsupportedError
 from ..runtime import _jax_compat as compat
 from ._strategy import Strategy
 from ._site import OPERAND, SiteDist, SiteSpec, family_name
@@ -153,13 +153,13 @@ def sample(d: dist.Distribution, estimator: Strategy | None = None, name: str | 
         objective.estimate(jax.random.PRNGKey(0), 0.5)
     """
     if name is not None and not isinstance(name, str):
-        raise ProgramError(f"ex.sample(name=...) expects a string; got {type(name).__name__} {name!r}.")
+        raise ArgumentError(f"ex.sample(name=...) expects a string; got {type(name).__name__} {name!r}.")
     if not isinstance(d, dist.Distribution):
         what = f"site {name!r}" if name else "ex.sample"
         hint = ""
         if isinstance(d, type) or callable(d):
             hint = " Did you pass the class or function instead of an instance, e.g. dist.Normal instead of dist.Normal(0.0, 1.0)?"
-        raise ProgramError(
+        raise ArgumentError(
             f"{what}: expected a numpyro.distributions.Distribution as the first argument; "
             f"got {type(d).__name__}.{hint}"
         )
@@ -228,7 +228,7 @@ def vmap(fn: Callable, in_axes=0, out_axes=0, axis_size: int | None = None) -> C
     def mapped(*args):
         axes = in_axes if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
         if len(axes) != len(args):
-            raise ProgramError(
+            raise ArgumentError(
                 f"ex.vmap: in_axes has {len(axes)} entries for {len(args)} arguments."
             )
         size = axis_size
@@ -240,7 +240,7 @@ def vmap(fn: Callable, in_axes=0, out_axes=0, axis_size: int | None = None) -> C
                 for leaf in jax.tree_util.tree_leaves(a)
             }
             if not sizes:
-                raise ProgramError("ex.vmap: no argument is mapped; give axis_size=.")
+                raise ArgumentError("ex.vmap: no argument is mapped; give axis_size=.")
             size = sizes.pop()
 
         def inner(anchor, *a):
@@ -536,20 +536,20 @@ def _expect_call(program, *, n, name, index, size, log, what) -> Callable:
         raise ProgramError(f"{what} expects a function (a program); got {type(program).__name__}.")
     label = name or getattr(fn, "__name__", "expect")
     if name is not None and not isinstance(name, str):
-        raise ProgramError(f"{what}(name=...) expects a string; got {type(name).__name__} {name!r}.")
+        raise ArgumentError(f"{what}(name=...) expects a string; got {type(name).__name__} {name!r}.")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ProgramError(f"{what}({label!r}, n=...) expects a positive integer; got {n!r}.")
+        raise ArgumentError(f"{what}({label!r}, n=...) expects a positive integer; got {n!r}.")
     if (index is None) != (size is None):
-        raise ProgramError(
+        raise ArgumentError(
             f"{what}({label!r}): index= and size= go together: the index of this term and the "
             f"number of terms in the finite sum; got index={'None' if index is None else '...'}, size={size!r}."
         )
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ProgramError(f"{what}({label!r}, size=...) expects a positive integer (the number of terms); got {size!r}.")
+        raise ArgumentError(f"{what}({label!r}, size=...) expects a positive integer (the number of terms); got {size!r}.")
     if index is not None:
         index = jnp.asarray(index)
         if not jnp.issubdtype(index.dtype, jnp.integer):
-            raise ProgramError(f"{what}({label!r}, index=...) expects integers (which term of the sum); got dtype {index.dtype}.")
+            raise ArgumentError(f"{what}({label!r}, index=...) expects integers (which term of the sum); got dtype {index.dtype}.")
     location = _caller_location()
 
     def call(*args):

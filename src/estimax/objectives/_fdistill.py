@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
 
-from .._errors import ProgramError
+from .._errors import ArgumentError
 from ..dsl._primitives import sample, vmap
 from ..transforms._estimate import Expectation
 from ._score import Schedule
@@ -57,7 +57,7 @@ def squared_hellinger(r):
 def alpha_divergence(alpha: float) -> Callable:
     """``f(r) = (r^α - α r - (1 - α)) / (α(α - 1))`` (``α ∉ {0, 1}``): ``h(r) = r^α``."""
     if alpha in (0, 1):
-        raise ProgramError("alpha_divergence: alpha = 0 and 1 are the KL limits; use reverse_kl or forward_kl.")
+        raise ArgumentError("alpha_divergence: alpha = 0 and 1 are the KL limits; use reverse_kl or forward_kl.")
 
     def f(r):
         return (r**alpha - alpha * r - (1.0 - alpha)) / (alpha * (alpha - 1.0))
@@ -92,12 +92,12 @@ def weight(f: Callable | str) -> Callable:
 def _as_f(f):
     if isinstance(f, str):
         if f.startswith("alpha_divergence"):
-            raise ProgramError('write alpha divergences as ex.objectives.alpha_divergence(0.5), not a string.')
+            raise ArgumentError('write alpha divergences as ex.objectives.alpha_divergence(0.5), not a string.')
         if f not in DIVERGENCES:
-            raise ProgramError(f"unknown divergence {f!r}; built-ins: {sorted(DIVERGENCES)}, or pass a function f(r).")
+            raise ArgumentError(f"unknown divergence {f!r}; built-ins: {sorted(DIVERGENCES)}, or pass a function f(r).")
         return DIVERGENCES[f]
     if not callable(f):
-        raise ProgramError(f"f must be a function of the ratio r or a built-in name; got {type(f).__name__}.")
+        raise ArgumentError(f"f must be a function of the ratio r or a built-in name; got {type(f).__name__}.")
     return f
 
 
@@ -130,7 +130,7 @@ def fdistill(generator: Callable, teacher_score: Callable, fake_score: Callable,
     fname = f if isinstance(f, str) else getattr(f, "__name__", "f")
     latent = dist.Normal(0.0, 1.0) if latent is None else latent
     if clamp is not None and not (len(clamp) == 2 and 0 < clamp[0] < clamp[1]):
-        raise ProgramError(f"{name}: clamp must be (lo, hi) with 0 < lo < hi; got {clamp!r}.")
+        raise ArgumentError(f"{name}: clamp must be (lo, hi) with 0 < lo < hi; got {clamp!r}.")
     kind, reasons = "unbiased", []
     if not exact:
         kind = "consistent"

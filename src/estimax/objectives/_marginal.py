@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 from jax.scipy.special import logsumexp
 
-from .._errors import ProgramError
+from .._errors import ArgumentError, ProgramError
 from ..dsl._model import model_log_density
 from ..dsl._primitives import sample, sample_p, stage, vmap
 from ..transforms._trace import trace
@@ -67,12 +67,12 @@ def _label(fn) -> str:
 
 def _check_particles(n, what, minimum):
     if isinstance(n, bool) or not isinstance(n, int) or n < minimum:
-        raise ProgramError(f"{what}: particles must be an integer >= {minimum}; got {n!r}.")
+        raise ArgumentError(f"{what}: particles must be an integer >= {minimum}; got {n!r}.")
 
 
 def _check_name(name, what):
     if not isinstance(name, str) or not name:
-        raise ProgramError(f"{what}: name must be a non-empty string; got {name!r}.")
+        raise ArgumentError(f"{what}: name must be a non-empty string; got {name!r}.")
 
 
 class Marginal(Approximate):
@@ -232,10 +232,10 @@ def marginal(joint: Callable, *, keep: str | Sequence[str], proposal: Callable, 
     _check_particles(particles, "ex.marginal", 0)
     keep = (keep,) if isinstance(keep, str) else tuple(keep)
     if not keep or not all(isinstance(k, str) for k in keep):
-        raise ProgramError(f"ex.marginal: keep must be a site name or a sequence of names; got {keep!r}.")
+        raise ArgumentError(f"ex.marginal: keep must be a site name or a sequence of names; got {keep!r}.")
     for what, fn in (("joint", joint), ("proposal", proposal)):
         if not callable(fn):
-            raise ProgramError(f"ex.marginal: {what} must be a program (a function); got {type(fn).__name__}.")
+            raise ArgumentError(f"ex.marginal: {what} must be a program (a function); got {type(fn).__name__}.")
     return Marginal(joint, keep, proposal, particles, name)
 
 
@@ -255,5 +255,5 @@ def normalize(target, proposal: Callable, *, particles: int, name: str = "normal
     _check_name(name, "ex.normalize")
     _check_particles(particles, "ex.normalize", 1)
     if not callable(proposal):
-        raise ProgramError(f"ex.normalize: proposal must be a program (a function); got {type(proposal).__name__}.")
+        raise ArgumentError(f"ex.normalize: proposal must be a program (a function); got {type(proposal).__name__}.")
     return Normalized(target, proposal, particles, name, index_estimator)

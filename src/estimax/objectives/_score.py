@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
 
-from .._errors import ProgramError
+from .._errors import ArgumentError, ProgramError
 from ..dsl._primitives import sample
 from ..transforms._estimate import Expectation
 
@@ -54,9 +54,9 @@ class Schedule:
 
     def __post_init__(self):
         if not (callable(self.alpha) and callable(self.sigma)):
-            raise ProgramError("Schedule(alpha, sigma): both must be functions of t (e.g. lambda t: jnp.cos(t)).")
+            raise ArgumentError("Schedule(alpha, sigma): both must be functions of t (e.g. lambda t: jnp.cos(t)).")
         if not 0.0 <= self.t_min < self.t_max:
-            raise ProgramError(f"Schedule: need 0 <= t_min < t_max; got t_min={self.t_min}, t_max={self.t_max}.")
+            raise ArgumentError(f"Schedule: need 0 <= t_min < t_max; got t_min={self.t_min}, t_max={self.t_max}.")
 
     def snr(self, t):
         """The signal-to-noise ratio ``α²/σ²``."""
@@ -94,7 +94,7 @@ def ve(sigma_min: float = 0.01, sigma_max: float = 50.0, t_min: float = 0.0) -> 
 
 def _check_prediction(prediction):
     if prediction not in PREDICTIONS:
-        raise ProgramError(f"prediction={prediction!r}; expected one of {PREDICTIONS}.")
+        raise ArgumentError(f"prediction={prediction!r}; expected one of {PREDICTIONS}.")
 
 
 def to_score(prediction: str, output, x_t, alpha, sigma):
@@ -136,7 +136,7 @@ def weighting_fn(weighting, schedule: Schedule) -> Callable:
         return lambda t: schedule.sigma(t) ** 2
     if weighting == "likelihood":
         return schedule.g2
-    raise ProgramError(f'weighting={weighting!r}; expected "sigma2", "likelihood" or a function of t.')
+    raise ArgumentError(f'weighting={weighting!r}; expected "sigma2", "likelihood" or a function of t.')
 
 
 def loss_weight(schedule: Schedule, prediction: str, weighting="sigma2") -> Callable:
@@ -170,7 +170,7 @@ def dsm(net: Callable, schedule: Schedule | None = None, prediction: str = "eps"
     """
     schedule = vp() if schedule is None else schedule
     if not isinstance(schedule, Schedule):
-        raise ProgramError(f"dsm: schedule must be ex.objectives.vp(), ve() or a Schedule; got {type(schedule).__name__}.")
+        raise ArgumentError(f"dsm: schedule must be ex.objectives.vp(), ve() or a Schedule; got {type(schedule).__name__}.")
     _check_prediction(prediction)
     weight = loss_weight(schedule, prediction, weighting)
     time = dist.Uniform(schedule.t_min, schedule.t_max) if time is None else time
@@ -203,7 +203,7 @@ def ssm(score: Callable, projections: int = 1, variance_reduction: bool = True, 
     one Jacobian-vector product per direction. ``x`` is a batch; the value is its mean.
     """
     if isinstance(projections, bool) or not isinstance(projections, int) or projections < 1:
-        raise ProgramError(f"ssm: projections must be a positive integer; got {projections!r}.")
+        raise ArgumentError(f"ssm: projections must be a positive integer; got {projections!r}.")
 
     def program(params, x):
         x = jnp.asarray(x)

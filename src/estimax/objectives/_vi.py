@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
-from .._errors import ProgramError
+from .._errors import ArgumentError, ProgramError
 from ..dsl._primitives import vmap
 from ..transforms._estimate import Expectation
 from ..dsl._site import log_density
@@ -76,12 +76,12 @@ def _particles(model, guide, k: int, params, data, stl=False):
 
 def _check_k(k, what):
     if not isinstance(k, int) or k < 1:
-        raise ProgramError(f"{what}: the number of particles must be a positive integer; got {k!r}.")
+        raise ArgumentError(f"{what}: the number of particles must be a positive integer; got {k!r}.")
 
 
 def _check_gradient(gradient, allowed, what):
     if gradient not in allowed:
-        raise ProgramError(f"{what}: gradient={gradient!r}; expected one of {allowed}.")
+        raise ArgumentError(f"{what}: gradient={gradient!r}; expected one of {allowed}.")
 
 
 def elbo(model, guide, *, particles: int = 1, gradient: str = "standard") -> Expectation:
@@ -104,7 +104,7 @@ def elbo(model, guide, *, particles: int = 1, gradient: str = "standard") -> Exp
         _require_exact_density(guide, "ex.objectives.elbo(gradient='stl')")
     if gradient == "loo":
         if particles < 2:
-            raise ProgramError("ex.objectives.elbo(gradient='loo') needs particles >= 2.")
+            raise ArgumentError("ex.objectives.elbo(gradient='loo') needs particles >= 2.")
         _require_exact_density(guide, "ex.objectives.elbo(gradient='loo')")
 
         def loo_objective(params, *data):
@@ -235,7 +235,7 @@ def vimco(model, guide, k: int) -> Expectation:
     Unbiased. Needs ``k >= 2``.
     """
     if not isinstance(k, int) or k < 2:
-        raise ProgramError(f"ex.objectives.vimco: needs at least 2 particles; got {k!r}.")
+        raise ArgumentError(f"ex.objectives.vimco: needs at least 2 particles; got {k!r}.")
     _require_exact_density(guide, "ex.objectives.vimco")
 
     def vimco_objective(params, *data):

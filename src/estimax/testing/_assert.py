@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._errors import ArgumentError
+
 
 def seed_from(*inputs: Any) -> int:
     """A 31-bit seed determined by ``inputs`` (their ``repr``), stable across runs."""
@@ -43,7 +45,7 @@ def mean_and_se(estimator: Callable, key, n: int, *, args: tuple = (), batch_siz
     closing over them, so repeated calls reuse the compiled code.
     """
     if n < 2:
-        raise ValueError(f"mean_and_se needs n >= 2 estimates; got n={n}.")
+        raise ArgumentError(f"mean_and_se needs n >= 2 estimates; got n={n}.")
     keys = jax.random.split(key, n)
     fn = _vectorized(estimator, len(args))
     if batch_size is None or batch_size >= n:
@@ -114,7 +116,7 @@ def assert_unbiased(
     """
     if key is None:
         if seed is None:
-            raise ValueError("assert_unbiased needs key= or seed= (inputs to derive the key from).")
+            raise ArgumentError("assert_unbiased needs key= or seed= (inputs to derive the key from).")
         key = key_from(seed)
     mean, se = mean_and_se(estimator, key, n, args=tuple(args), batch_size=batch_size)
     exact = jax.tree.map(lambda e: np.asarray(e, np.float64), exact)

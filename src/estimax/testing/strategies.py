@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 from hypothesis import strategies as st
 
+from .._errors import ArgumentError
+
 #: family -> {parameter: (low, high, shape)}
 FAMILIES: dict[str, dict[str, tuple[float, float, tuple[int, ...]]]] = {
     "Normal": {"loc": (-1.5, 1.5, ()), "scale": (0.4, 1.5, ())},
@@ -39,7 +41,7 @@ def params(family: str) -> st.SearchStrategy[dict]:
     try:
         spec = FAMILIES[family]
     except KeyError:
-        raise ValueError(f"unknown family {family!r}; known: {sorted(FAMILIES)}") from None
+        raise ArgumentError(f"unknown family {family!r}; known: {sorted(FAMILIES)}") from None
     fields = {}
     for name, (lo, hi, shape) in spec.items():
         if shape == ():
