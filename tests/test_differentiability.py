@@ -23,6 +23,7 @@ from jax.scipy.stats import norm
 
 import estimax as ex
 from estimax.testing import assert_unbiased
+from problems import X, guide, model
 
 M = 0.3
 
@@ -363,20 +364,7 @@ def test_mvd_and_reinforce_through_a_jump_are_unbiased():
 def test_library_objectives_keep_their_defaults():
     """Objectives that use stop_gradient on parameters (STL) or write value and derivative
     separately (DReG, RWS) keep reparam and their certificates."""
-    import numpyro
-
-    x = jnp.array([0.8, 1.9, 0.3])
-
-    def model(params, x):
-        del params
-        z = numpyro.sample("z", dist.Normal(0.0, 1.0))
-        with numpyro.plate("data", x.shape[0]):
-            numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
-
-    def guide(params, x):
-        del x
-        return ex.sample(dist.Normal(params["m"], jnp.exp(params["log_s"])), name="z")
-
+    x = X[:3]
     params = {"m": jnp.float32(-0.5), "log_s": jnp.float32(0.4)}
     objectives = [
         ex.objectives.elbo(model, guide), ex.objectives.elbo(model, guide, gradient="stl"),

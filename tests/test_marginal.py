@@ -9,23 +9,15 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro
 import numpyro.distributions as dist
 import pytest
-from jax.scipy.stats import multivariate_normal, norm
+from jax.scipy.stats import norm
 
 import estimax as ex
 from estimax.testing import assert_unbiased, key_from, mean_and_se
+from problems import X, log_evidence, model
 
-X = jnp.array([0.8, 1.9, 0.3, 1.2])
 P = {k: jnp.asarray(v) for k, v in dict(a=0.9, log_su=-0.5, log_sz=-0.8, c=0.3, d=0.5, log_sr=-0.7).items()}
-
-
-def model(params, x):
-    del params
-    z = numpyro.sample("z", dist.Normal(0.0, 1.0))
-    with numpyro.plate("data", x.shape[0]):
-        numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
 
 
 def joint(p, x):
@@ -65,11 +57,6 @@ def exact_hvi(p, x):
     mean_sq = alpha**2 * marginal_var(p) + (alpha * p["a"] + beta) ** 2
     kl = 0.5 * jnp.log(sr2 / s2) + (s2 + mean_sq) / (2 * sr2) - 0.5
     return exact_elbo(p, x) - kl
-
-
-def log_evidence(x):
-    n = x.shape[0]
-    return multivariate_normal.logpdf(x, jnp.zeros(n), jnp.eye(n) + jnp.ones((n, n)))
 
 
 def exact_reverse(p):

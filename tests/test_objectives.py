@@ -8,30 +8,13 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
-from jax.scipy.stats import multivariate_normal
 
 import estimax as ex
 from estimax.testing import assert_unbiased, key_from, mean_and_se
 
-X = jnp.array([0.8, 1.9, 0.3, 1.2])
+from problems import X, guide, log_evidence, model
+
 N = X.shape[0]
-
-
-def model(params, x):
-    del params
-    z = numpyro.sample("z", dist.Normal(0.0, 1.0))
-    with numpyro.plate("data", x.shape[0]):
-        numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
-
-
-def guide(params, x):
-    del x
-    return ex.sample(dist.Normal(params["m"], jnp.exp(params["log_s"])), name="z")
-
-
-def log_evidence(x):
-    n = x.shape[0]
-    return multivariate_normal.logpdf(x, jnp.zeros(n), jnp.eye(n) + jnp.ones((n, n)))
 
 
 def exact_elbo(params, x):
