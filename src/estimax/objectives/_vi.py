@@ -24,11 +24,12 @@ import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
 from .._errors import ArgumentError, ProgramError
-from ..dsl._primitives import vmap
-from ..transforms._estimate import Expectation
-from ..dsl._site import log_density
 from ..dsl._model import LogJoint, model_log_density
+from ..dsl._primitives import sample_p, stage, vmap
+from ..transforms._estimate import Expectation
 from ..transforms._trace import trace
+from ..transforms.estimators._defaults import resolve
+from ..transforms.estimators._reparam import Reparam
 from ._marginal import Approximate
 
 
@@ -187,10 +188,6 @@ def _iwelbo_dreg(model, guide, k):
 
 
 def _require_reparam(guide, params, data):
-    from ..dsl._primitives import sample_p, stage
-    from ..transforms.estimators._defaults import resolve
-    from ..transforms.estimators._reparam import Reparam
-
     closed, _, _ = stage(getattr(guide, "fn", guide), (params, *data), "the DReG guide", fresh_names=True, float_outputs=False)
     for eqn in closed.jaxpr.eqns:
         if eqn.primitive is sample_p:
