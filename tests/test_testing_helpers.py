@@ -72,3 +72,33 @@ def test_assert_unbiased_fails_on_non_finite_estimates():
 
     with pytest.raises(AssertionError, match="looks biased"):
         assert_unbiased(nan_estimator, 1.0, seed="nan", n=1000)
+
+
+def test_exact_may_be_a_function_of_the_arguments():
+    def estimator(key, mu):
+        return mu + jax.random.normal(key)
+
+    report = assert_unbiased(estimator, lambda mu: mu, args=(1.5,), seed="exact-fn", n=4000)
+    assert report.n == 4000 and abs(float(report.exact) - 1.5) < 1e-12
+    with pytest.raises(AssertionError, match="mean"):
+        assert_unbiased(estimator, lambda mu: mu + 0.5, args=(1.5,), seed="exact-fn", n=4000)
+
+
+def test_argument_mistakes_are_named_before_any_estimate_is_drawn():
+    drawn = []
+
+    def estimator(key, mu):
+        drawn.append(1)  # traced once by the shape check; a run would trace the vmapped copy too
+        return {"a": mu + jax.random.normal(key, (2,))}
+
+    with pytest.raises(ex.ArgumentError, match="exact must be a number.*got object"):
+        assert_unbiased(estimator, object(), args=(1.0,), seed="s")
+    with pytest.raises(ex.ArgumentError, match="returns PyTreeDef.*but exact is"):
+        assert_unbiased(estimator, 1.0, args=(1.0,), seed="s")
+    with pytest.raises(ex.ArgumentError, match=r"exact\['a'\] has shape \(3,\) but the estimates\['a'\] have shape \(2,\)"):
+        assert_unbiased(estimator, {"a": np.zeros(3)}, args=(1.0,), seed="s")
+    with pytest.raises(ex.ArgumentError, match="n must be an integer >= 2"):
+        assert_unbiased(estimator, {"a": 1.0}, args=(1.0,), seed="s", n=1)
+    with pytest.raises(ex.ArgumentError, match="estimator must be a function"):
+        assert_unbiased(3.0, 1.0, seed="s")
+    assert len(drawn) <= 3  # only shape checks traced it; nothing was sampled

@@ -105,7 +105,8 @@ def assert_unbiased(
 
     - ``estimator``: ``(key, *args) -> pytree`` of estimates (the structure of ``exact``).
     - ``args``: further arguments to ``estimator`` (not vectorized).
-    - ``exact``: the exact value (closed form, enumeration, quadrature).
+    - ``exact``: the exact value (closed form, enumeration, quadrature): a number, an array
+      or a pytree of them, or a function ``exact(*args)`` that returns one.
     - ``key`` or ``seed``: the key, or inputs to derive it from (:func:`key_from`); one is
       required, so failures reproduce.
     - ``n``: number of estimates; ``sigmas``: the tolerance in standard errors.
@@ -113,17 +114,24 @@ def assert_unbiased(
       where the estimator has (near) zero variance, e.g. exact enumeration).
 
     Returns an :class:`UnbiasedReport`; raises ``AssertionError`` listing the worst entries.
+    Mistakes in the arguments (an ``exact`` of another structure or shape than the
+    estimates, no key) raise :class:`~estimax.ArgumentError` before any estimate is drawn.
     """
+    args = tuple(args)
+    if not callable(estimator):
+        raise ArgumentError(f"assert_unbiased: estimator must be a function (key, *args) -> estimates; got "
+                            f"{type(estimator).__name__}.")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ArgumentError(f"assert_unbiased: n must be an integer >= 2 (the number of estimates); got {n!r}.")
+    if not (isinstance(sigmas, (int, float)) and sigmas > 0):
+        raise ArgumentError(f"assert_unbiased: sigmas must be a positive number; got {sigmas!r}.")
     if key is None:
         if seed is None:
             raise ArgumentError("assert_unbiased needs key= or seed= (inputs to derive the key from).")
         key = key_from(seed)
-    mean, se = mean_and_se(estimator, key, n, args=tuple(args), batch_size=batch_size)
-    exact = jax.tree.map(lambda e: np.asarray(e, np.float64), exact)
-    if jax.tree.structure(mean) != jax.tree.structure(exact):
-        raise AssertionError(
-            f"estimator returns {jax.tree.structure(mean)} but exact is {jax.tree.structure(exact)}"
-        )
+    exact = _exact_values(exact(*args) if callable(exact) else exact)
+    _check_like(jax.eval_shape(estimator, key, *args), exact)  # traced, not run: nothing is drawn yet
+    mean, se = mean_and_se(estimator, key, n, args=args, batch_size=batch_size)
     tol = jax.tree.map(lambda s, e: sigmas * s + atol + rtol * np.abs(e), se, exact)
     z = jax.tree.map(lambda m, e, s: (m - e) / np.maximum(s, 1e-300), mean, exact, se)
     report = UnbiasedReport(mean=mean, se=se, exact=exact, z=z, n=n)
@@ -144,6 +152,38 @@ def assert_unbiased(
             f"{sigmas} standard errors over n={n}:\n  " + "\n  ".join(bad[:20])
         )
     return report
+
+
+def _exact_values(exact):
+    """``exact`` as float64 NumPy arrays, or an :class:`ArgumentError` naming what it is."""
+    try:
+        return jax.tree.map(lambda e: np.asarray(e, np.float64), exact)
+    except (TypeError, ValueError):
+        leaves = [type(e).__name__ for e in jax.tree.leaves(exact)]
+        raise ArgumentError(
+            "assert_unbiased: exact must be a number, an array or a pytree of them (or a function "
+            f"exact(*args) returning one); got {type(exact).__name__}"
+            + (f" with leaves of type {sorted(set(leaves))}" if leaves and leaves != [type(exact).__name__] else "")
+            + ".") from None
+
+
+def _check_like(estimates, exact) -> None:
+    """Raise when ``exact`` cannot be compared entry by entry with the estimates."""
+    if jax.tree.structure(estimates) != jax.tree.structure(exact):
+        raise ArgumentError(
+            f"assert_unbiased: the estimator returns {jax.tree.structure(estimates)} but exact is "
+            f"{jax.tree.structure(exact)}; give exact the estimates' structure.")
+    for (path, e), x in zip(jax.tree_util.tree_flatten_with_path(estimates)[0], jax.tree.leaves(exact)):
+        try:
+            np.broadcast_shapes(np.shape(x), e.shape)
+        except ValueError:
+            raise ArgumentError(
+                f"assert_unbiased: exact{jax.tree_util.keystr(path)} has shape {np.shape(x)} but the "
+                f"estimates{jax.tree_util.keystr(path)} have shape {e.shape}.") from None
+        if np.broadcast_shapes(np.shape(x), e.shape) != e.shape:
+            raise ArgumentError(
+                f"assert_unbiased: exact{jax.tree_util.keystr(path)} has shape {np.shape(x)}, larger than "
+                f"the estimates' {e.shape}.")
 
 
 def _at(tree, path):
