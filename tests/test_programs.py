@@ -430,11 +430,24 @@ def test_traced_baseline_and_ema_state():
     good = assert_unbiased(ex.grad(objective), jax.grad(exact)(l), args=(l, b_star), seed="b-arg", n=N)
     none = assert_unbiased(ex.grad(objective), jax.grad(exact)(l), args=(l, jnp.float32(0.0)), seed="b-0", n=N)
     assert good.se < 1e-3 * none.se
-    # the moving average converges to E[f]
+    # the moving average is b ← 0.9·b + 0.1·f, step by step ...
     b = jnp.float32(0.0)
-    for i in range(200):
-        b = ex.ema_update(b, objective.estimate(jax.random.PRNGKey(i), l, b), decay=0.9)
-    assert abs(float(b) - float(exact(l))) < 0.5
+    for i in range(20):
+        f = objective.estimate(jax.random.PRNGKey(i), l, b)
+        new = ex.ema_update(b, f, decay=0.9)
+        assert float(new) == pytest.approx(0.9 * float(b) + 0.1 * float(f), rel=1e-6)
+        b = new
+
+    # ... so after T steps from 0 its mean is (1 − 0.9^T)·E[f], over many independent runs
+    def run(key):
+        def step(b, k):
+            return ex.ema_update(b, objective.estimate(k, l, b), decay=0.9), None
+
+        return jax.lax.scan(step, jnp.float32(0.0), jax.random.split(key, 60))[0]
+
+    finals = np.asarray(jax.vmap(run)(jax.random.split(key_from("ema-runs"), 4000)), np.float64)
+    target = (1 - 0.9**60) * float(exact(l))
+    assert abs(finals.mean() - target) < 5 * finals.std(ddof=1) / np.sqrt(finals.size), (finals.mean(), target)
 
 
 def test_rao_blackwellized_gradient_does_not_depend_on_the_batch_size():
