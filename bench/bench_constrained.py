@@ -41,7 +41,7 @@ trust-constr).
 Sections
 --------
 1. **CUTEst equality problems** (sif2jax): the 35 problems of
-   ``../shared/reference/cutest_equality.csv`` (relative to the repository root) from their
+   ``bench/reference/cutest_equality.csv`` from their
    standard starting points ``y0``; ``f*`` is the table's ``reference_f``. Per problem: n, m
    and per method ``it``, ``rel.err``, ``time``. Totals: solved (KKT <= 1e-6 and rel.err <=
    1e-8), total and median iterations (over the problems where the method reached KKT <=

@@ -515,6 +515,10 @@ def main(argv=None):
                 c_ratio = r["compile"]["estimax"][0] / r["compile"][m][0]
                 print(f"(diagnostic) {name}: estimax / {m}: step {s_ratio:.2f}x, compile {c_ratio:.2f}x")
     print(f"\ntotal wall time {time.perf_counter() - t_start:.1f} s")
+    failed = [name for name, r in results.items() if not r["check_ok"]]
+    if failed:  # a timing of estimators that do not agree means nothing: fail the run
+        print(f"agreement check FAILED for: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -44,8 +44,9 @@ def test_vi_example_quick(script, figure, summary, tmp_path):
 
 @pytest.mark.slow
 def test_bench_core_quick(tmp_path):
-    out = run([str(ROOT / "bench" / "bench_core.py"), "--quick"], tmp_path)
+    out = run([str(ROOT / "bench" / "bench_core.py"), "--quick"], tmp_path)  # exit 1 when a check fails
     assert "estimax" in out and "hand-written" in out
+    assert "agreement check: ok" in out and "FAIL" not in out
 
 
 def test_constrained_classification_quick(tmp_path):
