@@ -29,9 +29,10 @@ from estimax.testing import assert_unbiased, key_from
 Y = jnp.array([0.9, 1.7, -0.3])
 # l: the guide's logits; a: the model's prior logits; w: the effect of each latent on its
 # observation. No logit is exactly 0, where NumPyro's Bernoulli(logits).log_prob has a wrong
-# derivative (see test_objectives.py).
+# derivative (see test_objectives.py). Every coordinate of the exact gradient is at least five
+# standard errors of the estimates (checked below), so a sign error in any would be caught.
 PARAMS = {
-    "l": jnp.array([0.4, -0.7, 1.1]),
+    "l": jnp.array([-1.0, -0.7, 1.1]),
     "a": jnp.array([0.3, -0.5, 0.2]),
     "w": jnp.array([1.5, -1.0, 2.0]),
 }
@@ -183,6 +184,8 @@ def test_elbo_gradient_matches_tracegraph_elbo_and_the_exact_gradient(layout):
         n=N,
     )
     _assert_same_means(ours.mean, ours.se, theirs.mean, theirs.se, "estimax vs TraceGraph_ELBO")
+    for name in exact:  # the test's power: a flipped sign (a bias of 2|g|) would be >= 10 SE
+        assert np.all(5 * ours.se[name] < np.abs(exact[name])), (name, ours.se[name], exact[name])
 
 
 # --- (c) variance, where Rao-Blackwellization applies ---------------------------------------
