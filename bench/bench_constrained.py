@@ -10,10 +10,14 @@ problem is written once as plain JAX functions (``constrained_cases.py``): the o
 * **estimax**: ``ex.solve(program, x0, solver=..., max_steps=500, tol=1e-6)``, the program
   stating ``ex.subject_to(eq=eq(x), name="eq")`` (and ``le=``) and returning ``f(x)``.
   Bounds are ``le`` rows (``lower - x <= 0``, ``x - upper <= 0``) unless said otherwise.
-  Reported: ``it``, the first iterate whose KKT residual (the solver's own,
-  ``sol.history["kkt"]``) is <= 1e-6, which is ``sol.steps`` when the run succeeds;
-  ``time``, ``sol.stats["solve_s"]`` (the compiled loop, compilation excluded), the median
-  over ``--repeats`` calls; ``compile``, ``sol.stats["compile_s"]`` of the first call.
+  The stopping measure is scipy's (below): estimax stops on its own KKT residual; when that
+  is <= 1e-6 but the least-squares measure at its answer is not, the solve is repeated with
+  a 10 times smaller ``tol`` (at most three times) and that call is the one reported.
+  Reported: ``it``, the first iterate whose own residual (``sol.history["kkt"]``) is below
+  the ``tol`` used, which is ``sol.steps`` when the run succeeds; ``time``, the wall time of
+  the whole ``ex.solve`` call (checks, cached staging, the compiled loop, the result), median
+  over ``--repeats`` calls after the one that compiles; ``compile``, that first call's wall
+  time.
 * **scipy**: the same functions, with ``jax.jit``-compiled float64 callbacks (objective
   value and gradient together, constraint Jacobians by ``jax.jacfwd``; for trust-constr
   also the objective Hessian and each constraint's ``hess(x, v) = sum_i v_i hess c_i(x)``
@@ -384,37 +388,53 @@ def make_solver(name: str):
 
 def run_estimax(case: cases.Case, solver: str, *, repeats=1, tol=TOL, max_steps=500, native_bounds=False,
                 cb: Callbacks | None = None, solver_object=None) -> dict:
-    """``ex.solve`` of ``case`` from ``case.x0``: ``repeats`` calls (the first compiles)."""
+    """``ex.solve`` of ``case`` from ``case.x0``, timed as whole calls like scipy's.
+
+    The first call compiles (``compile``: its wall time); ``time`` is the median wall time of
+    ``repeats`` further calls, whole (argument checks, staging-cache lookups, the compiled loop,
+    the result): what a user waits for. With ``cb`` the stopping measure is scipy's (the KKT
+    residual with least-squares multipliers, ``cb.kkt``): when estimax's own residual is below
+    ``tol`` but that one is not, the solve is repeated with a 10 times smaller ``tol`` (at most
+    three times), and the call that meets it is the one timed (``tol_used``)."""
     import estimax as ex
 
     program = make_program(case, bounds_as_rows=not native_bounds)
-    kwargs = dict(solver=solver_object or make_solver(solver), max_steps=max_steps, tol=tol)
+    kwargs = dict(solver=solver_object or make_solver(solver), max_steps=max_steps)
     if native_bounds and case.bounds is not None:
         kwargs["bounds"] = tuple(np.asarray(b, float) for b in case.bounds)
     x0 = jnp.asarray(case.x0, jnp.float64)
-    times, sol, wall = [], None, None
+    tol_used = tol
     try:
-        for i in range(repeats):
+        for _ in range(4):
             t0 = time.perf_counter()
-            sol = ex.solve(program, x0, **kwargs)
-            if i == 0:
-                wall = time.perf_counter() - t0
-                compile_s = float(sol.stats.get("compile_s", float("nan")))
-            times.append(float(sol.stats.get("solve_s", float("nan"))))
+            sol = ex.solve(program, x0, tol=tol_used, **kwargs)
+            compile_s = time.perf_counter() - t0
+            x = np.asarray(jax.flatten_util.ravel_pytree(sol.params)[0], np.float64)
+            if cb is None or not sol.success or cb.kkt(x) <= tol:
+                break
+            tol_used /= 10
+        times = []
+        for _ in range(max(repeats, 1)):
+            t0 = time.perf_counter()
+            sol = ex.solve(program, x0, tol=tol_used, **kwargs)
+            jax.block_until_ready(sol.params)
+            times.append(time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001  (reported in the table, the run goes on)
         nan = float("nan")
         return dict(error=f"{type(e).__name__}: {e}", trace=traceback.format_exc(), it=None, kkt=nan, f=nan,
                     x=None, time=nan, compile=nan, steps=None, success=False)
     hist = np.asarray(sol.history.get("kkt", []), float) if isinstance(sol.history, dict) else np.zeros(0)
-    below = np.flatnonzero(hist <= tol)
+    below = np.flatnonzero(hist <= tol_used)
     it = int(below[0]) if below.size else (int(sol.steps) if sol.success else None)
     x = np.asarray(jax.flatten_util.ravel_pytree(sol.params)[0], np.float64)
     out = dict(it=it, kkt=float(sol.kkt), f=float(sol.value), x=x, time=statistics.median(times),
-               compile=compile_s, wall=wall, steps=int(sol.steps), success=bool(sol.success),
-               message=str(sol.message),
+               compile=compile_s, wall=compile_s, steps=int(sol.steps), success=bool(sol.success),
+               message=str(sol.message), tol_used=tol_used,
                stats={k: v for k, v in sol.stats.items() if k not in ("compile_s", "solve_s")})
     if cb is not None:
         out["kkt_ls"] = cb.kkt(x)
+        if out["kkt_ls"] > tol:  # not met even at the smallest tol: not solved by scipy's measure
+            out["it"] = None
     return out
 
 
@@ -490,7 +510,7 @@ def section_cutest(args, est_solvers):
           f"estimax total iterations <= trust-constr's in the reference table ({ref_tc_total}); "
           "estimax time below trust-constr's and SLSQP's on every problem")
     print("(it: iterations to KKT <= 1e-6, '-' never; rel.err: |f - f*|/max(1,|f*|) where the run stopped; "
-          "ms: solve time, compile excluded, median of "
+          "ms: whole calls (estimax: ex.solve after the compiling call; scipy: minimize less the KKT callback), median of "
           f"{args.repeats}; ref: the table's trust-constr/SLSQP iterations)")
     head1 = f"{'':<11} {'':>3} {'':>3} |"
     head2 = f"{'problem':<11} {'n':>3} {'m':>3} |"
