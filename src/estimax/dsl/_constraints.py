@@ -28,6 +28,7 @@ import numpy as np
 
 from .._errors import ArgumentError, EstimaxError
 from ..runtime import _jax_compat as compat
+from ._ir import find
 from ._primitives import _caller_location, _current_scope
 
 @dataclasses.dataclass(frozen=True)
@@ -134,14 +135,8 @@ def _is_numeric(x) -> bool:
 
 def first_constraint(jaxpr) -> ConstraintSpec | None:
     """The spec of the first constraint stated in ``jaxpr`` (or a jaxpr nested in it)."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive is constraint_p:
-            return eqn.params["spec"]
-        for sub in compat.subjaxprs_of(eqn):
-            hit = first_constraint(sub)
-            if hit is not None:
-                return hit
-    return None
+    hit = find(jaxpr, constraint_p)
+    return None if hit is None else hit[0].params["spec"]
 
 
 def refuse_constraints(jaxpr) -> None:

@@ -351,6 +351,16 @@ def subjaxprs_of(eqn):
     return out
 
 
+def called_jaxpr(eqn):
+    """``(jaxpr, consts)`` of a call-like equation (``jit``/``closed_call`` carry a closed
+    jaxpr under ``jaxpr``/``call_jaxpr``, ``checkpoint`` an open one); the param names hold
+    from 0.6.2 to 0.10.2."""
+    sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+    if isinstance(sub, ClosedJaxpr):
+        return sub.jaxpr, sub.consts
+    return sub, ()
+
+
 def in_scope(eqn, name: str) -> bool:
     """Whether ``eqn`` was traced inside ``jax.named_scope(name)``."""
     try:

@@ -39,7 +39,10 @@ import numpy as np
 from .._errors import UnsupportedError
 from ..dsl._primitives import ExpectSpec, expect_p, sample_p
 from ..dsl._site import SiteDist
+from ..dsl import _ir as ir
+from ..dsl._ir import contains_random  # noqa: F401  (re-exported: other modules import it from here)
 from ..runtime import _jax_compat as compat
+from ._interpreter import Interpreter, rule
 from .estimators._base import ContinuationStrategy, LocalStrategy, SiteContext
 from ._rao_blackwell import CostTerms, analyze
 from ._smoothness import with_defaults
@@ -53,46 +56,20 @@ class Thread(NamedTuple):
 
     key: Any
     scores: tuple = ()
-    #: the key of the site named by ``_OVERRIDE`` (per-site variance diagnostics), or None
+    #: the key of the site named by ``Estimator.override`` (per-site variance diagnostics), or None
     override: Any = None
 
 
 # --- static questions about jaxprs ---------------------------------------------------------
-_RANDOM_CACHE: dict[int, tuple[Any, bool]] = {}
-
-
-def contains_random(jaxpr) -> bool:
-    """Whether ``jaxpr`` (or any jaxpr nested in it) binds ``sample`` or ``expect``."""
-    hit = _RANDOM_CACHE.get(id(jaxpr))
-    if hit is not None and hit[0] is jaxpr:
-        return hit[1]
-    out = False
-    for eqn in jaxpr.eqns:
-        if eqn.primitive is sample_p or eqn.primitive is expect_p:
-            out = True
-            break
-        if any(contains_random(sub) for sub in compat.subjaxprs_of(eqn)):
-            out = True
-            break
-    _RANDOM_CACHE[id(jaxpr)] = (jaxpr, out)
-    return out
-
-
-def _eqn_is_random(eqn) -> bool:
-    return any(contains_random(sub) for sub in compat.subjaxprs_of(eqn))
-
-
 def continuation_sites(jaxpr):
-    """Names of sites in ``jaxpr`` whose (resolved) strategy needs a continuation."""
+    """Names of sites in ``jaxpr`` whose (resolved) strategy needs a continuation (nested
+    expectations excluded: they have their own estimator)."""
     out = []
-    for eqn in jaxpr.eqns:
+    for eqn, _ in ir.eqns(jaxpr):
         if eqn.primitive is sample_p:
             strategy, _ = resolve(eqn.params["spec"], [v.aval for v in eqn.invars])
             if isinstance(strategy, ContinuationStrategy):
                 out.append((eqn.params["spec"].name, strategy))
-        elif eqn.primitive is not expect_p:
-            for sub in compat.subjaxprs_of(eqn):
-                out.extend(continuation_sites(sub))
     return out
 
 
@@ -185,29 +162,11 @@ def make_finish(costs: CostTerms | None):
     return finish
 
 
-_COSTS: list = []  # the Rao-Blackwellization of the estimator being traced (a stack)
-_OVERRIDE: list = []  # the site whose key comes from Thread.override (a stack of names)
-
-
 class _Elements(NamedTuple):
     """A per-element score's signal: the scalar terms' mask, and the aligned terms' plan."""
 
     mask: Any
     plan: tuple
-
-
-def _element_plan(jaxpr, spec):
-    costs = _COSTS[-1] if _COSTS else None
-    if costs is None or jaxpr is not costs.jaxpr:
-        return None
-    return costs.element_plan(spec)
-
-
-def _score_mask(jaxpr, spec):
-    costs = _COSTS[-1] if _COSTS else None
-    if costs is None or jaxpr is not costs.jaxpr:
-        return None
-    return costs.mask(spec)
 
 
 # --- the continuation object ---------------------------------------------------------------
@@ -230,120 +189,122 @@ class _Cont:
 
 
 # --- the interpreter -----------------------------------------------------------------------
-def run_jaxpr(jaxpr, consts, in_duals, thread, k, mode):
-    env = {}
-    _write(env, jaxpr.constvars, [(c, None) for c in consts])
-    _write(env, jaxpr.invars, in_duals)
-    return run_eqns(jaxpr, env, 0, thread, k, mode)
+class Estimator:
+    """The estimator pass over one program, in continuation-passing style.
 
+    Hand-written rather than on ``Interpreter``: a site whose strategy needs a continuation
+    returns from the middle of the walk. It reads the same policy table (``dsl._ir``).
+    ``costs`` is the program's Rao-Blackwellization (or ``None``); ``override`` names the
+    site whose key comes from ``Thread.override`` (per-site variance), or is ``None``.
+    """
 
-def run_eqns(jaxpr, env, i, thread: Thread, k: Callable, mode: bool):
-    eqns = jaxpr.eqns
-    while i < len(eqns):
-        eqn = eqns[i]
-        prim = eqn.primitive
-        if prim is sample_p:
-            spec = eqn.params["spec"]
-            duals = [_read(env, v, mode) for v in eqn.invars]
-            site = SiteDist(spec, [p for p, _ in duals])
-            strategy, _ = resolve(spec, site.operands)
-            key, k_site = _split(thread.key)
-            if _OVERRIDE and _OVERRIDE[-1] == spec.name:
-                k_site = thread.override
-            thread = thread._replace(key=key)
-            tangents = [t for _, t in duals]
-            ctx = SiteContext(spec.name, site, spec.merge_tangents(tangents), k_site, mode, spec.extras(tangents))
-            if isinstance(strategy, LocalStrategy):
-                plan = _element_plan(jaxpr, spec) if mode else None
-                with compat.source_context(eqn):
-                    result = strategy.forward_elements(ctx) if plan is not None else None
-                    if result is None:
-                        plan = None
-                        result = strategy.forward(ctx)
-                x, x_dot, score = result
-                _write(env, eqn.outvars, [(x, _clean_tangent(x_dot) if mode else None)])
-                if score is not None and mode:
-                    mask = _score_mask(jaxpr, spec)
-                    entry = (*score, mask if plan is None else _Elements(mask, plan))
-                    thread = thread._replace(scores=thread.scores + (entry,))
-            else:
-                cont = _Cont(run_eqns, jaxpr, env, i + 1, eqn.outvars[0], thread, k, mode)
-                with compat.source_context(eqn):
-                    return strategy.estimate(ctx, cont)
-        elif prim is expect_p:
-            key, k_sub = _split(thread.key)
-            thread = thread._replace(key=key)
-            duals = [_read(env, v, mode) for v in eqn.invars]
-            _write(env, eqn.outvars, _apply_keyed(expect_estimator(eqn.params["spec"]), k_sub, duals, mode))
-        elif _eqn_is_random(eqn):
-            if prim is compat.jit_p or prim is compat.closed_call_p or prim is compat.remat_p:
-                return _inline(jaxpr, env, i, thread, k, mode)
-            if prim is compat.cond_p:
-                return _cond(jaxpr, env, i, thread, k, mode)
-            if prim is compat.scan_p or prim is compat.while_p:
+    def __init__(self, costs: CostTerms | None = None, override: str | None = None):
+        self.costs = costs
+        self.override = override
+
+    def _element_plan(self, jaxpr, spec):
+        if self.costs is None or jaxpr is not self.costs.jaxpr:
+            return None
+        return self.costs.element_plan(spec)
+
+    def _score_mask(self, jaxpr, spec):
+        if self.costs is None or jaxpr is not self.costs.jaxpr:
+            return None
+        return self.costs.mask(spec)
+
+    def run_jaxpr(self, jaxpr, consts, in_duals, thread, k, mode):
+        env = {}
+        _write(env, jaxpr.constvars, [(c, None) for c in consts])
+        _write(env, jaxpr.invars, in_duals)
+        return self.run_eqns(jaxpr, env, 0, thread, k, mode)
+
+    def run_eqns(self, jaxpr, env, i, thread: Thread, k: Callable, mode: bool):
+        eqns = jaxpr.eqns
+        while i < len(eqns):
+            eqn = eqns[i]
+            prim = eqn.primitive
+            if prim is sample_p:
+                spec = eqn.params["spec"]
+                duals = [_read(env, v, mode) for v in eqn.invars]
+                site = SiteDist(spec, [p for p, _ in duals])
+                strategy, _ = resolve(spec, site.operands)
+                key, k_site = _split(thread.key)
+                if self.override is not None and self.override == spec.name:
+                    k_site = thread.override
+                thread = thread._replace(key=key)
+                tangents = [t for _, t in duals]
+                ctx = SiteContext(spec.name, site, spec.merge_tangents(tangents), k_site, mode, spec.extras(tangents))
+                if isinstance(strategy, LocalStrategy):
+                    plan = self._element_plan(jaxpr, spec) if mode else None
+                    with compat.source_context(eqn):
+                        result = strategy.forward_elements(ctx) if plan is not None else None
+                        if result is None:
+                            plan = None
+                            result = strategy.forward(ctx)
+                    x, x_dot, score = result
+                    _write(env, eqn.outvars, [(x, _clean_tangent(x_dot) if mode else None)])
+                    if score is not None and mode:
+                        mask = self._score_mask(jaxpr, spec)
+                        entry = (*score, mask if plan is None else _Elements(mask, plan))
+                        thread = thread._replace(scores=thread.scores + (entry,))
+                else:
+                    cont = _Cont(self.run_eqns, jaxpr, env, i + 1, eqn.outvars[0], thread, k, mode)
+                    with compat.source_context(eqn):
+                        return strategy.estimate(ctx, cont)
+            elif prim is expect_p:
+                key, k_sub = _split(thread.key)
+                thread = thread._replace(key=key)
+                duals = [_read(env, v, mode) for v in eqn.invars]
+                _write(env, eqn.outvars, _apply_keyed(expect_estimator(eqn.params["spec"]), k_sub, duals, mode))
+            elif ir.holds_random(eqn):
+                policy = ir.policy(eqn)
+                if policy == ir.INLINE:
+                    return self._inline(jaxpr, env, i, thread, k, mode)
+                if policy == ir.SWITCH:
+                    return self._cond(jaxpr, env, i, thread, k, mode)
+                if policy != ir.LOOP:  # TRUST, REFUSE: random choices the pass cannot enter
+                    raise ir.refused_call(eqn)
                 thread = _loop(eqn, env, thread, mode)
             else:
-                raise refused_call(eqn)
-        else:
-            _write(env, eqn.outvars, jvp_eqn(eqn, [_read(env, v, mode) for v in eqn.invars], mode))
-        i += 1
-    return k([_read(env, v, mode) for v in jaxpr.outvars], thread, mode, env)
+                _write(env, eqn.outvars, jvp_eqn(eqn, [_read(env, v, mode) for v in eqn.invars], mode))
+            i += 1
+        return k([_read(env, v, mode) for v in jaxpr.outvars], thread, mode, env)
+
+    def _after(self, jaxpr, env, i, k):
+        eqn = jaxpr.eqns[i]
+
+        def after(outs, thread, mode, inner_env):
+            del inner_env
+            env2 = dict(env)
+            _write(env2, eqn.outvars, outs)
+            return self.run_eqns(jaxpr, env2, i + 1, thread, k, mode)
+
+        return after
+
+    def _inline(self, jaxpr, env, i, thread, k, mode):
+        eqn = jaxpr.eqns[i]
+        inner, consts = compat.called_jaxpr(eqn)
+        duals = [_read(env, v, mode) for v in eqn.invars]
+        return self.run_jaxpr(inner, consts, duals, thread, self._after(jaxpr, env, i, k), mode)
+
+    def _cond(self, jaxpr, env, i, thread, k, mode):
+        eqn = jaxpr.eqns[i]
+        index, _ = _read(env, eqn.invars[0], mode)
+        duals = [_read(env, v, mode) for v in eqn.invars[1:]]
+        after = self._after(jaxpr, env, i, k)
+
+        def branch(closed):
+            def run(thread_, primals, tangents):
+                return self.run_jaxpr(closed.jaxpr, closed.consts, list(zip(primals, tangents, strict=True)), thread_, after, mode)
+
+            return run
+
+        primals = [p for p, _ in duals]
+        tangents = [t for _, t in duals]
+        return jax.lax.switch(index, [branch(b) for b in eqn.params["branches"]], thread, primals, tangents)
 
 
-def refused_call(eqn) -> UnsupportedError:
-    """The error for random choices inside a function with its own derivative rule (or
-    another higher-order primitive the pass cannot enter); ``explain`` raises it too."""
-    return UnsupportedError(
-        f"the estimator pass does not support random choices inside `{eqn.primitive.name}` (at "
-        f"{compat.user_frame(eqn) or 'an unknown location'}): a custom_jvp/custom_vjp function "
-        "defines its own derivative, which cannot include the derivative of a random choice's "
-        "distribution. Move ex.sample out of the function and pass its value in."
-    )
-
-
-def _inner(eqn):
-    """``(jaxpr, consts)`` of an inlined call: ``jit``/``closed_call`` carry a closed jaxpr,
-    ``checkpoint`` an open one."""
-    sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-    if isinstance(sub, compat.ClosedJaxpr):
-        return sub.jaxpr, sub.consts
-    return sub, ()
-
-
-def _after(jaxpr, env, i, k):
-    eqn = jaxpr.eqns[i]
-
-    def after(outs, thread, mode, inner_env):
-        del inner_env
-        env2 = dict(env)
-        _write(env2, eqn.outvars, outs)
-        return run_eqns(jaxpr, env2, i + 1, thread, k, mode)
-
-    return after
-
-
-def _inline(jaxpr, env, i, thread, k, mode):
-    eqn = jaxpr.eqns[i]
-    inner, consts = _inner(eqn)
-    duals = [_read(env, v, mode) for v in eqn.invars]
-    return run_jaxpr(inner, consts, duals, thread, _after(jaxpr, env, i, k), mode)
-
-
-def _cond(jaxpr, env, i, thread, k, mode):
-    eqn = jaxpr.eqns[i]
-    index, _ = _read(env, eqn.invars[0], mode)
-    duals = [_read(env, v, mode) for v in eqn.invars[1:]]
-    after = _after(jaxpr, env, i, k)
-
-    def branch(closed):
-        def run(thread_, primals, tangents):
-            return run_jaxpr(closed.jaxpr, closed.consts, list(zip(primals, tangents, strict=True)), thread_, after, mode)
-
-        return run
-
-    primals = [p for p, _ in duals]
-    tangents = [t for _, t in duals]
-    return jax.lax.switch(index, [branch(b) for b in eqn.params["branches"]], thread, primals, tangents)
+refused_call = ir.refused_call  # the shared refusal (``explain`` raises it too)
 
 
 def _apply_keyed(fn, key, duals, mode):
@@ -362,7 +323,7 @@ def _loop(eqn, env, thread, mode):
     thread = thread._replace(key=key)
     differentiated = mode and any(t is not None for _, t in duals)
     body = eqn.params["jaxpr"] if eqn.primitive is compat.scan_p else eqn.params["body_jaxpr"]
-    if eqn.primitive is compat.while_p and contains_random(eqn.params["cond_jaxpr"].jaxpr):
+    if eqn.primitive is compat.while_p and ir.contains_random(eqn.params["cond_jaxpr"].jaxpr):
         raise UnsupportedError(
             f"a random choice in the condition of a lax.while_loop (at "
             f"{compat.user_frame(eqn) or 'an unknown location'}) is not supported; sample in "
@@ -395,50 +356,65 @@ def _zero_scalar():
 
 def eval_pathwise(jaxpr, consts, args, key):
     """Evaluate ``jaxpr`` with local strategies only: ``(outs, s, o)`` with DiCE surrogates."""
-    env = {}
-    _write(env, jaxpr.constvars, list(consts))
-    _write(env, jaxpr.invars, list(args))
-    s_total, o_total = _zero_scalar(), _zero_scalar()
-    read = lambda v: v.val if isinstance(v, Literal) else env[v]
-    for idx, eqn in enumerate(jaxpr.eqns):
-        prim = eqn.primitive
-        k_eqn = jax.random.fold_in(key, idx)
-        ins = [read(v) for v in eqn.invars]
-        if prim is sample_p:
-            spec = eqn.params["spec"]
-            site = SiteDist(spec, ins)
-            strategy, _ = resolve(spec, ins)
-            ctx = SiteContext(spec.name, site, (None,) * len(site.leaves), k_eqn, False)
-            if isinstance(strategy, LocalStrategy):
-                x, s, o = strategy.pathwise(ctx)
-            else:  # reached only where no derivative flows (checked by the caller)
-                x, s, o = jax.lax.stop_gradient(site.sample(k_eqn)), None, None
-            outs = [x]
-            if s is not None:
-                s_total = s_total + s.astype(s_total.dtype)
-            if o is not None:
-                o_total = o_total + o.astype(o_total.dtype)
-        elif prim is expect_p:
-            outs = list(expect_estimator(eqn.params["spec"])(k_eqn, *ins))
-        elif _eqn_is_random(eqn):
-            if prim is compat.jit_p or prim is compat.closed_call_p or prim is compat.remat_p:
-                inner, consts = _inner(eqn)
-                outs, s, o = eval_pathwise(inner, consts, ins, k_eqn)
-            elif prim is compat.cond_p:
-                branches = [
-                    (lambda c: lambda kk, ops: eval_pathwise(c.jaxpr, c.consts, ops, kk))(c)
-                    for c in eqn.params["branches"]
-                ]
-                outs, s, o = jax.lax.switch(ins[0], branches, k_eqn, ins[1:])
-            elif prim is compat.scan_p or prim is compat.while_p:
-                *outs, s, o = _loop_pathwise(eqn, k_eqn, ins)
-            else:
-                raise refused_call(eqn)
-            s_total, o_total = s_total + s, o_total + o
-        else:
-            outs = compat.rebind(eqn, ins)
-        _write(env, eqn.outvars, outs)
-    return [read(v) for v in jaxpr.outvars], s_total, o_total
+    ev = Pathwise(key)
+    outs = ev.run(jaxpr, consts, args)
+    return outs, ev.s, ev.o
+
+
+class Pathwise(Interpreter):
+    """Evaluation where JAX differentiates (loop bodies): each site's local strategy gives its
+    value and DiCE score terms, summed in ``s`` and ``o``; equation ``i`` draws with
+    ``fold_in(key, i)``."""
+
+    def __init__(self, key):
+        self.key = key
+        self.s, self.o = _zero_scalar(), _zero_scalar()
+        self.count = 0
+        self.k_eqn = None
+
+    def interpret(self, eqn, ins):
+        self.k_eqn = jax.random.fold_in(self.key, self.count)
+        self.count += 1
+        return super().interpret(eqn, ins)
+
+    @rule(sample_p)
+    def _sample(self, eqn, ins):
+        spec = eqn.params["spec"]
+        site = SiteDist(spec, ins)
+        strategy, _ = resolve(spec, ins)
+        ctx = SiteContext(spec.name, site, (None,) * len(site.leaves), self.k_eqn, False)
+        if isinstance(strategy, LocalStrategy):
+            x, s, o = strategy.pathwise(ctx)
+        else:  # reached only where no derivative flows (checked by the caller)
+            x, s, o = jax.lax.stop_gradient(site.sample(self.k_eqn)), None, None
+        if s is not None:
+            self.s = self.s + s.astype(self.s.dtype)
+        if o is not None:
+            self.o = self.o + o.astype(self.o.dtype)
+        return [x]
+
+    @rule(expect_p)
+    def _expect(self, eqn, ins):
+        return list(expect_estimator(eqn.params["spec"])(self.k_eqn, *ins))
+
+    def _add(self, outs, s, o):
+        self.s, self.o = self.s + s, self.o + o
+        return outs
+
+    def inline(self, eqn, ins):
+        inner, consts = compat.called_jaxpr(eqn)
+        return self._add(*eval_pathwise(inner, consts, ins, self.k_eqn))
+
+    def switch(self, eqn, ins):
+        branches = [
+            (lambda c: lambda kk, ops: eval_pathwise(c.jaxpr, c.consts, ops, kk))(c)
+            for c in eqn.params["branches"]
+        ]
+        return self._add(*jax.lax.switch(ins[0], branches, self.k_eqn, ins[1:]))
+
+    def loop(self, eqn, ins):
+        *outs, s, o = _loop_pathwise(eqn, self.k_eqn, ins)
+        return self._add(outs, s, o)
 
 
 def _loop_pathwise(eqn, key, ops):
@@ -501,13 +477,7 @@ def build_estimator(jaxpr, n_consts: int, override_site: str | None = None) -> C
         _write(env, jaxpr.constvars, const_duals)
         _write(env, jaxpr.invars, duals)
         thread = Thread(key) if override_site is None else Thread(key[0], override=key[1])
-        _COSTS.append(costs)
-        _OVERRIDE.append(override_site)
-        try:
-            return run_eqns(jaxpr, env, 0, thread, finish, mode)
-        finally:
-            _COSTS.pop()
-            _OVERRIDE.pop()
+        return Estimator(costs, override_site).run_eqns(jaxpr, env, 0, thread, finish, mode)
 
     @jax.custom_jvp
     def est(key, *inputs):

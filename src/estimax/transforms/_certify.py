@@ -23,7 +23,9 @@ from .estimators._base import ContinuationStrategy
 from .estimators._enum import Enum
 from .estimators._reinforce import Reinforce
 from .estimators._defaults import resolve
-from ._adev import contains_random, refused_call
+from ..dsl._ir import contains_expect, contains_random, refused_call  # noqa: F401  (re-exported)
+from ._interpreter import Interpreter, rule
+from ._rao_blackwell import analyze
 from ._smoothness import breaks, with_defaults
 
 RANK = {"exact": 0, "unbiased": 1, "consistent": 2, "biased": 3}
@@ -92,46 +94,77 @@ def _exclusive(ctx_a: str, ctx_b: str) -> bool:
 
 
 def _walk(jaxpr, prefix, context, out, seen):
-    for n, eqn in enumerate(jaxpr.eqns):
-        prim = eqn.primitive
-        if prim is sample_p:
-            spec = eqn.params["spec"]
-            avals = [v.aval for v in eqn.invars]
-            strategy, reason = resolve(spec, avals)
-            if isinstance(strategy, Enum):  # a plan that could not run is an error here too
-                strategy.check_size(prefix + spec.name, SiteDist(spec, avals))
-            lane = SiteDist(spec, avals).lane
-            caveat = None
-            if isinstance(strategy, Reinforce) and _support_moves(lane.support):
-                caveat = (f"site {prefix + spec.name!r} uses ex.reinforce, but the support of "
-                          f"{describe(lane)} moves with its parameters: the score function misses the "
-                          "boundary's term. Use ex.mvd (Uniform has one) or ex.reparam")
-            plan = SitePlan(
-                name=prefix + spec.name,
-                distribution=describe(lane, spec.levels),
-                strategy=strategy,
-                reason=reason,
-                context=context,
-                location=spec.location,
-                caveat=caveat,
-            )
-            _add(out, seen, plan, spec)
-        elif prim is expect_p:
-            spec = eqn.params["spec"]
-            _walk(spec.jaxpr, f"{prefix}{spec.name}/", f"expect {spec.name!r} (n={spec.n})", out, seen)
-        elif prim is compat.cond_p:
-            for b, br in enumerate(eqn.params["branches"]):
-                _walk(br.jaxpr, prefix, f"cond#{id(eqn)}/branch {b}", out, seen)
-        elif prim is compat.scan_p:
-            _walk(eqn.params["jaxpr"].jaxpr, prefix, "scan body", out, seen)
-        elif prim is compat.while_p:
-            _walk(eqn.params["body_jaxpr"].jaxpr, prefix, "while body", out, seen)
-        elif prim is compat.custom_jvp_call_p or prim is compat.custom_vjp_call_p:
-            if any(contains_random(sub) for sub in compat.subjaxprs_of(eqn)):
-                raise refused_call(eqn)  # what the estimator pass would say
+    _Collect(out, seen).walk(jaxpr, prefix, context)
+
+
+class _Collect(Interpreter):
+    """Records each site's plan, with where it is (``context``): a structural walk (no values)."""
+
+    def __init__(self, out, seen):
+        self.out, self.seen = out, seen
+        self.prefix, self.context = "", "program"
+
+    def walk(self, jaxpr, prefix, context):
+        saved = self.prefix, self.context
+        self.prefix, self.context = prefix, context
+        try:
+            self.run(jaxpr, [None] * len(jaxpr.constvars), [None] * len(jaxpr.invars))
+        finally:
+            self.prefix, self.context = saved
+
+    def default(self, eqn, ins):
+        return [None] * len(eqn.outvars)
+
+    def constants(self, consts):
+        return [None] * len(consts)
+
+    @rule(sample_p)
+    def _sample(self, eqn, ins):
+        prefix = self.prefix
+        spec = eqn.params["spec"]
+        avals = [v.aval for v in eqn.invars]
+        strategy, reason = resolve(spec, avals)
+        if isinstance(strategy, Enum):  # a plan that could not run is an error here too
+            strategy.check_size(prefix + spec.name, SiteDist(spec, avals))
+        lane = SiteDist(spec, avals).lane
+        caveat = None
+        if isinstance(strategy, Reinforce) and _support_moves(lane.support):
+            caveat = (f"site {prefix + spec.name!r} uses ex.reinforce, but the support of "
+                      f"{describe(lane)} moves with its parameters: the score function misses the "
+                      "boundary's term. Use ex.mvd (Uniform has one) or ex.reparam")
+        plan = SitePlan(
+            name=prefix + spec.name,
+            distribution=describe(lane, spec.levels),
+            strategy=strategy,
+            reason=reason,
+            context=self.context,
+            location=spec.location,
+            caveat=caveat,
+        )
+        _add(self.out, self.seen, plan, spec)
+        return [None]
+
+    @rule(expect_p)
+    def _expect(self, eqn, ins):
+        spec = eqn.params["spec"]
+        self.walk(spec.jaxpr, f"{self.prefix}{spec.name}/", f"expect {spec.name!r} (n={spec.n})")
+        return self.default(eqn, ins)
+
+    def inline(self, eqn, ins):
+        super().inline(eqn, ins)
+        return self.default(eqn, ins)
+
+    def switch(self, eqn, ins):
+        for b, br in enumerate(eqn.params["branches"]):
+            self.walk(br.jaxpr, self.prefix, f"cond#{id(eqn)}/branch {b}")
+        return self.default(eqn, ins)
+
+    def loop(self, eqn, ins):
+        if eqn.primitive is compat.scan_p:
+            self.walk(eqn.params["jaxpr"].jaxpr, self.prefix, "scan body")
         else:
-            for sub in compat.subjaxprs_of(eqn):
-                _walk(sub, prefix, context, out, seen)
+            self.walk(eqn.params["body_jaxpr"].jaxpr, self.prefix, "while body")
+        return self.default(eqn, ins)
 
 
 def _support_moves(constraint) -> bool:
@@ -176,76 +209,98 @@ def _nonlinear_uses(jaxpr, flagged_in: list, prefix="") -> tuple[list, list[str]
     one message per nonlinear use, and the set of specs whose estimates are used
     nonlinearly (``ex.log_expect`` always is: it is the log of an expectation).
     """
-    none = frozenset()
-    flags: dict[Any, frozenset] = {}
-    for v, f in zip(jaxpr.invars, flagged_in, strict=True):
-        flags[v] = frozenset(f) if f else none
-    get = lambda v: none if isinstance(v, compat.Literal) else flags.get(v, none)
-    problems: list[str] = []
-    used: set = set()
+    walk = _NonlinearUses()
+    ins = [frozenset(f) if f else _NO_FLAGS for f in flagged_in]
+    outs = walk.run(jaxpr, [_NO_FLAGS] * len(jaxpr.constvars), ins)
+    return outs, walk.problems, walk.used
 
-    def flag(msg, specs):
-        problems.append(msg)
-        used.update(specs)
 
-    for eqn in jaxpr.eqns:
-        ins = [get(v) for v in eqn.invars]
+_NO_FLAGS: frozenset = frozenset()
+
+
+class _NonlinearUses(Interpreter):
+    """Each value's flags: the nested expectations whose estimates it carries."""
+
+    def __init__(self):
+        self.problems: list[str] = []
+        self.used: set = set()
+
+    def _flag(self, msg, specs):
+        self.problems.append(msg)
+        self.used.update(specs)
+
+    def read(self, env, v):
+        return _NO_FLAGS if isinstance(v, compat.Literal) else env.get(v, _NO_FLAGS)
+
+    def constants(self, consts):
+        return [_NO_FLAGS] * len(consts)
+
+    def interpret(self, eqn, ins):
+        if eqn.primitive not in self.rules and not any(ins):
+            return self._unflagged(eqn)
+        return super().interpret(eqn, ins)
+
+    def enters(self, eqn):  # every higher-order primitive applied to an estimate
+        return bool(compat.subjaxprs_of(eqn))
+
+    def _unflagged(self, eqn):
+        # walk nested jaxprs for expectations used inside them; conservatively treat the
+        # equation's outputs as carrying their estimates
+        out_flag = _NO_FLAGS
+        for sub in compat.subjaxprs_of(eqn):
+            if contains_expect(sub):
+                outs = self.run(sub, [_NO_FLAGS] * len(sub.constvars), [_NO_FLAGS] * len(sub.invars))
+                out_flag = out_flag.union(*outs)
+        return [out_flag] * len(eqn.outvars)
+
+    @rule(expect_p)
+    def _expect(self, eqn, ins):
+        spec = eqn.params["spec"]
+        out_flag = _NO_FLAGS.union(*ins)
+        where = compat.user_frame(eqn) or "?"
+        # the expectation's own program: a composition inside it is estimated by a plug-in
+        # too (E[log ĝ] is not log E[g]); its estimate is linear in the inner draws only
+        _, inner, _ = _nonlinear_uses(spec.jaxpr, [_NO_FLAGS] * len(spec.jaxpr.invars))
+        self.problems += [f"inside {spec.call}: {p}" for p in inner]
+        if out_flag:
+            self._flag(f"the arguments of {spec.call} depend on {_names(out_flag)} (at {where})", out_flag)
+        if spec.log:
+            self._flag(f"{spec.call} is the log of an expectation: its estimate is the log-mean-exp of "
+                       f"{spec.n} draw{'s' if spec.n > 1 else ''} (at {spec.location or where})", {spec})
+        return [frozenset({spec})] * len(eqn.outvars)
+
+    @rule(sample_p)
+    def _sample(self, eqn, ins):
+        out_flag = _NO_FLAGS.union(*ins)
+        if out_flag:
+            where = compat.user_frame(eqn) or "?"
+            self._flag(f"the distribution of site {eqn.params['spec'].name!r} depends on {_names(out_flag)} (at {where})", out_flag)
+        return [_NO_FLAGS] * len(eqn.outvars)
+
+    def default(self, eqn, ins):
         name = eqn.primitive.name
         where = compat.user_frame(eqn) or "?"
-        out_flag = none.union(*ins)
-        if eqn.primitive is expect_p:
-            spec = eqn.params["spec"]
-            # the expectation's own program: a composition inside it is estimated by a plug-in
-            # too (E[log ĝ] is not log E[g]); its estimate is linear in the inner draws only
-            _, inner, _ = _nonlinear_uses(spec.jaxpr, [none] * len(spec.jaxpr.invars))
-            problems += [f"inside {spec.call}: {p}" for p in inner]
-            if out_flag:
-                flag(f"the arguments of {spec.call} depend on {_names(out_flag)} (at {where})", out_flag)
-            if spec.log:
-                flag(f"{spec.call} is the log of an expectation: its estimate is the log-mean-exp of "
-                     f"{spec.n} draw{'s' if spec.n > 1 else ''} (at {spec.location or where})", {spec})
-            out_flag = frozenset({spec})
-        elif eqn.primitive is sample_p:
-            if out_flag:
-                flag(f"the distribution of site {eqn.params['spec'].name!r} depends on {_names(out_flag)} (at {where})", out_flag)
-            out_flag = none
-        elif not out_flag:
-            # walk nested jaxprs for expectations used inside them; conservatively treat
-            # the equation's outputs as carrying their estimates
-            for sub in compat.subjaxprs_of(eqn):
-                if contains_expect(sub):
-                    outs, p, u = _nonlinear_uses(sub, [none] * len(sub.invars))
-                    problems += p
-                    used.update(u)
-                    out_flag = out_flag.union(*outs)
-        elif name == "convert_element_type" and not compat.is_float_dtype(eqn.params["new_dtype"]):
-            flag(f"the conversion of {_names(out_flag)} to {eqn.params['new_dtype']} (at {where})", out_flag)
+        out_flag = _NO_FLAGS.union(*ins)
+        if name == "convert_element_type" and not compat.is_float_dtype(eqn.params["new_dtype"]):
+            self._flag(f"the conversion of {_names(out_flag)} to {eqn.params['new_dtype']} (at {where})", out_flag)
         elif name in _LINEAR_ANY and name not in ("pjit", "jit"):
             pass
         elif name in _LINEAR_FIRST:
             if ins[1]:
-                flag(f"`{name}` by {_names(ins[1])} (at {where})", ins[1])
+                self._flag(f"`{name}` by {_names(ins[1])} (at {where})", ins[1])
         elif name in _LINEAR_ONE:
             if sum(bool(f) for f in ins) > 1:
-                flag(f"a product of expectation estimates, `{name}` of {_names(out_flag)} (at {where})", out_flag)
+                self._flag(f"a product of expectation estimates, `{name}` of {_names(out_flag)} (at {where})", out_flag)
         elif name in _INDEXING:
             idx_flags = ins[:1] if name == "select_n" else ins[1:] if name in ("dynamic_slice", "gather") else []
-            bad = none.union(*idx_flags)
+            bad = _NO_FLAGS.union(*idx_flags)
             if bad:
-                flag(f"`{name}` indexed or selected by {_names(bad)} (at {where})", bad)
-        elif name in ("pjit", "jit", "closed_call", "remat2", "checkpoint"):
-            closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-            outs, p, u = _nonlinear_uses(getattr(closed, "jaxpr", closed), ins)
-            problems += p
-            used.update(u)
-            for v, f in zip(eqn.outvars, outs, strict=True):
-                flags[v] = f
-            continue
-        else:
-            flag(f"`{name}` applied to {_names(out_flag)} (at {where})", out_flag)
-        for v in eqn.outvars:
-            flags[v] = out_flag
-    return [get(v) for v in jaxpr.outvars], problems, used
+                self._flag(f"`{name}` indexed or selected by {_names(bad)} (at {where})", bad)
+        else:  # a nonlinear operation, or a branch, loop or custom rule applied to an estimate
+            self._flag(f"`{name}` applied to {_names(out_flag)} (at {where})", out_flag)
+        return [out_flag] * len(eqn.outvars)
+
+    switch = loop = trust = default
 
 
 def compositions(jaxpr) -> tuple[list[str], set]:
@@ -253,12 +308,6 @@ def compositions(jaxpr) -> tuple[list[str], set]:
     expectations involved -- what the tracking pass tracks."""
     _, problems, used = _nonlinear_uses(jaxpr, [frozenset()] * len(jaxpr.invars))
     return problems, used
-
-
-def contains_expect(jaxpr) -> bool:
-    return any(
-        e.primitive is expect_p or any(contains_expect(s) for s in compat.subjaxprs_of(e)) for e in jaxpr.eqns
-    )
 
 
 def certify(jaxpr, sites: list[SitePlan], differentiated=None) -> Certificate:
@@ -312,8 +361,6 @@ def break_reason(br) -> str:
 
 def mark_elements(jaxpr, sites):
     """Set ``elements`` on the top-level sites whose scores are Rao-Blackwellized per element."""
-    from ._rao_blackwell import analyze
-
     costs = analyze(jaxpr)
     if costs is None or not costs.elements:
         return sites

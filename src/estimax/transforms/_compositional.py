@@ -50,10 +50,12 @@ import jax
 import jax.numpy as jnp
 
 from .._errors import ProgramError, UnsupportedError
+from ..dsl import _ir as ir
 from ..dsl._primitives import ExpectSpec, expect_p
 from ..runtime import _jax_compat as compat
 from ._certify import RANK, Certificate, break_reason, collect_sites, compositions, differentiated_leaves
 from ._estimate import Expectation, as_program
+from ._interpreter import Interpreter, rule
 from ._smoothness import breaks, with_defaults
 
 sg = jax.lax.stop_gradient
@@ -170,7 +172,7 @@ def tracked_items(jaxpr) -> tuple[Item, ...]:
 
     _, specs = compositions(jaxpr)
     found: dict[int, Item] = {}
-    _find(jaxpr, specs, found, where="program")
+    _find(jaxpr, specs, found)
     items = tuple(found.values())
     names = [i.spec.name for i in items]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -182,32 +184,30 @@ def tracked_items(jaxpr) -> tuple[Item, ...]:
     return items
 
 
-def _find(jaxpr, specs, found, where):
-    for eqn in jaxpr.eqns:
-        if eqn.primitive is expect_p:
-            spec = eqn.params["spec"]
-            if spec in specs and id(spec) not in found:
-                if where != "program":
-                    raise UnsupportedError(
-                        f"{spec.call} is used nonlinearly inside {where} (at {compat.user_frame(eqn) or '?'}); "
-                        "the tracking pass keeps one running estimate per expectation and cannot "
-                        "carry it through that construct. Move the expectation out of it."
-                    )
-                outs = [v.aval for v in eqn.outvars]
-                _, index = spec.split(eqn.invars)
-                k = 0 if index is None else len(index.aval.shape)
-                found[id(spec)] = Item(
-                    spec,
-                    tuple(tuple(a.shape[k:]) for a in outs),
-                    tuple(a.dtype for a in outs),
-                    1 if index is None else max(1, math.prod(index.aval.shape)),
-                )
-        elif eqn.primitive in (compat.jit_p, compat.closed_call_p):
-            closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-            _find(closed.jaxpr, specs, found, where)
-        else:
-            for sub in compat.subjaxprs_of(eqn):
-                _find(sub, specs, found, f"`{eqn.primitive.name}`")
+def _find(jaxpr, specs, found):
+    for eqn, outer in ir.eqns(jaxpr):
+        if eqn.primitive is not expect_p:
+            continue
+        spec = eqn.params["spec"]
+        if spec not in specs or id(spec) in found:
+            continue
+        # inlined calls are transparent; inside any other construct, the estimate cannot be tracked
+        inside = [o for o in outer if ir.policy(o) != ir.INLINE]
+        if inside:
+            raise UnsupportedError(
+                f"{spec.call} is used nonlinearly inside `{inside[-1].primitive.name}` (at {compat.user_frame(eqn) or '?'}); "
+                "the tracking pass keeps one running estimate per expectation and cannot "
+                "carry it through that construct. Move the expectation out of it."
+            )
+        outs = [v.aval for v in eqn.outvars]
+        _, index = spec.split(eqn.invars)
+        k = 0 if index is None else len(index.aval.shape)
+        found[id(spec)] = Item(
+            spec,
+            tuple(tuple(a.shape[k:]) for a in outs),
+            tuple(a.dtype for a in outs),
+            1 if index is None else max(1, math.prod(index.aval.shape)),
+        )
 
 
 def init_items(items: tuple[Item, ...]) -> dict:
@@ -300,38 +300,29 @@ def _log_update(spec: ExpectSpec, ops, s_old, seen, beta, gamma, prev):
 
 
 def _eval(jaxpr, consts, args, by_spec, tracked):
-    env: dict = {}
+    return _Tracked(by_spec, tracked).run(jaxpr, consts, args)
 
-    def read(v):
-        return v.val if isinstance(v, compat.Literal) else env[v]
 
-    for v, x in zip(jaxpr.constvars, consts, strict=True):
-        env[v] = x
-    for v, x in zip(jaxpr.invars, args, strict=True):
-        env[v] = x
-    for eqn in jaxpr.eqns:
-        ins = [read(v) for v in eqn.invars]
-        if eqn.primitive is expect_p and id(eqn.params["spec"]) in by_spec:
-            outs = tracked(eqn, ins)
-        elif eqn.primitive in (compat.jit_p, compat.closed_call_p) and _has_tracked(eqn, by_spec):
-            closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-            outs = _eval(closed.jaxpr, closed.consts, ins, by_spec, tracked)
-        else:
-            outs = compat.rebind(eqn, ins)
-        for v, x in zip(eqn.outvars, outs, strict=True):
-            if not isinstance(v, compat.DropVar):
-                env[v] = x
-    return [read(v) for v in jaxpr.outvars]
+class _Tracked(Interpreter):
+    """Evaluation with the tracked expectations replaced (``tracked(eqn, ins)``); calls that
+    hold one are inlined, everything else is re-bound."""
+
+    def __init__(self, by_spec, tracked):
+        self.by_spec, self.tracked = by_spec, tracked
+
+    @rule(expect_p)
+    def _expect(self, eqn, ins):
+        if id(eqn.params["spec"]) in self.by_spec:
+            return self.tracked(eqn, ins)
+        return self.default(eqn, ins)
+
+    def enters(self, eqn):
+        return _has_tracked(eqn, self.by_spec)
 
 
 def _has_tracked(eqn, by_spec) -> bool:
-    for sub in compat.subjaxprs_of(eqn):
-        for e in sub.eqns:
-            if e.primitive is expect_p and id(e.params["spec"]) in by_spec:
-                return True
-            if _has_tracked(e, by_spec):
-                return True
-    return False
+    return any(e.primitive is expect_p and id(e.params["spec"]) in by_spec
+               for sub in compat.subjaxprs_of(eqn) for e, _ in ir.eqns(sub))
 
 
 __all__ = ["Tracking", "SCGD", "SOX", "MSVR", "TrackerState", "ItemState", "tracked_items", "surrogate"]

@@ -21,9 +21,9 @@ from typing import Any, Sequence
 import jax
 
 from .._errors import ProgramError, UnsupportedError
+from ..dsl import _ir as ir
 from ..dsl._constraints import ConstraintSpec, constraint_p, first_constraint
 from ..runtime import _jax_compat as compat
-from ._adev import contains_random
 from ._estimate import Expectation, as_program
 
 
@@ -88,16 +88,10 @@ class Constrained:
 
 
 def _nested_constraint(jaxpr) -> Any:
-    """The first ``constraint`` equation nested inside another equation of ``jaxpr``, if any."""
-    for eqn in jaxpr.eqns:
-        for sub in compat.subjaxprs_of(eqn):
-            for inner in sub.eqns:
-                if inner.primitive is constraint_p:
-                    return eqn, inner
-            hit = _nested_constraint(sub)
-            if hit is not None:
-                return eqn, hit[1]
-    return None
+    """``(top-level equation, constraint equation)`` for the first ``constraint`` equation
+    nested inside another equation of ``jaxpr``, if any."""
+    hit = ir.find(jaxpr, constraint_p, nested_only=True)
+    return None if hit is None else (hit[1][0], hit[0])
 
 
 def split(program, args: Sequence, *, n_param_leaves: int | None = None) -> Constrained:
@@ -158,7 +152,7 @@ def split(program, args: Sequence, *, n_param_leaves: int | None = None) -> Cons
             )
         return Piece(
             name=name, kind=kind, shape=tuple(aval.shape), dtype=aval.dtype, location=location,
-            stochastic=contains_random(kept), jaxpr=kept, consts=tuple(closed.consts),
+            stochastic=ir.contains_random(kept), jaxpr=kept, consts=tuple(closed.consts),
         )
 
     objective = piece(0, program.name, "objective", None)

@@ -33,8 +33,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from ..dsl import _ir as ir
 from ..dsl._primitives import expect_p, sample_p
+from ..dsl._site import SiteDist
 from ..runtime import _jax_compat as compat
+from ._interpreter import Interpreter, rule
 
 _PASS = {"convert_element_type", "copy", "copy_p", "reduce_precision"}
 
@@ -95,7 +98,7 @@ def analyze(jaxpr) -> CostTerms | None:
     for eqn in jaxpr.eqns:
         for v in eqn.outvars:
             producer[v] = eqn
-    random_vars = _forward(jaxpr, lambda eqn: eqn.primitive is sample_p or eqn.primitive is expect_p or _has_random(eqn))
+    random_vars = _forward(jaxpr, lambda eqn: eqn.primitive is sample_p or eqn.primitive is expect_p or ir.holds_random(eqn))
 
     def is_random(v):
         return not isinstance(v, compat.Literal) and v in random_vars
@@ -172,41 +175,75 @@ _ELEMENTWISE = {
     "copy_p", "floor", "ceil", "round", "is_finite", "sin", "cos", "atan2", "clamp", "rem",
     "reduce_precision", "nextafter", "sinh", "cosh", "asinh", "acosh", "atanh", "tan", "log_softmax",
 }
-_CALLS = {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr", "remat", "checkpoint"}
 
 
 def _element_plan(jaxpr, site_eqn, terms):
     """Per term: ``(summand, axis)`` where the term sums a summand aligned with the site's
     leading value axis, else ``None``; ``None`` overall when no term is."""
-    from ..dsl._site import SiteDist
-
     out = site_eqn.outvars[0]
-    shape = tuple(getattr(out.aval, "shape", ()))
     batch = SiteDist(site_eqn.params["spec"], [v.aval for v in site_eqn.invars]).batch_shape
     if not batch or batch[0] < 2:  # the leading axis must index independent elements
         return None
-    n = shape[0]
-    states: dict = {out: ("aligned", 0)}
-    sums: dict = {}  # scalar var -> (summand, axis): a full reduction of an aligned value
-    started = False
-    for eqn in jaxpr.eqns:
-        if eqn is site_eqn:
-            started = True
-            continue
-        if not started:
-            continue
-        ins = [None if isinstance(v, compat.Literal) else states.get(v) for v in eqn.invars]
-        if all(s is None for s in ins):
-            continue
-        if eqn.primitive.name == "reduce_sum" and ins[0] not in (None, _FULL) and not eqn.outvars[0].aval.shape:
-            sums[eqn.outvars[0]] = (eqn.invars[0], ins[0][1])
-            states[eqn.outvars[0]] = _FULL
-            continue
-        for v, st in zip(eqn.outvars, _transfer(eqn, ins, n), strict=True):
-            if st is not None:
-                states[v] = st
-    plan = tuple(sums.get(v) if not isinstance(v, compat.Literal) else None for v, _ in terms)
+    walk = _Alignment(site_eqn, tuple(getattr(out.aval, "shape", ()))[0])
+    walk.run(jaxpr, [None] * len(jaxpr.constvars), [None] * len(jaxpr.invars))
+    plan = tuple(walk.sums.get(v) if not isinstance(v, compat.Literal) else None for v, _ in terms)
     return plan if any(p is not None for p in plan) else None
+
+
+class _Alignment(Interpreter):
+    """Each value's state with respect to one site's elements: ``None`` (independent of the
+    site), ``("aligned", axis)`` (element ``b`` of that axis depends on element ``b`` of the
+    site only) or ``"full"``. Calls and custom rules are followed into; branches, loops and
+    other constructs mix elements."""
+
+    def __init__(self, site_eqn, n):
+        self.site, self.n = site_eqn, n
+        self.sums: dict = {}  # scalar var -> (summand, axis): a full reduction of an aligned value
+
+    def read(self, env, v):
+        return None if isinstance(v, compat.Literal) else env.get(v)
+
+    def write(self, env, variables, states):
+        for v, st in zip(variables, states, strict=True):
+            if st is not None:
+                env[v] = st
+
+    def constants(self, consts):
+        return [None] * len(consts)
+
+    def interpret(self, eqn, ins):
+        if eqn is self.site:
+            return [("aligned", 0)]
+        if all(s is None for s in ins):
+            return [None] * len(eqn.outvars)
+        return super().interpret(eqn, ins)
+
+    @rule(sample_p, expect_p)
+    def _random(self, eqn, ins):
+        return [_FULL] * len(eqn.outvars)
+
+    def enters(self, eqn):
+        return bool(compat.subjaxprs_of(eqn))
+
+    def default(self, eqn, ins):
+        if eqn.primitive.name == "reduce_sum" and ins[0] not in (None, _FULL) and not eqn.outvars[0].aval.shape:
+            self.sums[eqn.outvars[0]] = (eqn.invars[0], ins[0][1])
+            return [_FULL]
+        return _transfer(eqn, ins, self.n)
+
+    def inline(self, eqn, ins):
+        jaxpr, consts = compat.called_jaxpr(eqn)
+        mixed = any(s == _FULL for s in ins) or len({s[1] for s in ins if s is not None}) != 1
+        if mixed or len(jaxpr.invars) != len(eqn.invars) or len(jaxpr.outvars) != len(eqn.outvars):
+            return [_FULL] * len(eqn.outvars)
+        return self.run(jaxpr, self.constants(consts), ins)
+
+    trust = inline  # a custom rule's primal function: followed like a call
+
+    def switch(self, eqn, ins):
+        return [_FULL] * len(eqn.outvars)
+
+    loop = switch
 
 
 def _transfer(eqn, ins, n):
@@ -257,35 +294,7 @@ def _transfer(eqn, ins, n):
             return [("aligned", tuple(batch).index(a))]
         free = [d for d in range(rank) if d not in contract and d not in batch]
         return [("aligned", offset + free.index(a))]
-    if name in _CALLS:
-        subs = compat.subjaxprs_of(eqn)
-        if len(subs) >= 1 and len(subs[0].invars) == len(eqn.invars) and len(subs[0].outvars) == len(outs):
-            return _transfer_jaxpr(subs[0], ins, n)
-        return full
     return full
-
-
-def _transfer_jaxpr(jaxpr, in_states, n):
-    states = {v: s for v, s in zip(jaxpr.invars, in_states, strict=True) if s is not None}
-    for eqn in jaxpr.eqns:
-        if eqn.primitive is sample_p or eqn.primitive is expect_p:
-            ins = [None if isinstance(v, compat.Literal) else states.get(v) for v in eqn.invars]
-            if any(s is not None for s in ins):
-                states.update({v: _FULL for v in eqn.outvars})
-            continue
-        ins = [None if isinstance(v, compat.Literal) else states.get(v) for v in eqn.invars]
-        if all(s is None for s in ins):
-            continue
-        for v, st in zip(eqn.outvars, _transfer(eqn, ins, n), strict=True):
-            if st is not None:
-                states[v] = st
-    return [None if isinstance(v, compat.Literal) else states.get(v) for v in jaxpr.outvars]
-
-
-def _has_random(eqn) -> bool:
-    from ._adev import contains_random
-
-    return any(contains_random(sub) for sub in compat.subjaxprs_of(eqn))
 
 
 def _forward(jaxpr, seed) -> set:

@@ -10,6 +10,9 @@ batch axes and contribute the sum of their lanes' log densities.
 Sharp edges: sites inside ``lax.cond`` branches or loop bodies count in ``log_prob`` but are
 not listed in ``sites`` (they are not always drawn, or drawn many times). A site with a
 relaxation strategy (``gumbel_softmax``, ``straight_through``) has no density of its value.
+Random choices in a ``lax.while_loop`` are refused; ``jit`` and ``jax.checkpoint`` calls are
+inlined, and random choices inside ``custom_jvp``/``custom_vjp`` functions are refused with
+the message every pass gives (``dsl._ir.POLICIES``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import jax.numpy as jnp
 
 from .._errors import UnsupportedError
 from ..runtime import _jax_compat as compat
-from ._adev import contains_random
+from ._interpreter import Interpreter, rule
 from .estimators._defaults import resolve
 from .estimators._reparam import Reparam
 from ..dsl._primitives import expect_p, sample_p, stage
@@ -94,76 +97,101 @@ def replay(
     prefix: str = "",
 ):
     """Re-bind ``jaxpr``'s equations in the current trace: ``(outs, sites, log_prob)``."""
-    specs = {} if specs is None else specs
-    values = {} if values is None else values
-    env: dict = {}
-    read = lambda v: v.val if isinstance(v, compat.Literal) else env[v]
+    r = Replay(stop_params, {} if specs is None else specs, {} if values is None else values, prefix)
+    outs = r.run(jaxpr, consts, args)
+    return outs, r.sites, r.logp
 
-    def write(vs, xs):
-        for v, x in zip(vs, xs, strict=True):
-            if not isinstance(v, compat.DropVar):
-                env[v] = x
 
-    write(jaxpr.constvars, list(consts))
-    write(jaxpr.invars, list(args))
-    sites: dict[str, Any] = {}
-    logp = _zero()
-    for eqn in jaxpr.eqns:
-        ins = [read(v) for v in eqn.invars]
-        prim = eqn.primitive
-        if prim is sample_p:
-            spec = eqn.params["spec"]
-            if spec.strategy is not None and spec.strategy.value_struct(SiteDist(spec, ins).lane) is not None:
-                raise UnsupportedError(
-                    f"ex.trace: site {spec.name!r} uses {spec.strategy!r}, whose relaxed value has "
-                    "no density under the site's distribution; trace it with a discrete strategy, "
-                    "or use a relaxed distribution (e.g. dist.RelaxedBernoulliLogits) as the site."
-                )
-            if spec.name in values:
-                given = jnp.asarray(values[spec.name])
-                if given.shape != tuple(eqn.outvars[0].aval.shape):
-                    raise ValueError(
-                        f"ex.trace(values=...): site {spec.name!r} has shape "
-                        f"{tuple(eqn.outvars[0].aval.shape)}; the given value has {given.shape}."
-                    )
-                outs = [given.astype(eqn.outvars[0].aval.dtype)]
-            elif prefix:
-                subfuns, bind = compat.bind_params(eqn)
-                bind = {**bind, "spec": dataclasses.replace(spec, name=prefix + spec.name)}
-                outs = [eqn.primitive.bind(*subfuns, *ins, **bind)]
-            else:
-                outs = compat.rebind(eqn, ins)
-            params = [jax.lax.stop_gradient(x) for x in ins] if _stops(stop_params, spec, ins) else ins
-            logp = logp + SiteDist(spec, params).log_prob(outs[0]).astype(logp.dtype)
-            sites[spec.name] = outs[0]
-            specs[spec.name] = spec
-        elif prim is expect_p or not _has_sites(eqn):
-            outs = compat.rebind(eqn, ins)
-        elif prim is compat.jit_p or prim is compat.closed_call_p:
-            closed = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-            outs, inner_sites, lp = replay(
-                closed.jaxpr, closed.consts, ins, stop_params=stop_params, specs=specs, values=values, prefix=prefix
-            )
-            sites.update(inner_sites)
-            logp = logp + lp
-        elif prim is compat.cond_p:
-            branches = [
-                (lambda c: lambda ops: _drop_sites(replay(c.jaxpr, c.consts, ops, stop_params=stop_params, prefix=prefix)))(c)
-                for c in eqn.params["branches"]
-            ]
-            outs, lp = jax.lax.switch(ins[0], branches, ins[1:])
-            logp = logp + lp
-        elif prim is compat.scan_p:
-            outs, lp = _replay_scan(eqn, ins, stop_params, prefix)
-            logp = logp + lp
-        else:
+class Replay(Interpreter):
+    """Re-binds a program's equations, recording its top-level sites and their log density.
+
+    ``jit``/``checkpoint`` calls are inlined (their sites are top-level sites); the sites of
+    ``cond`` branches and ``scan`` bodies count in the log density only."""
+
+    def __init__(self, stop_params, specs: dict, values: dict, prefix: str):
+        self.stop_params, self.specs, self.values, self.prefix = stop_params, specs, values, prefix
+        self.sites: dict[str, Any] = {}
+        self.logp = _zero()
+
+    def _nested(self):
+        """A replay of a branch or loop body: its sites are not listed, no values are given."""
+        return Replay(self.stop_params, {}, {}, self.prefix)
+
+    @rule(sample_p)
+    def _sample(self, eqn, ins):
+        spec = eqn.params["spec"]
+        if spec.strategy is not None and spec.strategy.value_struct(SiteDist(spec, ins).lane) is not None:
             raise UnsupportedError(
-                f"ex.trace: random choices inside `{prim.name}` (at "
+                f"ex.trace: site {spec.name!r} uses {spec.strategy!r}, whose relaxed value has "
+                "no density under the site's distribution; trace it with a discrete strategy, "
+                "or use a relaxed distribution (e.g. dist.RelaxedBernoulliLogits) as the site."
+            )
+        if spec.name in self.values:
+            given = jnp.asarray(self.values[spec.name])
+            if given.shape != tuple(eqn.outvars[0].aval.shape):
+                raise ValueError(
+                    f"ex.trace(values=...): site {spec.name!r} has shape "
+                    f"{tuple(eqn.outvars[0].aval.shape)}; the given value has {given.shape}."
+                )
+            outs = [given.astype(eqn.outvars[0].aval.dtype)]
+        elif self.prefix:
+            subfuns, bind = compat.bind_params(eqn)
+            bind = {**bind, "spec": dataclasses.replace(spec, name=self.prefix + spec.name)}
+            outs = [eqn.primitive.bind(*subfuns, *ins, **bind)]
+        else:
+            outs = compat.rebind(eqn, ins)
+        params = [jax.lax.stop_gradient(x) for x in ins] if _stops(self.stop_params, spec, ins) else ins
+        self.logp = self.logp + SiteDist(spec, params).log_prob(outs[0]).astype(self.logp.dtype)
+        self.sites[spec.name] = outs[0]
+        self.specs[spec.name] = spec
+        return outs
+
+    @rule(expect_p)
+    def _expect(self, eqn, ins):
+        return self.default(eqn, ins)
+
+    def inline(self, eqn, ins):
+        # the call's log density is summed on its own, then added (as the call's whole term)
+        outer, self.logp = self.logp, _zero()
+        try:
+            outs = super().inline(eqn, ins)
+        finally:
+            inner, self.logp = self.logp, outer
+        self.logp = self.logp + inner
+        return outs
+
+    def switch(self, eqn, ins):
+        def branch(closed):
+            def run(ops):
+                r = self._nested()
+                return r.run(closed.jaxpr, closed.consts, ops), r.logp
+
+            return run
+
+        outs, lp = jax.lax.switch(ins[0], [branch(c) for c in eqn.params["branches"]], ins[1:])
+        self.logp = self.logp + lp
+        return outs
+
+    def loop(self, eqn, ins):
+        if eqn.primitive is not compat.scan_p:
+            raise UnsupportedError(
+                f"ex.trace: random choices inside `{eqn.primitive.name}` (at "
                 f"{compat.user_frame(eqn) or 'an unknown location'}) are not supported; move "
                 "them out, or into a lax.scan or lax.cond."
             )
-        write(eqn.outvars, outs)
-    return [read(v) for v in jaxpr.outvars], sites, logp
+        p = eqn.params
+        nc, ncar, body = p["num_consts"], p["num_carry"], p["jaxpr"]
+        consts, init, xs = ins[:nc], list(ins[nc : nc + ncar]), list(ins[nc + ncar :])
+
+        def step(carry, x):
+            lp, c = carry
+            r = self._nested()
+            outs = r.run(body.jaxpr, body.consts, [*consts, *c, *x])
+            return (lp + r.logp, outs[:ncar]), outs[ncar:]
+
+        (lp, carry), ys = jax.lax.scan(step, (_zero(), init), xs, length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+        self.logp = self.logp + lp
+        return [*carry, *ys]
 
 
 def _stops(stop_params, spec, operands) -> bool:
@@ -172,26 +200,3 @@ def _stops(stop_params, spec, operands) -> bool:
         return bool(stop_params)
     strategy, _ = resolve(spec, operands)
     return not isinstance(strategy, Reparam)
-
-
-def _drop_sites(result):
-    outs, _, lp = result
-    return outs, lp
-
-
-def _has_sites(eqn) -> bool:
-    return any(contains_random(sub) for sub in compat.subjaxprs_of(eqn))
-
-
-def _replay_scan(eqn, ops, stop_params, prefix):
-    p = eqn.params
-    nc, ncar, body = p["num_consts"], p["num_carry"], p["jaxpr"]
-    consts, init, xs = ops[:nc], list(ops[nc : nc + ncar]), list(ops[nc + ncar :])
-
-    def step(carry, x):
-        lp, c = carry
-        outs, _, dlp = replay(body.jaxpr, body.consts, [*consts, *c, *x], stop_params=stop_params, prefix=prefix)
-        return (lp + dlp, outs[:ncar]), outs[ncar:]
-
-    (lp, carry), ys = jax.lax.scan(step, (_zero(), init), xs, length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
-    return [*carry, *ys], lp
