@@ -111,3 +111,23 @@ def test_per_site_variance_points_at_the_noisy_site():
     assert abs(plan.site("noisy").variance - p * (1 - p) * (50 * (1 - p)) ** 2) < 0.25 * 141
     assert abs(plan.site("noisy").variance + plan.site("smooth").variance - plan.total_variance) < 0.25 * plan.total_variance
     assert "grad variance" in str(plan) and "total gradient variance" in str(plan)
+
+
+def test_per_site_variance_reaches_sites_in_nested_expectations():
+    """d/dθ of E[mean over 4 draws of z²] + E[w²] with z ~ N(θ, 1), w ~ N(θ, 2) (pathwise):
+    mean(2 z_k) + 2w, whose variance is 4/4 from the nested site and 4·4 from the outer one;
+    a site in a loop body has no variance of its own to measure (n/a)."""
+
+    @ex.expectation
+    def objective(theta):
+        inner = ex.expect(lambda: ex.sample(dist.Normal(theta, 1.0), name="z") ** 2, n=4, name="inner")()
+        w = ex.sample(dist.Normal(theta, 2.0), name="w")
+        looped = jax.lax.scan(lambda c, _: (c + ex.sample(dist.Normal(theta, 1.0), name="s"), None), 0.0, None,
+                              length=2)[0]
+        return inner + w**2 + 0.0 * looped
+
+    plan = ex.explain(objective, jnp.float32(0.3), variance=True, key=jax.random.PRNGKey(4), samples=(64, 32))
+    for name, exact in (("inner/z", 1.0), ("w", 16.0)):
+        site = plan.site(name)
+        assert abs(site.variance - exact) < 5 * site.variance_se, (name, site.variance, site.variance_se)
+    assert plan.site("s").variance is None and "n/a" in str(plan)

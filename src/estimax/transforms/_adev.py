@@ -255,7 +255,11 @@ class Estimator:
                 key, k_sub = _split(thread.key)
                 thread = thread._replace(key=key)
                 duals = [_read(env, v, mode) for v in eqn.invars]
-                _write(env, eqn.outvars, _apply_keyed(expect_estimator(eqn.params["spec"]), k_sub, duals, mode))
+                spec = eqn.params["spec"]
+                inner = self._inner_override(spec)
+                if inner is not None:  # the overridden site is inside: its draws follow thread.override
+                    k_sub = jnp.stack([k_sub, thread.override])
+                _write(env, eqn.outvars, _apply_keyed(expect_estimator(spec, inner), k_sub, duals, mode))
             elif ir.holds_random(eqn):
                 policy = ir.policy(eqn)
                 if policy == ir.INLINE:
@@ -269,6 +273,12 @@ class Estimator:
                 _write(env, eqn.outvars, jvp_eqn(eqn, [_read(env, v, mode) for v in eqn.invars], mode))
             i += 1
         return k([_read(env, v, mode) for v in jaxpr.outvars], thread, mode, env)
+
+    def _inner_override(self, spec) -> str | None:
+        """The overridden site's name inside the nested expectation ``spec``, if it is there."""
+        if self.override is None or not self.override.startswith(spec.name + "/"):
+            return None
+        return self.override[len(spec.name) + 1:]
 
     def _after(self, jaxpr, env, i, k):
         eqn = jaxpr.eqns[i]
@@ -495,20 +505,25 @@ def build_estimator(jaxpr, n_consts: int, override_site: str | None = None) -> C
     return est
 
 
-def expect_estimator(spec: ExpectSpec) -> Callable:
+def expect_estimator(spec: ExpectSpec, override_site: str | None = None) -> Callable:
     """The estimator of a nested ``expect``: the mean of ``spec.n`` independent estimates.
 
     For ``ex.log_expect`` it is the plug-in ``log((1/n) Σₖ exp(lₖ))`` (biased; see
     ``_certify``), and for its shifted form (the tracking pass's) the mean of
     ``exp(lₖ - c)`` with its second moment. The index operand of an indexed expectation is
-    not the inner program's.
+    not the inner program's. With ``override_site`` (a site of the inner program, for the
+    per-site variance), the key is a pair: the second drives that site in every draw.
     """
-    est = spec.cache.get("est")
+    cached = ("est", override_site)
+    est = spec.cache.get(cached)
     if est is not None:
         return est
-    single = build_estimator(spec.jaxpr, spec.n_consts)
+    single = build_estimator(spec.jaxpr, spec.n_consts, override_site=override_site)
 
     def draws(key, inputs):
+        if override_site is not None:  # one key pair per draw: (its own, its overridden site's)
+            pairs = jnp.stack([jax.random.split(key[0], spec.n), jax.random.split(key[1], spec.n)], axis=1)
+            return jax.vmap(lambda kk: single(kk, *inputs))(pairs)
         if spec.n == 1:
             return [o[None] for o in single(key, *inputs)]
         return jax.vmap(lambda kk: single(kk, *inputs))(jax.random.split(key, spec.n))
@@ -522,7 +537,7 @@ def expect_estimator(spec: ExpectSpec) -> Callable:
             w = jnp.exp(logw - c_eff[None])
             return jnp.mean(w, axis=0), jax.lax.stop_gradient(jnp.mean(w * w, axis=0)), c_eff
 
-    elif spec.n == 1:
+    elif spec.n == 1 and override_site is None:
 
         def est(key, *inputs):
             return single(key, *spec.split(inputs)[0])
@@ -535,7 +550,7 @@ def expect_estimator(spec: ExpectSpec) -> Callable:
                 return tuple(jax.nn.logsumexp(o, axis=0) - jnp.log(spec.n).astype(o.dtype) for o in outs)
             return tuple(jnp.mean(o, axis=0) for o in outs)
 
-    spec.cache["est"] = est
+    spec.cache[cached] = est
     return est
 
 

@@ -101,7 +101,8 @@ def explain(objective, *args, variance: bool = False, key=None, argnums=0, sampl
     variance of the gradient when only that site's random numbers change,
     ``E[Var(ĝ | all other sites)]``, summed over gradient coordinates (``samples`` =
     (outer, inner) draws; needs ``key``). A site with a large share is the one to give a
-    better strategy or baseline. Sites in loop bodies and nested expectations show ``n/a``.
+    better strategy or baseline. Sites in nested expectations are measured (all their draws
+    changed together); sites in loop bodies show ``n/a`` (one key drives every iteration).
 
     ``argnums`` also says which arguments are differentiated for the certificate: a
     comparison of a differentiated argument (``z > theta``) makes it ``biased``, one of

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from ..dsl import _ir as ir
+from ..dsl._primitives import expect_p, sample_p
 from ._adev import build_estimator
 
 
@@ -23,6 +25,17 @@ def _gradient_fn(closed, args, argnums, override_site):
         return ravel_pytree(g)[0]
 
     return grad_vector
+
+
+def _in_loops(jaxpr) -> set[str]:
+    """The names (``expect/site`` inside nested expectations) of the sites in a loop body:
+    one key drives every iteration, so a site's own draws cannot be changed alone."""
+    out = set()
+    for eqn, outer in ir.eqns(jaxpr, into_expect=True):
+        if eqn.primitive is sample_p and any(ir.policy(o) == ir.LOOP for o in outer):
+            prefix = "".join(o.params["spec"].name + "/" for o in outer if o.primitive is expect_p)
+            out.add(prefix + eqn.params["spec"].name)
+    return out
 
 
 def site_variances(program, closed, args, sites, *, key, argnums, samples):
@@ -42,8 +55,9 @@ def site_variances(program, closed, args, sites, *, key, argnums, samples):
     total = float(np.sum(np.var(g, axis=0, ddof=1)))
 
     out = {}
+    looped = _in_loops(closed.jaxpr)
     for s in sites:
-        if s.context in ("scan body", "while body") or s.context.startswith("expect"):
+        if s.name in looped:
             continue
         fn = _gradient_fn(closed, args, argnums, s.name)
 
