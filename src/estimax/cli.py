@@ -34,7 +34,7 @@ Sharp edges:
 - Reading a file runs only code it may import: the numerical modules of the allow-list and
   ``.py`` files in the objective file's own folder (importing a ``.py`` file runs it). Any
   other import is a located error until ``--allow-import MODULE|PATH`` names it (see
-  ``estimax.dsl.text._imports``).
+  ``estimax.text._imports``).
 - ``check`` and ``explain`` without ``--data`` stage the objective with every named size
   (``real[N]``) set to a small default; pass ``--data`` to use the data's sizes.
 """
@@ -85,7 +85,7 @@ def _load_program(path: str, invocation: _Invocation, allow_imports=()):
     """The parsed, checked objective file at ``path`` (an ``ex.text.TextProgram``);
     ``allow_imports``: what it may import beyond the defaults (``--allow-import``)."""
     import estimax as ex
-    from estimax.dsl.text._program import MAX_SOURCE_BYTES, not_a_regular_file
+    from estimax.text._program import MAX_SOURCE_BYTES, not_a_regular_file
 
     invocation.path = path
     if not os.path.exists(path):
@@ -124,7 +124,7 @@ def _load_npz(path: str, what: str, hint: str | None = None) -> dict:
     import numpy as np
     from numpy.lib import format as npy_format
 
-    from estimax.dsl.text._program import not_a_regular_file
+    from estimax.text._program import not_a_regular_file
 
     if not os.path.exists(path):
         raise _Fail(f"no such {what} file: {path}", _EXIT_USAGE)
@@ -881,7 +881,7 @@ def _cmd_demo(args, invocation: _Invocation) -> int:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise _Fail(f"cannot create the output folder {out}: {e.strerror or e}", _EXIT_USAGE) from None
-    source = importlib.resources.files("estimax.dsl.text").joinpath("demos", _DEMO_FILE)
+    source = importlib.resources.files("estimax.text").joinpath("demos", _DEMO_FILE)
     path = os.path.join(out, _DEMO_FILE)
     with importlib.resources.as_file(source) as packaged:
         shutil.copyfile(packaged, path)
@@ -1147,7 +1147,7 @@ def main(argv: list[str] | None = None) -> int:
     invocation = _Invocation()
     try:
         from estimax import EstimaxError
-        from estimax.dsl.text import TextError
+        from estimax.text import TextError
 
         try:
             return args.func(args, invocation)

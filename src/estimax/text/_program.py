@@ -33,29 +33,29 @@ from jax.scipy.special import logsumexp
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
-from ..._errors import EstimaxError, ProgramError
-from ...transforms.estimators import enum as _enum
-from ...transforms.estimators import gumbel_softmax as _gumbel_softmax
-from ...transforms.estimators import mvd as _mvd
-from ...transforms.estimators import reinforce as _reinforce
-from ...transforms.estimators import reparam as _reparam
-from ...transforms.estimators import straight_through as _straight_through
-from .._constraints import subject_to as _subject_to
-from .._marginal import Approximate
-from .._marginal import marginal as _marginal
-from .._marginal import normalize as _normalize
-from .._primitives import expect as _expect
-from .._primitives import expect_p as _expect_p
-from .._primitives import sample as _sample
-from .._primitives import source_location
-from .._primitives import stage as _stage
-from .._primitives import sample_p as _sample_p
-from .._primitives import vmap as _vmap
-from .._program import Expectation
-from .._site import log_density
-from ...objectives._vi import LogJoint
-from ...runtime import _jax_compat as _compat
-from ...transforms._certify import collect_sites
+from .._errors import EstimaxError, ProgramError
+from ..transforms.estimators import enum as _enum
+from ..transforms.estimators import gumbel_softmax as _gumbel_softmax
+from ..transforms.estimators import mvd as _mvd
+from ..transforms.estimators import reinforce as _reinforce
+from ..transforms.estimators import reparam as _reparam
+from ..transforms.estimators import straight_through as _straight_through
+from ..dsl._constraints import subject_to as _subject_to
+from ..dsl._marginal import Approximate
+from ..dsl._marginal import marginal as _marginal
+from ..dsl._marginal import normalize as _normalize
+from ..dsl._primitives import expect as _expect
+from ..dsl._primitives import expect_p as _expect_p
+from ..dsl._primitives import sample as _sample
+from ..dsl._primitives import source_location
+from ..dsl._primitives import stage as _stage
+from ..dsl._primitives import sample_p as _sample_p
+from ..dsl._primitives import vmap as _vmap
+from ..dsl._program import Expectation
+from ..dsl._site import log_density
+from ..objectives import LogJoint
+from ..runtime import _jax_compat as _compat
+from ..transforms._certify import collect_sites
 from ._errors import TextError
 from ._imports import ImportPolicy, module_allowed, opt_in_hint
 
@@ -259,7 +259,7 @@ def _text_argmin(inner, init, *args, method="implicit", linear_solver="auto", st
                  max_steps=None, tol=None, name=None):
     """``argmin(inner, init, a, ...)``: ``ex.argmin`` of a program of the file, whose first argument
     is the inner variables and whose others are given after ``init``."""
-    from .._argmin import argmin as _argmin
+    from ..dsl._argmin import argmin as _argmin
 
     inner = _program_arg(inner, "the inner objective (first argument)")
     if not inner.args:
@@ -462,7 +462,7 @@ class _TextExpectation(Expectation):
             self._text._note_staged_sites(out[0].jaxpr)
             collect_sites(out[0].jaxpr)
             if self._text.constraints and not self._splitting:  # the constraints pass's checks, at the file's lines
-                from ...transforms._constraints import split
+                from ..transforms._constraints import split
 
                 self._splitting = True
                 try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..._errors import EstimaxError
+from .._errors import EstimaxError
 
 
 class TextError(EstimaxError):
