@@ -85,7 +85,7 @@ def _load_program(path: str, invocation: _Invocation, allow_imports=()):
     """The parsed, checked objective file at ``path`` (an ``ex.text.TextProgram``);
     ``allow_imports``: what it may import beyond the defaults (``--allow-import``)."""
     import estimax as ex
-    from estimax.text._program import MAX_SOURCE_BYTES, not_a_regular_file
+    from estimax.text._source import MAX_SOURCE_BYTES, not_a_regular_file
 
     invocation.path = path
     if not os.path.exists(path):
@@ -124,7 +124,7 @@ def _load_npz(path: str, what: str, hint: str | None = None) -> dict:
     import numpy as np
     from numpy.lib import format as npy_format
 
-    from estimax.text._program import not_a_regular_file
+    from estimax.text._source import not_a_regular_file
 
     if not os.path.exists(path):
         raise _Fail(f"no such {what} file: {path}", _EXIT_USAGE)
