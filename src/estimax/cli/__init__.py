@@ -40,5 +40,6 @@ Sharp edges:
 """
 
 from ._main import main as main
+from ._plan import _plan_table as _plan_table  # the plan as `check` prints it, for tests/test_locations.py
 
 __all__ = ["main"]
