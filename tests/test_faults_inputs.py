@@ -24,7 +24,7 @@ import pytest
 
 import estimax as ex
 from estimax.cli import main
-from estimax.dsl.text import _imports
+from estimax.text import _imports
 from estimax.runtime import _jax_compat as compat
 from estimax.transforms._rao_blackwell import analyze
 

@@ -31,7 +31,7 @@ from .transforms._estimate import expectation as expectation
 from .transforms._grad import grad as grad
 from .transforms._grad import value_and_grad as value_and_grad
 from . import objectives as objectives
-from .dsl import text as text
+from . import text as text
 from .runtime._checkpoint import Checkpoint as Checkpoint
 from .runtime._checkpoint import CheckpointError as CheckpointError
 from .runtime._fit import EarlyStop as EarlyStop

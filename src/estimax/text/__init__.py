@@ -10,10 +10,10 @@
     True
 """
 
+from ._check import Declaration as Declaration
 from ._errors import TextError as TextError
 from ._imports import ALLOWED_MODULES as ALLOWED_MODULES
 from ._imports import DENIED_NAMES as DENIED_NAMES
-from ._program import Declaration as Declaration
 from ._program import TextProgram as TextProgram
 from ._program import load as load
 from ._program import parse as parse

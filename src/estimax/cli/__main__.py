@@ -1,0 +1,7 @@
+"""``python -m estimax.cli``: the ``estimax`` command, as ``python -m estimax``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
