@@ -63,7 +63,7 @@ def on_cpu():
 def test_check_prints_the_plan_and_certificate(capsys):
     code, out, err = cmd(capsys, "check", EXAMPLES / "gaussian_mean.emx")
     assert code == 0, err
-    assert "ok: maximize; parameters m: real, log_s: real; data x: real[N]" in out
+    assert "ok: maximize\n  parameters m: real, log_s: real\n  data x: real[N]" in out
     assert "estimator plan for gaussian_mean.emx" in out
     assert re.search(r"^z\s+14:1\s+Normal\s+reparam", out, re.MULTILINE)
     assert out.rstrip().endswith("certificate: unbiased")

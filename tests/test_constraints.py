@@ -39,7 +39,7 @@ def test_explain_lists_constraints_kinds_and_multipliers():
     assert [c[0] for c in plan.constraints] == ["sphere", "cap", "le_2"]
     assert plan.constraints[0][1:3] == ("== 0 (scalar)", "λ[sphere]")
     assert plan.constraints[1][1:3] == ("E[...] <= 0 (shape (3,))", "μ[cap] >= 0")
-    assert plan.constraints[2][1] == "<= 0 (scalar)"  # ge= is stored as -value <= 0
+    assert plan.constraints[2][1] == ">= 0 (scalar; solved as -value <= 0)"  # as written: ge=
     assert plan.constraints[0][3].endswith("test_constraints.py:31")  # where `sphere` is written
     text = str(plan)
     assert "constraints (solved with ex.solve" in text and "μ[cap] >= 0" in text

@@ -48,7 +48,9 @@ def test_plan_of_a_program_without_random_choices():
         return x**2
 
     plan = ex.explain(f, 1.0)
-    assert plan.sites == () and plan.certificate.kind == "unbiased"
+    assert plan.sites == () and plan.certificate.kind == "exact"
+    assert str(plan.certificate) == "exact: no random choices"
+    assert "site" not in str(plan)  # no empty table header
     assert "(no random choices)" in str(plan)
     v, g = ex.value_and_grad(f)(jax.random.PRNGKey(0), 3.0)
     assert v == 9.0 and g == 6.0

@@ -27,7 +27,7 @@ def _summary(program, dims: dict, dims_given: bool) -> str:
     if named:
         sizes = ", ".join(f"{n}={named[n]}" for n in sorted(named))
         parts.append(f"sizes {sizes}" + ("" if dims_given else " (a default; --data gives the data's sizes)"))
-    return "; ".join(parts)
+    return "\n  ".join(parts)  # one part a line: a summary fits in 80 columns
 
 
 # --- staging and the plan ------------------------------------------------------------------

@@ -33,11 +33,13 @@ from ._primitives import _caller_location, _current_scope
 
 @dataclasses.dataclass(frozen=True)
 class ConstraintSpec:
-    """A constraint's name, kind (``"eq"``: value = 0, ``"le"``: value <= 0) and where it is written."""
+    """A constraint's name, kind (``"eq"``: value = 0, ``"le"``: value <= 0) and where it is
+    written; ``stated`` is how the user wrote it (``"ge"`` is kept as ``-value <= 0``)."""
 
     name: str
     kind: str
     location: str | None
+    stated: str | None = None
 
     def __repr__(self) -> str:
         return f"constraint({self.name!r}, {self.kind})"
@@ -119,6 +121,7 @@ def subject_to(*, eq=None, le=None, ge=None, name: str | None = None) -> None:
             f"ex.subject_to({kind}=...): the constraint's value must be floating point; got {what}. "
             f"Write `{kind}=lhs - rhs` for `lhs {'==' if kind == 'eq' else '<=' if kind == 'le' else '>='} rhs`."
         )
+    stated = kind
     if kind == "ge":
         value, kind = -value, "le"
     counts = _current_scope().counts  # per staging of the program, like derived site names
@@ -126,7 +129,7 @@ def subject_to(*, eq=None, le=None, ge=None, name: str | None = None) -> None:
     counts["#constraint"] = index + 1
     if name is None:
         name = f"{kind}_{index}"
-    constraint_p.bind(value, spec=ConstraintSpec(name, kind, _caller_location()))
+    constraint_p.bind(value, spec=ConstraintSpec(name, kind, _caller_location(), stated))
 
 
 def _is_numeric(x) -> bool:

@@ -55,12 +55,14 @@ class SitePlan:
 
 @dataclasses.dataclass(frozen=True)
 class Certificate:
-    kind: str  # "unbiased", "consistent" or "biased"
+    kind: str  # "exact" (no random choices), "unbiased", "consistent" or "biased"
     reasons: tuple[str, ...]
 
     def __str__(self) -> str:
         if not self.reasons:
             return self.kind
+        if self.reasons == ("no random choices",):
+            return "exact: no random choices"
         return self.kind + "\n" + "\n".join(f"  - {r}" for r in self.reasons)
 
 
@@ -340,6 +342,8 @@ def certify(jaxpr, sites: list[SitePlan], differentiated=None) -> Certificate:
         reasons += [f"plug-in of a nested expectation: {p}" for p in problems]
         reasons.append("a nonlinear function of an expectation has no unbiased estimator from one draw; "
                        "ex.fit(..., tracking=ex.tracking.SCGD()) (or SOX, MSVR) tracks it instead (consistent)")
+    if not sites and kind == "unbiased":  # nothing random: the estimate is the value, its gradient jax.grad's
+        return Certificate("exact", ("no random choices",) + tuple(reasons))
     return Certificate(kind, tuple(reasons))
 
 

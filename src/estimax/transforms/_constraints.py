@@ -47,6 +47,7 @@ class Piece:
     stochastic: bool  # depends on random choices: an expectation
     jaxpr: Any  # open Jaxpr over (consts, *flat args), one output
     consts: tuple
+    stated: str | None = None  # "ge" for a constraint the user wrote as value >= 0
 
     def __call__(self, *flat_args):
         """The piece's value (deterministic pieces only; random ones need an estimator)."""
@@ -69,6 +70,8 @@ class Piece:
     def describe(self) -> str:
         shape = "scalar" if not self.shape else f"shape {self.shape}"
         expect = "E[...] " if self.stochastic else ""
+        if self.stated == "ge":
+            return f"{expect}>= 0 ({shape}; solved as -value <= 0)"
         return f"{expect}{'== 0' if self.kind == 'eq' else '<= 0'} ({shape})"
 
 
@@ -139,7 +142,7 @@ def split(program, args: Sequence, *, n_param_leaves: int | None = None) -> Cons
         values.append(e.invars[0])
     full = compat.with_outputs(jaxpr, [jaxpr.outvars[0], *values], eqns)
 
-    def piece(i: int, name: str, kind: str, location) -> Piece:
+    def piece(i: int, name: str, kind: str, location, stated=None) -> Piece:
         used = [j == i for j in range(len(full.outvars))]
         kept, used_inputs = compat.dce_jaxpr(full, used, instantiate=True)
         var = full.outvars[i]
@@ -152,11 +155,11 @@ def split(program, args: Sequence, *, n_param_leaves: int | None = None) -> Cons
             )
         return Piece(
             name=name, kind=kind, shape=tuple(aval.shape), dtype=aval.dtype, location=location,
-            stochastic=ir.contains_random(kept), jaxpr=kept, consts=tuple(closed.consts),
+            stochastic=ir.contains_random(kept), jaxpr=kept, consts=tuple(closed.consts), stated=stated,
         )
 
     objective = piece(0, program.name, "objective", None)
-    constraints = tuple(piece(i + 1, s.name, s.kind, s.location) for i, s in enumerate(specs))
+    constraints = tuple(piece(i + 1, s.name, s.kind, s.location, s.stated) for i, s in enumerate(specs))
     del out_tree
     return Constrained(program.name, objective, constraints, in_tree, n_param_leaves)
 

@@ -54,8 +54,12 @@ class Plan:
             ]
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        lines = [f"estimator plan for {self.program}", fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-        lines += [fmt.format(*r) for r in rows] or ["(no random choices)"]
+        lines = [f"estimator plan for {self.program}"]
+        if rows:
+            lines += [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip()]
+            lines += [fmt.format(*r).rstrip() for r in rows]
+        else:
+            lines.append("(no random choices)")
         per_element = [f"{s.name} ({s.elements} elements)" for s in self.sites if s.elements]
         if per_element:
             lines.append("score terms Rao-Blackwellized per element: " + ", ".join(per_element))
