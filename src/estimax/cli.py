@@ -531,7 +531,7 @@ _CHECKED = ("params", "optimizer", "lr", "seed", "data_sha256", "maximize")  # w
 def _check_checkpoint(path: str, record: dict, config: dict) -> None:
     """Refuse, with what differs, a checkpoint written for other parameters, another
     optimizer, learning rate, seed or data."""
-    from .runtime._fit import _CHECKPOINT_FORMAT
+    from .solvers._fit import _CHECKPOINT_FORMAT
 
     again = "pass --fresh to start over, or --out another folder"
     got = record.get("format")
