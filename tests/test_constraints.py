@@ -239,7 +239,7 @@ def test_exact_al_refuses_what_it_cannot_solve():
 
     with pytest.raises(ex.ProgramError, match="ExactAL needs exact derivatives.*StochasticLagrangian"):
         ex.solve(noisy, jnp.ones(2), solver=ExactAL())
-    with pytest.raises(ex.ProgramError, match="sketch="):
+    with pytest.raises(ex.ArgumentError, match="sketch="):
         ExactAL(sketch="sparse")
 
 
@@ -262,26 +262,26 @@ def test_budget_non_finite_and_throw():
 
 
 def test_bad_options_are_named():
-    with pytest.raises(ex.ProgramError, match="max_steps must be a positive integer"):
+    with pytest.raises(ex.ArgumentError, match="max_steps must be >= 1"):
         ex.solve(_hs6, jnp.ones(2), max_steps=0)
-    with pytest.raises(ex.ProgramError, match="tol must be a positive number"):
+    with pytest.raises(ex.ArgumentError, match="tol must be a positive number"):
         ex.solve(_hs6, jnp.ones(2), tol=-1.0)
-    with pytest.raises(ex.ProgramError, match=r"multipliers for \['nope'\]"):
+    with pytest.raises(ex.ArgumentError, match=r"multipliers for \['nope'\]"):
         ex.solve(_sphere, jnp.ones(5), multipliers={"nope": 1.0})
-    with pytest.raises(ex.ProgramError, match="the multiplier of 'sphere' has shape"):
+    with pytest.raises(ex.ArgumentError, match="the multiplier of 'sphere' has shape"):
         ex.solve(_sphere, jnp.ones(5), multipliers={"sphere": jnp.ones(3)})
     with pytest.raises(ex.ProgramError, match=r"lower bound of parameter leaf 0 has shape \(2,\)"):
         ex.solve(_sphere, jnp.ones(5), bounds=(jnp.zeros(2), None))
 
 
 def test_checkpoint_resume_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
-    from estimax.solvers import _solve
+    from estimax.solvers import _runner
 
     solver = ExactAL(sketch_size=3)
     program, _, _ = _qp(n=8, m=2, seed=1, conditioned=True)
     plain = ex.solve(program, jnp.zeros(8), solver=solver, tol=1e-12, max_steps=12)
     path = tmp_path / "run"
-    real_save = _solve.save_state
+    real_save = _runner.save_state
     saves = []
 
     def interrupt_after_first_save(*a, **k):  # Ctrl-C right after the first checkpoint
@@ -289,10 +289,10 @@ def test_checkpoint_resume_ends_where_an_uninterrupted_run_ends(tmp_path, monkey
         saves.append(1)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_solve, "save_state", interrupt_after_first_save)
+    monkeypatch.setattr(_runner, "save_state", interrupt_after_first_save)
     with pytest.raises(KeyboardInterrupt):
         ex.solve(program, jnp.zeros(8), solver=solver, tol=1e-12, max_steps=12, checkpoint=path, every=2)
-    monkeypatch.setattr(_solve, "save_state", real_save)
+    monkeypatch.setattr(_runner, "save_state", real_save)
     assert saves and path.exists()
     resumed = ex.solve(program, jnp.zeros(8), solver=solver, tol=1e-12, max_steps=12, checkpoint=path, every=2)
     assert resumed.steps == plain.steps

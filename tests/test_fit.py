@@ -11,8 +11,9 @@ import optax
 import pytest
 
 import estimax as ex
-from estimax.runtime import _fit
-from estimax.runtime._fit import EarlyStop, FitProgress, FitResult, fit
+from estimax.runtime import _progress
+from estimax.solvers import _fit
+from estimax.solvers._fit import EarlyStop, FitProgress, FitResult, fit
 
 KEY = jax.random.PRNGKey(0)
 X = jnp.array([1.0, 2.0, 3.0, 0.5])  # n = 4, sum = 6.5
@@ -277,7 +278,7 @@ def test_progress_is_off_by_default_when_stderr_is_not_a_terminal(capsys):
 
 
 def test_progress_without_tqdm_prints_one_line(capsys, monkeypatch):
-    monkeypatch.setattr(_fit, "_import_tqdm", lambda: None)
+    monkeypatch.setattr(_progress, "_import_tqdm", lambda: None)
     fit(quadratic, jnp.array([5.0]), optimizer=SGD, steps=30, key=KEY, chunk=10, progress=True)
     err = capsys.readouterr().err
     assert err.endswith("\n") and err.count("\n") == 1  # one line, rewritten with \r
@@ -304,10 +305,10 @@ def test_progress_with_tqdm(capsys):
         (dict(window=-3), ValueError, r"window must be >= 1"),
         (dict(optimizer=optax.adam), TypeError, r"optimizer must be an optax Gradient.*call it"),
         (dict(optimizer="adam"), TypeError, r"optimizer must be an optax Gradient.*got str"),
-        (dict(key=0), ex.ProgramError, r"key must be a single PRNG key"),
-        (dict(key=jax.random.split(KEY, 3)), ex.ProgramError, r"single PRNG key.*uint32\[3, 2\]"),
-        (dict(argnums=(0,)), ex.ProgramError, r"argnums must be one integer"),
-        (dict(argnums=2), ex.ProgramError, r"argnums=2 is out of range.*between 0 and 1"),
+        (dict(key=0), ex.ArgumentError, r"key must be a single PRNG key"),
+        (dict(key=jax.random.split(KEY, 3)), ex.ArgumentError, r"single PRNG key.*uint32\[3, 2\]"),
+        (dict(argnums=(0,)), ex.ArgumentError, r"argnums must be one integer"),
+        (dict(argnums=2), ex.ArgumentError, r"argnums=2 is out of range.*between 0 and 1"),
         (dict(early_stop=5), TypeError, r"early_stop must be None, an EarlyStop"),
         (dict(early_stop={"patience": 2, "delta": 0.1}), ValueError, r"unknown field\(s\) \['delta'\]"),
         (dict(callback="print"), TypeError, r"callback must be callable"),
@@ -334,3 +335,37 @@ def test_objective_and_params_errors():
 def test_docstring_examples_run():
     result = doctest.testmod(_fit, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_fit_and_solve_word_the_same_option_mistakes_alike():
+    """``fit`` and ``ex.solve`` check their shared options in one place: the same mistake, the
+    same ``ArgumentError`` and wording."""
+
+    def constrained(x):
+        ex.subject_to(eq=jnp.sum(x) - 1.0, name="sum")
+        return jnp.sum(x**2)
+
+    run = dict(optimizer=optax.adam(0.1), steps=10, key=KEY)
+    cases = [
+        (dict(key=0), dict(key=0), r"key must be a single PRNG key \(jax.random.key\(0\) or jax.random.PRNGKey\(0\)\)"),
+        (dict(checkpoint=3), dict(checkpoint=3), r"checkpoint must be a folder path or an estimax.Checkpoint; got int"),
+        (dict(progress="yes"), dict(progress="yes"), r"progress must be True, False, None"),
+        (dict(steps=0), dict(max_steps=0), r"steps must be >= 1 \("),
+        (dict(chunk=2.5), dict(every=2.5), r"must be an integer >= 1 \("),
+    ]
+    for fit_kw, solve_kw, match in cases:
+        with pytest.raises(ex.ArgumentError, match=match) as from_fit:
+            fit(neg_elbo, INIT, X, **{**run, **fit_kw})
+        with pytest.raises(ex.ArgumentError, match=match) as from_solve:
+            ex.solve(constrained, jnp.ones(2), **solve_kw)
+        assert str(from_fit.value).startswith("fit: ") and str(from_solve.value).startswith("ex.solve: ")
+    assert str(from_fit.value)[len("fit: "):].split("(")[0].replace("chunk", "X") == \
+        str(from_solve.value)[len("ex.solve: "):].split("(")[0].replace("every", "X")
+
+
+def test_fit_result_carries_the_results_code():
+    done = fit(neg_elbo, INIT, X, optimizer=ADAM, steps=20, key=KEY, chunk=10)
+    assert done.result == ex.solvers.RESULTS.successful
+    stopped = fit(neg_elbo, INIT, X, optimizer=ADAM, steps=50, key=KEY, chunk=10, callback=lambda info: True)
+    assert stopped.result == ex.solvers.RESULTS.stopped_by_callback and stopped.stopped_early
+    assert isinstance(_fit.Step(None, ADAM, 0, False), ex.solvers.Solver)

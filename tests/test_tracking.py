@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import estimax as ex
-from estimax.runtime._fit import fit
+from estimax.solvers._fit import fit
 from estimax.tracking import MSVR, SCGD, SOX
 
 
@@ -249,9 +249,9 @@ def test_index_and_size_are_checked():
 
 def test_fit_tracking_arguments_are_checked():
     opt = optax.sgd(0.1)
-    with pytest.raises(ex.ProgramError, match='tracking must be "auto"'):
+    with pytest.raises(ex.ArgumentError, match='tracking must be "auto"'):
         fit(_unindexed, jnp.float64(0.5), optimizer=opt, steps=2, key=jax.random.key(0), tracking="scgd")
-    with pytest.raises(ex.ProgramError, match="tracking_state= was given"):
+    with pytest.raises(ex.ArgumentError, match="tracking_state= was given"):
         fit(_linear, jnp.float64(0.5), optimizer=opt, steps=2, key=jax.random.key(0), tracking_state={})
     with pytest.raises(ValueError, match="beta must be in"):
         MSVR(beta=0.0)

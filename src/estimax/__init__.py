@@ -16,7 +16,7 @@ from ._errors import NoKeyError as NoKeyError
 from ._errors import ProgramError as ProgramError
 from ._errors import StrategyError as StrategyError
 from ._errors import UnsupportedError as UnsupportedError
-from .dsl._argmin import argmin as argmin
+from .solvers._argmin import argmin as argmin
 from .dsl._constraints import subject_to as subject_to
 from .objectives._marginal import marginal as marginal
 from .objectives._marginal import normalize as normalize
@@ -34,13 +34,13 @@ from . import objectives as objectives
 from . import text as text
 from .runtime._checkpoint import Checkpoint as Checkpoint
 from .runtime._checkpoint import CheckpointError as CheckpointError
-from .runtime._fit import EarlyStop as EarlyStop
+from .solvers._fit_result import EarlyStop as EarlyStop
 from .runtime._sharding import device_mesh as device_mesh
 from .runtime._sharding import shard_batch as shard_batch
-from .runtime._fit import FitProgress as FitProgress
-from .runtime._fit import FitResult as FitResult
-from .runtime._fit import NonFiniteError as NonFiniteError
-from .runtime._fit import fit as fit
+from .solvers._fit_result import FitProgress as FitProgress
+from .solvers._fit_result import FitResult as FitResult
+from .solvers._fit_result import NonFiniteError as NonFiniteError
+from .solvers._fit import fit as fit
 from . import solvers as solvers
 from . import tracking as tracking
 from .solvers._lvhba import solve_bilevel as solve_bilevel

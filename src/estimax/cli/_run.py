@@ -25,7 +25,7 @@ from ..runtime._checkpoint import (
     save_npy_atomically,
     save_npz_atomically,
 )
-from ..runtime._fit import _CHECKPOINT_FORMAT
+from ..solvers._fit import _CHECKPOINT_FORMAT
 from ._errors import _EXIT_ERROR, _EXIT_OK, _EXIT_SIGNAL, _EXIT_USAGE, _Fail, _Invocation
 from ._inputs import _load_program, _read_data
 from ._plan import _plan_table, _stage, _summary

@@ -45,7 +45,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from ._identity import difference, versions, versions_changed
+from ._identity import difference, tree_digest, versions, versions_changed
 from ._folder import (  # noqa: F401  (CheckpointError, FolderLock, reporting, the writers: re-exported)
     _ON_RESUME,
     LOCK_NAME,
@@ -568,6 +568,4 @@ def digest(tree) -> str:
     """A digest of a pytree's structure, shapes, dtypes and (where this process holds all of
     an array) contents: what identifies a run's data, key and starting point. The same in
     every process (see ``_identity``)."""
-    from ._identity import tree_digest
-
     return tree_digest(tree)

@@ -1,4 +1,8 @@
-"""Progress from inside compiled loops, through host callbacks.
+"""Progress displays, and progress from inside compiled loops through host callbacks.
+
+Displays (:func:`make_display`): a tqdm bar when tqdm is installed, else one line on stderr
+rewritten in place; nothing; or the user's function. Each has ``show(step, average=None,
+estimate=None)`` and ``close(note=None)``.
 
 A compiled loop that reports every ``k`` steps calls ``jax.debug.callback(report, token,
 step, *values)`` on those steps only (inside a ``lax.cond``), unordered: the device does not
@@ -12,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 import threading
+import time
 from typing import Callable
 
 import jax
@@ -61,3 +67,125 @@ def maybe_report(every: int | None, fire, token, step, *values) -> None:
         return
     when = fire & (token != 0) & (step % every == 0)
     jax.lax.cond(when, lambda: jax.debug.callback(report, token, step, *values), lambda: None)
+
+
+# --- displays --------------------------------------------------------------------------------
+
+
+def _import_tqdm():
+    """``tqdm.auto.tqdm`` if tqdm is installed, else ``None``. tqdm is optional, so it is
+    imported here, when a bar is asked for, not when estimax is imported."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm
+
+
+def interactive() -> bool:
+    """Whether a progress bar is wanted by default: stderr is a terminal, or a Jupyter kernel runs."""
+    try:
+        if sys.stderr is not None and sys.stderr.isatty():
+            return True
+    except (AttributeError, ValueError):
+        pass
+    return "ipykernel" in sys.modules
+
+
+class LinePrinter:
+    """A single-line progress display on stderr, for when tqdm is not installed."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.n, self.postfix = total, desc, 0, ""
+        self.t0 = time.perf_counter()
+        self._width = 0
+
+    def _show(self, end: str = ""):
+        rate = self.n / max(time.perf_counter() - self.t0, 1e-9)
+        line = f"{self.desc}: {self.n}/{self.total} steps ({rate:.0f} steps/s){self.postfix}"
+        pad = " " * max(0, self._width - len(line))
+        self._width = len(line)
+        sys.stderr.write("\r" + line + pad + end)
+        sys.stderr.flush()
+
+    def show(self, step: int, average: float | None = None, estimate: float | None = None):
+        self.n = max(self.n, step)
+        if average is not None:
+            self.postfix = f" objective={average:.5g}"
+        elif estimate is not None:
+            self.postfix = f" estimate={estimate:.5g}"
+        self._show()
+
+    def close(self, note: str | None = None):
+        if note:
+            self.postfix += f" [{note}]"
+        self._show(end="\n")
+
+
+class TqdmBar:
+    def __init__(self, tqdm, total: int, desc: str):
+        self.bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def show(self, step: int, average: float | None = None, estimate: float | None = None):
+        if average is not None:
+            self.bar.set_postfix_str(f"objective={average:.5g}", refresh=False)
+        elif estimate is not None:
+            self.bar.set_postfix_str(f"estimate={estimate:.5g}", refresh=False)
+        if step > self.bar.n:
+            self.bar.update(step - self.bar.n)
+
+    def close(self, note: str | None = None):
+        if note:
+            self.bar.set_postfix_str(f"{self.bar.postfix or ''} [{note}]".strip(), refresh=True)
+        self.bar.close()
+
+
+class NoDisplay:
+    def show(self, step: int, average: float | None = None, estimate: float | None = None):
+        del step, average, estimate
+
+    def close(self, note: str | None = None):
+        del note
+
+
+class Calls:
+    """``progress=`` a function: called as ``progress(step, value)`` (the running objective
+    after a chunk, or a step's estimate when reports come from inside the loop)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def show(self, step: int, average: float | None = None, estimate: float | None = None):
+        self.fn(step, average if average is not None else estimate)
+
+    def close(self, note: str | None = None):
+        del note
+
+
+class SolverLine:
+    """``ex.solve``'s progress: ``name: step N  KKT r  value v`` on stdout, rewritten in place."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def show(self, step: int, kkt: float, value: float):
+        print(f"\r{self.name}: step {step}  KKT {kkt:.3e}  value {value:.8g}", end="", flush=True)
+
+    def close(self, note: str | None = None):
+        del note
+        print()
+
+
+def make_display(progress, total: int, desc: str):
+    """The display for ``progress=``: a function, ``True``, ``False`` or ``None`` (on when
+    :func:`interactive`)."""
+    if callable(progress):
+        return Calls(progress)
+    if progress is None:
+        progress = interactive()
+    if not progress:
+        return NoDisplay()
+    tqdm = _import_tqdm()
+    if tqdm is None:
+        return LinePrinter(total, desc)
+    return TqdmBar(tqdm, total, desc)

@@ -1,4 +1,7 @@
-"""Solvers for constrained programs, all on one driver (:mod:`estimax.solvers._driver`).
+"""Solvers, all subclasses of one abstract :class:`Solver` (init / step / terminate), all run
+by one device driver (:mod:`estimax.solvers._driver`) and one host runner
+(:mod:`estimax.solvers._runner`): the constrained solvers, the bilevel ones, ``ex.argmin``'s
+inner solvers, and ``ex.fit``'s optax step. Every loop ends with a :class:`RESULTS` code.
 
 - :class:`ExactAL`: exact augmented Lagrangian with a randomized sketching Newton solver
   (equality constraints; exact derivatives; matrix-free).
@@ -17,9 +20,10 @@ conjugate-gradient Newton steps, Armijo line search), :class:`LBFGS` (``optax.lb
 from ._al import AugmentedLagrangian as AugmentedLagrangian
 from ._lvhba import LVHBA as LVHBA
 from ._multiblock import BSVRB as BSVRB
-from ._driver import RESULTS as RESULTS
-from ._driver import Solution as Solution
-from ._driver import SolverError as SolverError
+from ._base import Solver as Solver
+from ._solution import RESULTS as RESULTS
+from ._solution import Solution as Solution
+from ._solution import SolverError as SolverError
 from ._exact_al import ExactAL as ExactAL
 from ._stochastic_al import StochasticLagrangian as StochasticLagrangian
 from ._unconstrained import LBFGS as LBFGS

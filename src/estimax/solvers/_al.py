@@ -45,8 +45,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .._errors import ProgramError
-from ._driver import RESULTS
+from .._errors import ArgumentError, ProgramError
+from ._base import Solver
+from ._solution import RESULTS
 
 
 class ALState(NamedTuple):
@@ -67,7 +68,7 @@ class ALState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class AugmentedLagrangian:
+class AugmentedLagrangian(Solver):
     """The method of multipliers (PHR augmented Lagrangian) with L-BFGS inner solves.
 
     Equalities, inequalities and bounds; deterministic problems (exact derivatives).
@@ -111,19 +112,19 @@ class AugmentedLagrangian:
         for field in ("rho0", "rho_max", "inner_tol", "inner_tol_min", "multiplier_max", "rho_infeasible",
                       "infeasible_stationarity"):
             if not getattr(self, field) > 0:
-                raise ProgramError(
+                raise ArgumentError(
                     f"AugmentedLagrangian({field}=...) must be positive; got {getattr(self, field)!r}.")
         if not self.rho_max >= self.rho0:
-            raise ProgramError(
+            raise ArgumentError(
                 f"AugmentedLagrangian: rho_max ({self.rho_max!r}) must be at least rho0 ({self.rho0!r}).")
         if not self.growth > 1:
-            raise ProgramError(f"AugmentedLagrangian(growth=...) must be above 1; got {self.growth!r}.")
+            raise ArgumentError(f"AugmentedLagrangian(growth=...) must be above 1; got {self.growth!r}.")
         if not 0 < self.decrease < 1:
-            raise ProgramError(f"AugmentedLagrangian(decrease=...) must be in (0, 1); got {self.decrease!r}.")
+            raise ArgumentError(f"AugmentedLagrangian(decrease=...) must be in (0, 1); got {self.decrease!r}.")
         for field in ("max_inner", "inner_patience", "memory_size", "infeasible_patience", "max_steps"):
             value = getattr(self, field)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise ProgramError(
+                raise ArgumentError(
                     f"AugmentedLagrangian({field}=...) must be a positive integer; got {value!r}.")
 
     def check(self, problem) -> None:

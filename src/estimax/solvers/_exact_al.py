@@ -51,8 +51,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from .._errors import ProgramError
-from ._driver import RESULTS
+from .._errors import ArgumentError, ProgramError
+from ._base import Solver
+from ._solution import RESULTS
 
 
 class ExactALState(NamedTuple):
@@ -75,7 +76,7 @@ class ExactALState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class ExactAL:
+class ExactAL(Solver):
     """Exact augmented Lagrangian with a randomized sketching Newton solver (equalities only).
 
     **Arguments** (defaults as in the paper's code):
@@ -113,14 +114,14 @@ class ExactAL:
 
     def __post_init__(self):
         if self.xi_scale not in ("hessian", "absolute"):
-            raise ProgramError(f"ExactAL(xi_scale=...) is 'hessian' or 'absolute'; got {self.xi_scale!r}.")
+            raise ArgumentError(f"ExactAL(xi_scale=...) is 'hessian' or 'absolute'; got {self.xi_scale!r}.")
         if self.sketch not in ("gaussian", "coordinate"):
-            raise ProgramError(f"ExactAL(sketch=...) is 'gaussian' or 'coordinate'; got {self.sketch!r}.")
+            raise ArgumentError(f"ExactAL(sketch=...) is 'gaussian' or 'coordinate'; got {self.sketch!r}.")
         for field in ("eta1", "eta2", "delta", "xi_b", "beta"):
             if not getattr(self, field) > 0:
-                raise ProgramError(f"ExactAL({field}=...) must be positive; got {getattr(self, field)!r}.")
+                raise ArgumentError(f"ExactAL({field}=...) must be positive; got {getattr(self, field)!r}.")
         if not self.nu > 1:
-            raise ProgramError(f"ExactAL(nu=...) must be above 1; got {self.nu!r}.")
+            raise ArgumentError(f"ExactAL(nu=...) must be above 1; got {self.nu!r}.")
 
     def check(self, problem) -> None:
         if problem.m_in:

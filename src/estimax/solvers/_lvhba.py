@@ -49,14 +49,22 @@ nonlinear ones are linearized and the correction repeated (``projection_steps``)
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import NamedTuple
 
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
 
-from .._errors import ProgramError
-from ._driver import RESULTS
+from .._errors import ArgumentError, ProgramError
+from ..transforms._constraints import split
+from ..transforms._estimate import as_program as _as_program
+from ._driver import trim_history
+from ._runner import Compiled
+from ._runner import solution as assemble
+from ._base import Solver
+from ._problem import Problem
+from ._solution import RESULTS, SolverError
 
 
 class LVHBAState(NamedTuple):
@@ -76,7 +84,7 @@ class LVHBAState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class LVHBA:
+class LVHBA(Solver):
     """The single-loop, Hessian-free LV-HBA method for bilevel problems with coupled
     lower-level constraints (see the module doc for the method and what differs from the
     paper's script).
@@ -109,12 +117,12 @@ class LVHBA:
 
     def __post_init__(self):
         if self.inner not in ("extragradient", "alternating", "simultaneous"):
-            raise ProgramError(f"LVHBA(inner=...) is 'extragradient', 'alternating' or 'simultaneous'; got {self.inner!r}.")
+            raise ArgumentError(f"LVHBA(inner=...) is 'extragradient', 'alternating' or 'simultaneous'; got {self.inner!r}.")
         for field in ("gamma1", "gamma2", "c0", "safety", "multiplier_bound"):
             if not getattr(self, field) > 0:
-                raise ProgramError(f"LVHBA({field}=...) must be positive; got {getattr(self, field)!r}.")
+                raise ArgumentError(f"LVHBA({field}=...) must be positive; got {getattr(self, field)!r}.")
         if not 0 <= self.p < 0.5:
-            raise ProgramError(f"LVHBA(p=...) must be in [0, 1/2) (the analysis needs p < 1/2); got {self.p!r}.")
+            raise ArgumentError(f"LVHBA(p=...) must be in [0, 1/2) (the analysis needs p < 1/2); got {self.p!r}.")
 
     def check(self, problem) -> None:
         del problem
@@ -238,9 +246,6 @@ class BilevelProblem:
     equalities, then its inequalities) on flat vectors, the projection onto ``C``."""
 
     def __init__(self, upper, lower, x0, y0, data, projection_steps: int):
-        from ..transforms._estimate import as_program as _as_program
-        from ..transforms._constraints import split
-        from ._problem import Problem
 
         self.x0, self.unravel_x = jax.flatten_util.ravel_pytree(x0)
         self.y0, self.unravel_y = jax.flatten_util.ravel_pytree(y0)
@@ -325,44 +330,31 @@ def solve_bilevel(upper, lower, x0, y0, *data, solver=None, max_steps: int | Non
     ``kkt``) and the constraint violation per iteration, and ``stats`` the step sizes, the
     final penalty and the lower-level gap ``f − v_γ``.
     """
-    import time
-
-    from . import _driver
-    from ._driver import Solution, SolverError
-
     solver = LVHBA() if solver is None else solver
     if not isinstance(solver, LVHBA):
-        raise ProgramError(f"ex.solve_bilevel: solver= takes ex.solvers.LVHBA(...); got {type(solver).__name__}.")
+        raise ArgumentError(f"ex.solve_bilevel: solver= takes ex.solvers.LVHBA(...); got {type(solver).__name__}.")
     problem = BilevelProblem(upper, lower, x0, y0, data, solver.projection_steps)
     steps = max_steps or solver.max_steps
     key = jax.random.PRNGKey(0) if key is None else key
     w0 = jnp.concatenate([jnp.asarray(problem.x0, problem.dtype), jnp.asarray(problem.y0, problem.dtype)])
 
-    def run(w0, key):
-        carry = _driver.start(solver, problem, w0, None, None, key, steps, tol)
-        return _driver.finish(_driver.advance(solver, problem, carry, steps, tol), steps)
-
+    compiled = Compiled(solver, lambda data: problem, tol=tol, length=steps + 1,
+                                dtype=jnp.result_type(w0), max_steps=steps)
+    compiled.compile("run", (w0, None, None), key, (), jnp.int32(0))
     t0 = time.perf_counter()
-    compiled = jax.jit(run).lower(w0, key).compile()
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    carry = jax.block_until_ready(compiled(w0, key))
+    carry = jax.block_until_ready(compiled.run((w0, None, None), key, ()))
     solve_s = time.perf_counter() - t0
     host = jax.device_get(carry)
-    result = RESULTS(int(host.result))
     s = host.state
     segments = [*problem.lower.eq_segments, *problem.lower.ineq_segments]
     lam = jnp.asarray(s.lam)
     multipliers = {seg.name: jnp.reshape(lam[(seg.start if seg.kind == "eq" else problem.m_eq + seg.start):][:seg.size],
                                          seg.shape) for seg in segments}
     w = jnp.asarray(s.x)
-    solution = Solution(
-        params=(problem.unravel_x(w[:problem.n_x]), problem.unravel_y(w[problem.n_x:])),
-        value=float(s.value), multipliers=multipliers, kkt=float(s.kkt), infeasibility=float(s.infeasibility),
-        steps=int(host.steps), result=result, message=_driver.message(result, host),
-        history=_driver.trim_history(host.history, int(host.steps)),
-        stats={"compile_s": compile_s, "solve_s": solve_s, "solver": solver.name, **solver.stats(s)}, state=s,
-    )
+    solution = assemble(
+        solver, host, params=(problem.unravel_x(w[:problem.n_x]), problem.unravel_y(w[problem.n_x:])),
+        value=float(s.value), multipliers=multipliers, history=trim_history(host.history, int(host.steps)),
+        stats={"compile_s": compiled.compile_s, "solve_s": solve_s, "solver": solver.name})
     if throw and not solution.success:
         raise SolverError(f"ex.solve_bilevel with {solver.name}: {solution.message}", solution)
     return solution

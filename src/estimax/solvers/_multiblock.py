@@ -56,8 +56,11 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 
-from .._errors import ProgramError
-from ._driver import RESULTS
+from .._errors import ArgumentError, ProgramError
+from ._driver import finish, trim_history
+from ._runner import Compiled, drive, solution
+from ._base import Solver
+from ._solution import RESULTS
 
 
 class BSVRBState(NamedTuple):
@@ -78,7 +81,7 @@ class BSVRBState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class BSVRB:
+class BSVRB(Solver):
     """Blockwise stochastic variance-reduced bilevel method (see the module doc).
 
     - ``blocks`` (I): blocks sampled per step; ``batch`` (B): samples per sampled block;
@@ -108,17 +111,17 @@ class BSVRB:
 
     def __post_init__(self):
         if self.version not in (1, 2):
-            raise ProgramError(f"BSVRB(version=...) is 1 or 2; got {self.version!r}.")
+            raise ArgumentError(f"BSVRB(version=...) is 1 or 2; got {self.version!r}.")
         for field in ("blocks", "batch"):
             v = getattr(self, field)
             if not (isinstance(v, int) and v >= 1):
-                raise ProgramError(f"BSVRB({field}=...) must be a positive integer; got {v!r}.")
+                raise ArgumentError(f"BSVRB({field}=...) must be a positive integer; got {v!r}.")
         for field in ("beta", "beta_x"):
             if not 0 < getattr(self, field) <= 1:
-                raise ProgramError(f"BSVRB({field}=...) must be in (0, 1]; got {getattr(self, field)!r}.")
+                raise ArgumentError(f"BSVRB({field}=...) must be in (0, 1]; got {getattr(self, field)!r}.")
         for field in ("lr", "inner_lr", "system_lr", "mu_min"):
             if not getattr(self, field) > 0:
-                raise ProgramError(f"BSVRB({field}=...) must be positive; got {getattr(self, field)!r}.")
+                raise ArgumentError(f"BSVRB({field}=...) must be positive; got {getattr(self, field)!r}.")
 
     def check(self, problem) -> None:
         if self.blocks > problem.m:
@@ -269,44 +272,40 @@ def solve_multiblock(outer, inner, x0, y0, outer_data, inner_data, *, solver=Non
     Returns a :class:`~estimax.solvers.Solution` with ``params = (x, y)`` (``y`` stacked over
     blocks).
     """
-    from . import _driver
-    from ._driver import Solution
-
     solver = BSVRB() if solver is None else solver
     if not isinstance(solver, BSVRB):
-        raise ProgramError(f"ex.solve_multiblock: solver= takes ex.solvers.BSVRB(...); got {type(solver).__name__}.")
+        raise ArgumentError(f"ex.solve_multiblock: solver= takes ex.solvers.BSVRB(...); got {type(solver).__name__}.")
     problem = MultiBlockProblem(outer, inner, x0, y0, outer_data, inner_data, solver.batch)
     solver.check(problem)
     steps = max_steps or solver.max_steps
     key = jax.random.PRNGKey(0) if key is None else key
     x0f = jnp.asarray(problem.x0)
 
-    start = jax.jit(lambda x, k: _driver.start(solver, problem, x, None, None, k, steps, 0.0))
-    advance = jax.jit(lambda c, until: _driver.advance(solver, problem, c, until, 0.0))
-    t0 = time.perf_counter()
-    carry = start(x0f, key)
-    advance = advance.lower(carry, jnp.int32(0)).compile()
+    compiled = Compiled(solver, lambda data: problem, tol=0.0, length=steps + 1,
+                                dtype=jnp.result_type(x0f))
+    point = (x0f, None, None)
+    recording = bool(record_every and evaluate is not None)
+    carry = compiled.start(point, key, ())
+    compiled.compile("advance", carry, jnp.int32(0), jnp.int32(0), (), jnp.int32(0))
     trace = []
-    chunk = record_every if record_every and evaluate is not None else steps
-    if record_every and evaluate is not None:
+    if recording:
         trace.append((0, float(evaluate(problem.unravel_x(carry.state.x)))))
-    compile_s = time.perf_counter() - t0
+    chunk = record_every if recording else steps
+
+    def after_chunk(c, before: int) -> bool:
+        del before
+        if recording:
+            trace.append((int(c.steps), float(evaluate(problem.unravel_x(c.state.x)))))
+        return False
+
     t0 = time.perf_counter()
-    done = 0
-    while done < steps:
-        done = min(done + chunk, steps)
-        carry = jax.block_until_ready(advance(carry, jnp.int32(done)))
-        if record_every and evaluate is not None:
-            trace.append((int(carry.steps), float(evaluate(problem.unravel_x(carry.state.x)))))
+    carry = drive(compiled, carry, (), max_steps=steps, until=lambda d: min(d + chunk, steps),
+                          after_chunk=after_chunk)
     solve_s = time.perf_counter() - t0
-    carry = _driver.finish(carry, steps)
-    host = jax.device_get(carry)
-    result = RESULTS(int(host.result))
+    host = jax.device_get(finish(carry, steps))
     st = host.state
     y = jax.vmap(problem.unravel_y)(jnp.asarray(st.y))
-    return Solution(
-        params=(problem.unravel_x(jnp.asarray(st.x)), y), value=float(st.value), multipliers={}, kkt=float(st.kkt),
-        infeasibility=0.0, steps=int(host.steps), result=result, message=_driver.message(result, host),
-        history=_driver.trim_history(host.history, int(host.steps)),
-        stats={"compile_s": compile_s, "solve_s": solve_s, "solver": solver.name, "trace": trace}, state=st,
-    )
+    return solution(
+        solver, host, params=(problem.unravel_x(jnp.asarray(st.x)), y), value=float(st.value), multipliers={},
+        history=trim_history(host.history, int(host.steps)),
+        stats={"compile_s": compiled.compile_s, "solve_s": solve_s, "solver": solver.name, "trace": trace})

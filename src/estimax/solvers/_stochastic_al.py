@@ -41,8 +41,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .._errors import ProgramError
-from ._driver import RESULTS
+from .._errors import ArgumentError, ProgramError
+from ._base import Solver
+from ._solution import RESULTS
 
 
 class StochasticLagrangianState(NamedTuple):
@@ -61,7 +62,7 @@ class StochasticLagrangianState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class StochasticLagrangian:
+class StochasticLagrangian(Solver):
     """Stochastic gradient descent–ascent on the augmented Lagrangian (see the module doc).
 
     **Arguments** (defaults in parentheses):
@@ -87,20 +88,20 @@ class StochasticLagrangian:
     def __post_init__(self):
         opt = self.optimizer
         if opt is not None and not (hasattr(opt, "init") and hasattr(opt, "update")):
-            raise ProgramError(
+            raise ArgumentError(
                 "StochasticLagrangian(optimizer=...) takes an optax transformation such as "
                 f"optax.adam(1e-2); got {type(opt).__name__}."
             )
         if not callable(self.dual_lr) and not (isinstance(self.dual_lr, (int, float)) and self.dual_lr > 0):
-            raise ProgramError(f"StochasticLagrangian(dual_lr=...) must be a positive number or a schedule; "
+            raise ArgumentError(f"StochasticLagrangian(dual_lr=...) must be a positive number or a schedule; "
                                f"got {self.dual_lr!r}.")
         if not (isinstance(self.rho, (int, float)) and self.rho >= 0):
-            raise ProgramError(f"StochasticLagrangian(rho=...) must be a number >= 0; got {self.rho!r}.")
+            raise ArgumentError(f"StochasticLagrangian(rho=...) must be a number >= 0; got {self.rho!r}.")
         if not (isinstance(self.ema, (int, float)) and 0 <= self.ema < 1):
-            raise ProgramError(f"StochasticLagrangian(ema=...) must be in [0, 1); got {self.ema!r}.")
+            raise ArgumentError(f"StochasticLagrangian(ema=...) must be in [0, 1); got {self.ema!r}.")
         steps = self.max_steps
         if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
-            raise ProgramError(
+            raise ArgumentError(
                 f"StochasticLagrangian(max_steps=...) must be a positive integer; got {steps!r}.")
 
     def check(self, problem) -> None:

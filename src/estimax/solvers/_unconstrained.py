@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .._errors import ProgramError
-from ._driver import RESULTS
+from .._errors import ArgumentError, ProgramError
+from ._base import Solver
+from ._solution import RESULTS
 
 
 class UnconstrainedState(NamedTuple):
@@ -72,7 +73,7 @@ def _big(dtype):
 
 
 @dataclasses.dataclass(frozen=True)
-class Newton:
+class Newton(Solver):
     """Newton's method with a backtracking (Armijo) line search.
 
     - ``linear_solver``: ``"dense"`` (the Hessian formed, Cholesky), ``"cg"`` (matrix-free
@@ -95,9 +96,9 @@ class Newton:
 
     def __post_init__(self):
         if self.linear_solver not in ("auto", "dense", "cg"):
-            raise ProgramError(f"Newton(linear_solver=...) is 'auto', 'dense' or 'cg'; got {self.linear_solver!r}.")
+            raise ArgumentError(f"Newton(linear_solver=...) is 'auto', 'dense' or 'cg'; got {self.linear_solver!r}.")
         if not self.line_search and self.linear_solver == "cg":
-            raise ProgramError("Newton(line_search=False) takes dense steps; it cannot be combined with linear_solver='cg'.")
+            raise ArgumentError("Newton(line_search=False) takes dense steps; it cannot be combined with linear_solver='cg'.")
 
     @property
     def unrollable(self) -> bool:
@@ -182,7 +183,7 @@ class Newton:
 
 
 @dataclasses.dataclass(frozen=True)
-class LBFGS:
+class LBFGS(Solver):
     """L-BFGS (``optax.lbfgs``, zoom line search) with ``memory_size`` pairs."""
 
     memory_size: int = 10
@@ -216,7 +217,7 @@ class LBFGS:
 
 
 @dataclasses.dataclass(frozen=True)
-class GradientDescent:
+class GradientDescent(Solver):
     """``x <- x - learning_rate * ∇f`` (heavy-ball ``momentum`` if given), by ``optax.sgd``.
 
     No line search and no loop inside a step: the solver to differentiate through
@@ -231,7 +232,7 @@ class GradientDescent:
 
     def __post_init__(self):
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
-            raise ProgramError(f"GradientDescent(learning_rate=...) must be a positive number; got {self.learning_rate!r}.")
+            raise ArgumentError(f"GradientDescent(learning_rate=...) must be a positive number; got {self.learning_rate!r}.")
 
     def _opt(self):
         return optax.sgd(self.learning_rate, momentum=self.momentum)

@@ -22,7 +22,7 @@ from jax.scipy.special import logsumexp
 from lark import Tree
 
 from .._errors import ProgramError
-from ..dsl._argmin import argmin as _argmin
+from ..solvers._argmin import argmin as _argmin
 from ..objectives._marginal import Approximate
 from ..objectives._marginal import marginal as _marginal
 from ..objectives._marginal import normalize as _normalize
