@@ -164,7 +164,7 @@ def _format_value(x) -> str:
 def _plot_history(history, path: str, title: str, maximize: bool) -> bool:
     """Write the loss curve to ``path``; ``False`` when matplotlib is not installed."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # optional dependency
         from matplotlib.figure import Figure
     except ImportError:
         return False

@@ -84,7 +84,7 @@ def _structure(tree) -> dict:
 def _ocp():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import orbax.checkpoint as ocp
+        import orbax.checkpoint as ocp  # at first use: its import is slow (start-up time)
     return ocp
 
 

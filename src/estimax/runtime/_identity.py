@@ -38,6 +38,7 @@ import hashlib
 import re
 import sys
 import types
+from importlib.metadata import version
 from typing import Any
 
 import jax
@@ -578,8 +579,6 @@ def versions() -> dict:
     out = {"python": ".".join(map(str, sys.version_info[:3])), "jax": jax.__version__}
     for name in ("optax", "numpyro", "estimax"):
         try:
-            from importlib.metadata import version
-
             out[name] = version(name)
         except Exception:  # noqa: BLE001
             pass

@@ -127,7 +127,7 @@ def source_context(eqn):
     Uses ``jax._src.source_info_util`` (stable since 0.4); falls back to a no-op.
     """
     try:
-        from jax._src import source_info_util
+        from jax._src import source_info_util  # optional: private, absent from some JAX versions
 
         return source_info_util.user_context(eqn.source_info.traceback)
     except Exception:  # pragma: no cover - layout change in a future JAX
@@ -236,7 +236,7 @@ def user_frame(eqn) -> str | None:
     except Exception:  # pragma: no cover - a jaxlib without raw_frames: JAX's own guess
         pass
     try:
-        from jax._src import source_info_util
+        from jax._src import source_info_util  # optional: private, absent from some JAX versions
 
         frame = source_info_util.user_frame(traceback)
         if frame is None:
@@ -413,7 +413,7 @@ else:  # JAX 0.6.x
 def dce_jaxpr(jaxpr, used_outputs, instantiate=False):
     """``(jaxpr restricted to what ``used_outputs`` need, which inputs it uses)``. With
     ``instantiate=True`` every input is kept (the returned flags still say which are used)."""
-    from jax._src.interpreters import partial_eval as pe
+    from jax._src.interpreters import partial_eval as pe  # optional: private; only DCE needs it
 
     _, used_inputs = pe.dce_jaxpr(jaxpr, used_outputs, instantiate=False)
     if instantiate is False:
@@ -449,11 +449,9 @@ def set_mesh(mesh):
 
 def make_mesh(devices, axis: str):
     """A one-axis mesh over ``devices`` whose axis is in JAX's automatic (propagated) mode."""
-    import numpy as _np
-
     types = getattr(jax.sharding, "AxisType", None)
     kwargs = {} if types is None else {"axis_types": (types.Auto,)}
-    return jax.sharding.Mesh(_np.asarray(devices), (axis,), **kwargs)
+    return jax.sharding.Mesh(np.asarray(devices), (axis,), **kwargs)
 
 
 # --- locating the first NaN (diagnosis replays under jax.debug_nans) ---------------------------

@@ -76,7 +76,7 @@ def _import_tqdm():
     """``tqdm.auto.tqdm`` if tqdm is installed, else ``None``. tqdm is optional, so it is
     imported here, when a bar is asked for, not when estimax is imported."""
     try:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # optional dependency
     except ImportError:
         return None
     return tqdm

@@ -107,7 +107,7 @@ def to_host(x) -> np.ndarray:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         if x.sharding.is_fully_replicated:
             return np.asarray(x.addressable_data(0))
-        from jax.experimental import multihost_utils
+        from jax.experimental import multihost_utils  # optional: only with several processes
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)

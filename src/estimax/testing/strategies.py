@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 from hypothesis import strategies as st
 
-from .._errors import ArgumentError
+from .._errors import ArgumentError as _ArgumentError
 
 #: family -> {parameter: (low, high, shape)}
 FAMILIES: dict[str, dict[str, tuple[float, float, tuple[int, ...]]]] = {
@@ -41,7 +41,7 @@ def params(family: str) -> st.SearchStrategy[dict]:
     try:
         spec = FAMILIES[family]
     except KeyError:
-        raise ArgumentError(f"unknown family {family!r}; known: {sorted(FAMILIES)}") from None
+        raise _ArgumentError(f"unknown family {family!r}; known: {sorted(FAMILIES)}") from None
     fields = {}
     for name, (lo, hi, shape) in spec.items():
         if shape == ():
