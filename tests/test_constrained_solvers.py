@@ -353,14 +353,14 @@ def test_augmented_lagrangian_refuses_a_stochastic_problem():
 @pytest.mark.parametrize("bad", [dict(rho0=0.0), dict(growth=1.0), dict(decrease=1.5), dict(max_inner=0),
                                  dict(rho0=10.0, rho_max=1.0)])
 def test_augmented_lagrangian_options_are_checked(bad):
-    with pytest.raises(ex.ArgumentError):
+    with pytest.raises(ex.ArgumentError, match="|".join(bad)):  # the message names the option
         AugmentedLagrangian(**bad)
 
 
 @pytest.mark.parametrize("bad", [dict(optimizer="adam"), dict(dual_lr=-1.0), dict(rho=-1.0), dict(ema=1.0),
                                  dict(max_steps=0)])
 def test_stochastic_lagrangian_options_are_checked(bad):
-    with pytest.raises(ex.ArgumentError):
+    with pytest.raises(ex.ArgumentError, match="|".join(bad)):  # the message names the option
         StochasticLagrangian(**bad)
 
 

@@ -237,11 +237,11 @@ def test_index_and_size_are_checked():
     def bad(**kw):
         return lambda theta: jnp.log(ex.expect(lambda t: t**2 + 1.0, name="m", **kw)(theta))
 
-    with pytest.raises(ex.ProgramError, match="index= and size= go together"):
+    with pytest.raises(ex.ArgumentError, match="index= and size= go together"):
         ex.explain(bad(index=0), 0.5)
-    with pytest.raises(ex.ProgramError, match="expects integers"):
+    with pytest.raises(ex.ArgumentError, match="expects integers"):
         ex.explain(bad(index=0.5, size=3), 0.5)
-    with pytest.raises(ex.ProgramError, match="positive integer"):
+    with pytest.raises(ex.ArgumentError, match="positive integer"):
         ex.explain(bad(index=0, size=0), 0.5)
     with pytest.raises(ex.ProgramError, match="one array of log-weights"):
         ex.explain(lambda t: ex.log_expect(lambda s: (s, s), name="l")(t), 0.5)

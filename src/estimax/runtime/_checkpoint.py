@@ -38,6 +38,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 import warnings
 from typing import Any, Mapping
@@ -191,6 +192,12 @@ def _tidy_at_exit(directory: str) -> None:
     _TIDY.add(directory)
 
     def tidy():
+        # daemon threads (orbax's writers among them) are not joined at exit: give them a
+        # moment to finish, so that nothing writes the partial checkpoint after it is removed
+        deadline = time.monotonic() + 3.0
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread() and thread.daemon and thread.is_alive():
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
         lock = FolderLock(directory)
         try:
             lock.acquire()

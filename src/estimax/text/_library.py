@@ -21,7 +21,7 @@ import numpyro.distributions as dist
 from jax.scipy.special import logsumexp
 from lark import Tree
 
-from .._errors import ProgramError
+from .._errors import ArgumentError, ProgramError
 from ..solvers._argmin import argmin as _argmin
 from ..objectives._marginal import Approximate
 from ..objectives._marginal import marginal as _marginal
@@ -247,7 +247,7 @@ def _text_argmin(inner, init, *args, method="implicit", linear_solver="auto", st
         return _argmin(objective, init, *[jnp.asarray(a) for a in args], method=method, linear_solver=linear_solver,
                        steps=steps, truncate=truncate, max_steps=max_steps, tol=tol,
                        name=name if name is not None else inner.__name__)
-    except ProgramError as e:  # in the file's terms
+    except (ProgramError, ArgumentError) as e:  # in the file's terms
         message = re.sub(r"^ex\.argmin\('[^']*'\): ", "", str(e))
         message = message.replace("random choices (ex.sample)", "random choices (`~` statements)")
         message = message.replace(" Average the randomness out (a fixed sample passed as an argument), or state the "
