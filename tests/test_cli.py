@@ -407,6 +407,28 @@ def test_help_for_every_command(command, capsys):
     assert out.startswith("usage: estimax" + (f" {command[0]}" if command else ""))
 
 
+def test_help_and_docs_agree(capsys):
+    """Every exit status is in the help; run's output folder is DIR in its help and in the
+    docs' synopsis, which lists every option of run and demo."""
+    _, top, _ = cmd(capsys, "--help")
+    assert all(f"{status} " in top for status in (0, 1, 2, 3, 130, 143))
+    doc = DOC.read_text()
+    for command in ("run", "demo"):
+        _, out, _ = cmd(capsys, command, "--help")
+        assert "OUT" not in out
+        block = re.search(r"```\n(estimax check FILE .*?)```", doc, re.S).group(1)  # the synopsis
+        synopsis = re.search(rf"^estimax {command} .*?(?=^estimax |\Z)", block, re.S | re.M).group(0)
+        options = set(re.findall(r"--[a-z][a-z-]*", out)) - {"--help", "--debug"}
+        assert options <= set(re.findall(r"--[a-z][a-z-]*", synopsis)), (command, options)
+
+
+def test_printed_values_show_no_negative_zero():
+    from estimax.cli._run import _format_value
+
+    assert _format_value(np.array([-1e-12, 0.5, -0.0])) == "[0. , 0.5, 0. ]"
+    assert _format_value(-0.0) == "0"
+
+
 def test_no_command_prints_the_usage(capsys):
     code, _, err = cmd(capsys)
     assert code == 2 and "usage: estimax" in err

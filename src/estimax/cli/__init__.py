@@ -21,7 +21,7 @@
 
 Sharp edges:
 
-- ``run`` resumes bit for bit: its checkpoint (``OUT/checkpoint/``, :func:`estimax.fit`'s,
+- ``run`` resumes bit for bit: its checkpoint (``DIR/checkpoint/``, :func:`estimax.fit`'s,
   through orbax) holds the parameters, the optimizer state, the
   PRNG key, the step and the history, and step ``i`` of :func:`estimax.fit` uses the
   ``i``-th key split off the run's key whatever the chunking. A resumed run therefore ends

@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Check, explain and train objective files written in the estimax language "
         "(see docs/objective-language.md).",
         epilog="exit status: 0 ok, 1 an error in the file/data/checkpoint, 2 a usage error, "
-        "3 an internal error, 130 interrupted",
+        "3 an internal error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM)",
     )
     parser.add_argument(
         "--debug", action="store_true", default=False, help="show the Python traceback of an internal error"
@@ -118,9 +118,9 @@ def _parser() -> argparse.ArgumentParser:
         parents=[common, imports],
         help="train the parameters of a file's objective",
         description="Train FILE's parameters with estimax.fit, with a progress bar. "
-        "The whole state is checkpointed to OUT/checkpoint/ after every chunk and "
+        "The whole state is checkpointed to DIR/checkpoint/ after every chunk and "
         "on Ctrl-C; running the same command again resumes from it. At the end, "
-        "writes OUT/params.npz, OUT/history.npy and OUT/loss.png.",
+        "writes DIR/params.npz, DIR/history.npy and DIR/loss.png.",
     )
     p.add_argument("file", metavar="FILE", help="the objective file (.emx)")
     p.add_argument("--data", metavar="DATA.npz", help="the data: one array per `data` declaration")

@@ -154,9 +154,10 @@ def _optimizer(name: str, lr: float):
 def _format_value(x) -> str:
     a = np.asarray(x)
     if a.ndim == 0:
-        return f"{a.item():.6g}"
+        return f"{a.item() + 0.0:.6g}"  # + 0.0: a zero prints as 0, never -0
     if a.size <= 8:
-        return " ".join(np.array2string(a, precision=4, separator=", ", suppress_small=True).split())
+        shown = np.round(a, 4) + 0.0  # what prints as 0. is 0., not -0.
+        return " ".join(np.array2string(shown, precision=4, separator=", ", suppress_small=True).split())
     summary = f"mean {a.mean():.4g}, std {a.std():.4g}, min {a.min():.4g}, max {a.max():.4g}"
     return f"array of shape {list(a.shape)}: {summary}"
 

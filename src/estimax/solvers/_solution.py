@@ -86,7 +86,7 @@ class Solution:
         return self.result == RESULTS.successful
 
     def __repr__(self) -> str:
-        return (f"Solution({self.result.name}: value={self.value:.10g}, kkt={self.kkt:.3g}, "
+        return (f"Solution({self.result.name}: value={self.value + 0.0:.10g}, kkt={self.kkt:.3g}, "
                 f"infeasibility={self.infeasibility:.3g}, steps={self.steps})")
 
 
