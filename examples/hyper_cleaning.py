@@ -85,7 +85,8 @@ def main(argv=None):
     parser.add_argument("--train", type=int, default=1000, help="training examples (default 1000)")
     parser.add_argument("--val", type=int, default=300, help="clean validation examples (default 300)")
     parser.add_argument("--lr", type=float, default=0.3, help="Adam's learning rate for the weights' logits")
-    parser.add_argument("--out", default=".", help="where to write hyper_cleaning.png")
+    parser.add_argument("--out", default=os.path.join("out", "hyper_cleaning"),
+                        help="where to write hyper_cleaning.png (default: out/hyper_cleaning)")
     args = parser.parse_args(argv)
 
     x_tr, y_noisy, corrupted, x_va, y_va, x_te, y_te, y_true = data(args.train, args.val)
