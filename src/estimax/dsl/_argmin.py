@@ -1,17 +1,6 @@
-"""``ex.argmin``: an inner optimization problem as a value of the outer program.
+"""The language's part of ``ex.argmin`` (an inner optimization problem as a value of the
+outer program; the example and the function are in ``estimax.solvers._argmin``).
 
-::
-
-    def inner(w, log_lam, X, y):                      # ridge regression
-        return 0.5 * jnp.mean((X @ w - y) ** 2) + 0.5 * jnp.exp(log_lam) * jnp.sum(w ** 2)
-
-    def outer(log_lam):
-        w = ex.argmin(inner, jnp.zeros(d), log_lam, X_train, y_train)
-        return jnp.mean((X_val @ w - y_val) ** 2)
-
-    jax.grad(outer)(0.0)           # the hypergradient, by implicit differentiation
-
-The inner program may state constraints (``ex.subject_to``); it must be deterministic.
 ``ex.argmin`` binds the ``argmin`` marker of the IR, so ``ex.explain`` of a program that
 uses it lists each inner problem with its hypergradient method, inner solver and certificate.
 This module holds the language's part: the ``argmin`` marker primitive, its static
