@@ -4,9 +4,12 @@ Profiles: ``ci`` (few, derandomized examples; selected when ``CI`` is set), ``de
 default), ``thorough`` (many examples; ``HYPOTHESIS_PROFILE=thorough``).
 """
 
+import importlib.util
 import os
+from pathlib import Path
 
 import jax
+import pytest
 from hypothesis import HealthCheck, settings
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -18,6 +21,18 @@ settings.register_profile("ci", max_examples=4, derandomize=True, **_common)
 settings.register_profile("dev", max_examples=8, derandomize=True, **_common)
 settings.register_profile("thorough", max_examples=50, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "objectives"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, str]:
+    """The example objective files' data (``examples/objectives/make_data.py``), by name."""
+    spec = importlib.util.spec_from_file_location("make_data", EXAMPLES / "make_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.write(str(tmp_path_factory.mktemp("data")))
 
 
 # --- the quick subset: `python -m pytest -m quick` --------------------------------------------
@@ -63,8 +78,6 @@ QUICK = {
 
 
 def pytest_collection_modifyitems(config, items):
-    import pytest
-
     matched: dict[str, set] = {}
     for item in items:
         names = QUICK.get(item.path.name, ())  # a test's name, or one parametrization of it

@@ -4,7 +4,6 @@ that no bad input reaches the user as a Python traceback."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import os
 import re
@@ -28,15 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "objectives"
 DEMO = ROOT / "src" / "estimax" / "text" / "demos" / "mixture.emx"
 DOC = ROOT / "docs" / "objective-language.md"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, str]:
-    """The examples' data files, written by ``examples/objectives/make_data.py``."""
-    spec = importlib.util.spec_from_file_location("make_data", EXAMPLES / "make_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.write(str(tmp_path_factory.mktemp("data")))
 
 
 def cmd(capsys, *argv) -> tuple[int, str, str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
-import importlib.util
 import io
 import json
 import os
@@ -38,15 +37,6 @@ from estimax.runtime._checkpoint import read_record
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "objectives"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, str]:
-    """The examples' data files, written by ``examples/objectives/make_data.py``."""
-    spec = importlib.util.spec_from_file_location("make_data", EXAMPLES / "make_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.write(str(tmp_path_factory.mktemp("data")))
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

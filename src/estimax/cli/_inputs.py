@@ -19,17 +19,23 @@ from ..text._source import MAX_SOURCE_BYTES, not_a_regular_file
 from ._errors import _EXIT_USAGE, _Fail, _Invocation
 
 
+def _regular_file(path: str, missing: str, not_what: str, advice: str = "") -> None:
+    """Refuse (a usage error) a ``path`` that is missing (``missing``: the message), a folder,
+    or not a regular file -- a FIFO would block, /dev/zero would never end."""
+    if not os.path.exists(path):
+        raise _Fail(missing, _EXIT_USAGE)
+    if os.path.isdir(path):
+        raise _Fail(f"{path} is a directory, not {not_what}", _EXIT_USAGE)
+    kind = not_a_regular_file(path)
+    if kind is not None:
+        raise _Fail(f"{path} is {kind}, not {not_what}{advice}", _EXIT_USAGE)
+
+
 def _load_program(path: str, invocation: _Invocation, allow_imports=()):
     """The parsed, checked objective file at ``path`` (an ``ex.text.TextProgram``);
     ``allow_imports``: what it may import beyond the defaults (``--allow-import``)."""
     invocation.path = path
-    if not os.path.exists(path):
-        raise _Fail(f"no such file: {path}", _EXIT_USAGE)
-    if os.path.isdir(path):
-        raise _Fail(f"{path} is a directory, not an objective file", _EXIT_USAGE)
-    kind = not_a_regular_file(path)
-    if kind is not None:  # a FIFO would block, /dev/zero would never end
-        raise _Fail(f"{path} is {kind}, not an objective file; give the path of a .emx file", _EXIT_USAGE)
+    _regular_file(path, f"no such file: {path}", "an objective file", "; give the path of a .emx file")
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_SOURCE_BYTES + 1)
@@ -56,13 +62,7 @@ def _load_npz(path: str, what: str, hint: str | None = None) -> dict:
     """The named arrays of the ``.npz`` file at ``path``, read eagerly (no pickles). Each
     array's header is read first: an array larger than the file holds (a damaged or crafted
     header) or than the machine's memory is refused before anything is allocated."""
-    if not os.path.exists(path):
-        raise _Fail(f"no such {what} file: {path}", _EXIT_USAGE)
-    if os.path.isdir(path):
-        raise _Fail(f"{path} is a directory, not a {what} file (.npz)", _EXIT_USAGE)
-    kind = not_a_regular_file(path)
-    if kind is not None:  # a FIFO would block, /dev/zero would never end
-        raise _Fail(f"{path} is {kind}, not a {what} file (.npz)", _EXIT_USAGE)
+    _regular_file(path, f"no such {what} file: {path}", f"a {what} file (.npz)")
     hint = hint or f"write it with numpy.savez({path!r}, name=array, ...)"
 
     def size(n: int) -> str:

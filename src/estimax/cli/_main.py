@@ -21,21 +21,22 @@ from ._run import _cmd_run
 _OPTIMIZERS = ("adam", "sgd", "rmsprop", "adagrad")
 
 
-def _positive_int(text: str) -> int:
+def _whole(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
     return value
 
 
 def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    value = _whole(text)
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"expected a seed between 0 and 2**32 - 1, got {value}")
     return value
