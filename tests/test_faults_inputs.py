@@ -424,7 +424,6 @@ except ex.EstimaxError as e:
 
 
 # a platform without FIFOs or /dev/zero (Windows) cannot stage these files at all
-# POSIX only: Windows has neither os.mkfifo nor /dev/zero, the two files this test stages
 @pytest.mark.skipif(not hasattr(os, "mkfifo") or not os.path.exists("/dev/zero"), reason="needs FIFOs and /dev/zero")
 def test_fifos_and_devices_are_refused_without_blocking(tmp_path):
     fifo = tmp_path / "pipe.emx"
