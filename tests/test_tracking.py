@@ -167,6 +167,32 @@ def test_a_linear_use_of_an_expectation_is_not_a_composition():
     assert plan.certificate.kind == "unbiased" and plan.compositions == ()
 
 
+def test_an_exact_expectation_is_not_a_composition():
+    """An expectation over an enumerated choice is computed exactly: `log` of it is exact, so
+    the program is certified unbiased, ex.fit tracks nothing, and its gradient is the exact
+    one (log Σ_k p_k e^{θk})."""
+    p = jnp.array([0.2, 0.3, 0.5])
+
+    @ex.expectation
+    def program(theta):
+        def w(th):
+            return jnp.exp(th * ex.sample(dist.Categorical(probs=p), name="k", estimator=ex.enum).astype(th.dtype))
+
+        return (jnp.log(ex.expect(w, n=3, name="mgf")(theta)) - 2.0) ** 2
+
+    plan = ex.explain(program, 0.5)
+    assert plan.certificate.kind == "unbiased" and plan.compositions == (), str(plan)
+    theta = jnp.float64(0.5)
+    exact = jax.grad(lambda t: (jnp.log(jnp.sum(p * jnp.exp(t * jnp.arange(3.0)))) - 2.0) ** 2)(theta)
+    got = ex.grad(program)(jax.random.key(0), theta)
+    assert jnp.allclose(got, exact, rtol=1e-12), (got, exact)
+    result = fit(program, theta, optimizer=optax.sgd(0.01), steps=3, key=jax.random.key(1))
+    assert result.tracking is None and "tracking=None" in repr(result)
+    # drawn instead of summed: a composition, tracked by SCGD, and the repr says so
+    result = fit(_mgf_program(2), theta, optimizer=optax.sgd(0.01), steps=3, key=jax.random.key(1))
+    assert "tracking=SCGD(beta=0.1)" in repr(result)
+
+
 def test_tracking_converges_where_the_plug_in_does_not():
     n, beta, seeds, steps = 1, 0.05, 8, 4000
     program = _mgf_program(n)
@@ -306,3 +332,44 @@ def test_exponential_family_reaches_the_mle():
     program = b.expfam_program(x, 512)
     theta = jax.jit(lambda key: b.averaged_run(program, SCGD(0.1), x, 4000, 0.3, key))(jax.random.key(0))
     assert np.linalg.norm(np.asarray(theta) - theta_mle) <= 1e-2
+
+
+def test_a_discrete_site_of_a_log_expectation_is_drawn_not_summed():
+    """log E[exp(θK)], K ~ Categorical(p), written with ex.log_expect: by default K is drawn
+    (ex.enum would average the log-weight first and give θ E[K]); tracked, the fixed point of
+    (log E e^{θK} - 2)² is the exact root; an explicit ex.enum is certified biased and refused
+    by the tracking pass."""
+    p = jnp.array([0.2, 0.3, 0.5])
+
+    def program_with(estimator):
+        @ex.expectation
+        def program(theta):
+            def log_w(th):
+                return th * ex.sample(dist.Categorical(probs=p), name="k", estimator=estimator).astype(th.dtype)
+
+            return (ex.log_expect(log_w, n=4, name="log_mgf")(theta) - 2.0) ** 2
+
+        return program
+
+    plan = ex.explain(program_with(None), 0.5)
+    site = plan.site("log_mgf/k")
+    assert site.strategy.describe() != "enum" and "draws of its log-weight" in site.reason, str(plan)
+    steps, seeds = 3000, 6
+    opt = optax.sgd(optax.cosine_decay_schedule(0.02, steps, alpha=0.01))
+    final = np.array([float(fit(program_with(None), jnp.float64(0.5), optimizer=opt, steps=steps, chunk=500,
+                                key=jax.random.key(seed), tracking=SCGD(0.05)).params) for seed in range(seeds)])
+    root = __import__("scipy.optimize").optimize.brentq(
+        lambda t: math.log(float(jnp.sum(p * jnp.exp(t * jnp.arange(3.0))))) - 2.0, 0.0, 5.0)
+    # θE[K] = 2 (what an enumerated site would give) is θ = 1.54; the root is 1.36. The tracked
+    # log-mean is biased low by about β/(2-β) · Var(e^{θK})/(2 Z²); the fixed point moves up by as much
+    z = jnp.sum(p * jnp.exp(root * jnp.arange(3.0)))
+    cv2 = float(jnp.sum(p * jnp.exp(2 * root * jnp.arange(3.0))) / z**2 - 1.0)
+    bias = 0.05 / 1.95 * cv2 / (2 * 4) / 1.3  # d/dθ log E e^{θK} at the root ≈ 1.3 (tilted mean of K)
+    se = final.std(ddof=1) / math.sqrt(seeds)
+    assert abs(final.mean() - root) < 5 * se + bias, (final, root, se, bias)
+    assert abs(final.mean() - 2.0 / 1.3) > 10 * (se + bias)
+    summed = program_with(ex.enum)
+    assert ex.explain(summed, 0.5).certificate.kind == "biased"
+    assert "uses ex.enum, which averages the log-weight" in str(ex.explain(summed, 0.5))
+    with pytest.raises(ex.UnsupportedError, match="site 'k' of ex.log_expect\\('log_mgf'\\) uses ex.enum"):
+        fit(summed, jnp.float64(0.5), optimizer=opt, steps=2, key=jax.random.key(0), tracking=SCGD(0.05))

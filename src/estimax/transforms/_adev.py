@@ -45,7 +45,7 @@ from ..runtime import _jax_compat as compat
 from ._interpreter import Interpreter, rule
 from .estimators._base import ContinuationStrategy, LocalStrategy, SiteContext
 from ._rao_blackwell import CostTerms, analyze
-from ._smoothness import with_defaults
+from ._smoothness import log_weight_draws, with_defaults
 from .estimators._defaults import resolve
 
 Literal = compat.Literal
@@ -518,7 +518,9 @@ def expect_estimator(spec: ExpectSpec, override_site: str | None = None) -> Call
     est = spec.cache.get(cached)
     if est is not None:
         return est
-    single = build_estimator(spec.jaxpr, spec.n_consts, override_site=override_site)
+    # a log-expectation draws its log-weight: no default site of it is enumerated
+    jaxpr = log_weight_draws(with_defaults(spec.jaxpr)) if spec.log else spec.jaxpr
+    single = build_estimator(jaxpr, spec.n_consts, override_site=override_site)
 
     def draws(key, inputs):
         if override_site is not None:  # one key pair per draw: (its own, its overridden site's)

@@ -23,6 +23,7 @@ from .estimators._base import ContinuationStrategy
 from .estimators._enum import Enum
 from .estimators._reinforce import Reinforce
 from .estimators._defaults import resolve
+from ..dsl import _ir as ir
 from ..dsl._ir import contains_expect, contains_random, refused_call  # noqa: F401  (re-exported)
 from ._interpreter import Interpreter, rule
 from ._rao_blackwell import analyze
@@ -259,6 +260,8 @@ class _NonlinearUses(Interpreter):
     def _expect(self, eqn, ins):
         spec = eqn.params["spec"]
         out_flag = _NO_FLAGS.union(*ins)
+        if exact_estimate(spec):  # its estimate is its value: any function of it is exact
+            return [out_flag] * len(eqn.outvars)
         where = compat.user_frame(eqn) or "?"
         # the expectation's own program: a composition inside it is estimated by a plug-in
         # too (E[log ĝ] is not log E[g]); its estimate is linear in the inner draws only
@@ -266,6 +269,12 @@ class _NonlinearUses(Interpreter):
         self.problems += [f"inside {spec.call}: {p}" for p in inner]
         if out_flag:
             self._flag(f"the arguments of {spec.call} depend on {_names(out_flag)} (at {where})", out_flag)
+        summed = [e.params["spec"].name for e, _ in ir.eqns(spec.jaxpr) if e.primitive is sample_p
+                  and isinstance(e.params["spec"].strategy, Enum)]
+        if spec.log and summed:
+            self._flag(f"site {summed[0]!r} of {spec.call} uses ex.enum, which averages the log-weight over its "
+                       "values: the log-mean-exp of such averages is not log E[exp(l)], even tracked; let the "
+                       "site be drawn (the default, or ex.reinforce / ex.mvd)", {spec})
         if spec.log:
             self._flag(f"{spec.call} is the log of an expectation: its estimate is the log-mean-exp of "
                        f"{spec.n} draw{'s' if spec.n > 1 else ''} (at {spec.location or where})", {spec})
@@ -303,6 +312,26 @@ class _NonlinearUses(Interpreter):
         return [out_flag] * len(eqn.outvars)
 
     switch = loop = trust = default
+
+
+def exact_estimate(spec) -> bool:
+    """Whether the estimate of the nested expectation ``spec`` is its exact value: it has
+    random choices and every one is summed exactly (``ex.enum``, not inside a loop or a
+    branch). A function of it then needs no tracking and is no plug-in. An expectation
+    without random choices is not exact in this sense: its randomness comes from its
+    arguments (samples the caller streams in), as a log-expectation's draws always must."""
+    if spec.log:
+        return False
+    found = False
+    for eqn, outer in ir.eqns(spec.jaxpr, into_expect=True):
+        if eqn.primitive is sample_p:
+            if any(o.primitive is not expect_p and ir.policy(o) != ir.INLINE for o in outer):
+                return False
+            strategy, _ = resolve(eqn.params["spec"], [v.aval for v in eqn.invars])
+            if not isinstance(strategy, Enum):
+                return False
+            found = True
+    return found
 
 
 def compositions(jaxpr) -> tuple[list[str], set]:

@@ -51,12 +51,13 @@ import jax.numpy as jnp
 
 from .._errors import ProgramError, UnsupportedError
 from ..dsl import _ir as ir
-from ..dsl._primitives import ExpectSpec, expect_p
+from ..dsl._primitives import ExpectSpec, expect_p, sample_p
 from ..runtime import _jax_compat as compat
 from ._certify import RANK, Certificate, break_reason, collect_sites, compositions, differentiated_leaves
 from ._estimate import Expectation, as_program
 from ._interpreter import Interpreter, rule
 from ._smoothness import breaks, with_defaults
+from .estimators._enum import Enum
 
 sg = jax.lax.stop_gradient
 
@@ -198,6 +199,14 @@ def _find(jaxpr, specs, found):
                 f"{spec.call} is used nonlinearly inside `{inside[-1].primitive.name}` (at {compat.user_frame(eqn) or '?'}); "
                 "the tracking pass keeps one running estimate per expectation and cannot "
                 "carry it through that construct. Move the expectation out of it."
+            )
+        summed = [e.params["spec"].name for e, _ in ir.eqns(spec.jaxpr)
+                  if e.primitive is sample_p and isinstance(e.params["spec"].strategy, Enum)]
+        if spec.log and summed:
+            raise UnsupportedError(
+                f"site {summed[0]!r} of {spec.call} uses ex.enum, which averages the log-weight over its values "
+                f"(at {spec.location or compat.user_frame(eqn) or '?'}); tracking log E[exp(l)] needs draws of l: "
+                "let the site be drawn (the default, or ex.reinforce / ex.mvd)."
             )
         outs = [v.aval for v in eqn.outvars]
         _, index = spec.split(eqn.invars)

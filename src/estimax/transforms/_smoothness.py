@@ -44,6 +44,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..dsl import _ir as ir
 from ..dsl._argmin import ARGMIN_SCOPE
 from ..dsl._primitives import ExpectSpec, expect_p, sample_p
 from ..runtime import _jax_compat as compat
@@ -52,6 +53,7 @@ from ._continuity import (ARGUMENTS, AV, BENIGN, DISCRETE, KINKED, RULES, SELECT
                           _literal_value, _null_case, _show, _union, agree_on_boundary, result_breaks)
 from ._interpreter import Interpreter, rule
 from .estimators._defaults import fallback, resolve
+from .estimators._enum import Enum
 
 
 # --- the walker ----------------------------------------------------------------------------------
@@ -404,6 +406,8 @@ def _with_defaults(jaxpr):
 
     def nested(spec: ExpectSpec):
         inner = with_defaults(spec.jaxpr)
+        if spec.log:
+            inner = log_weight_draws(inner)
         return spec if inner is spec.jaxpr else dataclasses.replace(spec, jaxpr=inner, cache={})
 
     while True:
@@ -427,6 +431,27 @@ def _with_defaults(jaxpr):
     return _rewrite(jaxpr, specs, expects)
 
 
+def log_weight_draws(jaxpr):
+    """An ``ex.log_expect`` program with its default ``ex.enum`` sites drawn instead: the
+    log-mean-exp needs draws of the log-weight ``l``, and an enumerated site gives ``E[l]``
+    (whose exp is not ``E[exp(l)]``). They become ``ex.mvd`` where the family has a rule,
+    else ``ex.reinforce`` (as for a reparameterized sampler that a jump would bias)."""
+    specs = {}
+    for eqn, outer in ir.eqns(jaxpr):
+        if eqn.primitive is not sample_p:
+            continue
+        spec = eqn.params["spec"]
+        if spec.strategy is not None or spec.reason is not None or spec in specs:
+            continue
+        avals = [v.aval for v in eqn.invars]
+        if isinstance(resolve(spec, avals)[0], Enum):
+            in_loop = any(ir.policy(o) == ir.LOOP for o in outer)
+            specs[spec] = dataclasses.replace(
+                spec, strategy=fallback(spec, avals, in_loop),
+                reason="default: ex.log_expect needs draws of its log-weight (ex.enum would average it first)")
+    return _rewrite(jaxpr, specs, {}) if specs else jaxpr
+
+
 def _rewrite(jaxpr, specs: dict, expects: dict):
     """``jaxpr`` with the site and expectation specs replaced, at every depth."""
     eqns = []
@@ -444,6 +469,6 @@ def _rewrite(jaxpr, specs: dict, expects: dict):
     return jaxpr.replace(eqns=eqns) if changed else jaxpr
 
 
-__all__ = ["RULES", "Break", "Origin", "Walker", "breaks", "with_defaults", "agree_on_boundary"]
+__all__ = ["RULES", "Break", "Origin", "Walker", "breaks", "with_defaults", "log_weight_draws", "agree_on_boundary"]
 
 
