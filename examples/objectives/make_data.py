@@ -40,7 +40,7 @@ def datasets(seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     # hierarchical: x_i ~ Normal(z², 0.5²) with z = ±1.2 (two posterior modes)
     squares = (1.44 + 0.5 * rng.normal(size=10)).astype(f32)
 
-    # robust_regression: y = 1 + 2 x + noise, with 8 of 60 points shifted up by 6 to 10
+    # robust_regression, tilted_regression: y = 1 + 2 x + noise, with 8 of 60 points shifted up by 6 to 10
     rx = rng.uniform(-2.0, 2.0, size=60).astype(f32)
     ry = 1.0 + 2.0 * rx + rng.normal(0.0, 0.3, size=60)
     ry[np.argsort(rx)[-8:]] += rng.uniform(6.0, 10.0, size=8)  # at the right end: they tilt the line
@@ -65,6 +65,7 @@ def datasets(seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
         "resampling": {"x": x},
         "hierarchical": {"x": squares},
         "robust_regression": {"x": rx, "y": ry},
+        "tilted_regression": {"x": rx, "y": ry},
         "expect": {"x": x},
         "iwae_bound": {"x": x},
         "regression": {"X": X, "y": y},

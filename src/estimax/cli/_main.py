@@ -141,6 +141,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="start over, ignoring a checkpoint in DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
+        "--tracking",
+        choices=("auto", "none", "scgd", "sox", "msvr"),
+        default="auto",
+        help="for a nonlinear function of an expectation (`log(expect ...)`): how it is estimated "
+        "across steps (default: auto, SCGD where the file has one; none: the plug-in estimate, biased)",
+    )
+    p.add_argument(
         "--solver",
         choices=("auto", "exact_al", "al", "stochastic"),
         default="auto",

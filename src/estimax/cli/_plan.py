@@ -61,8 +61,10 @@ def _table(header: tuple, rows: list[tuple]) -> list[str]:
     return lines + [fmt.format(*(str(c) for c in r)).rstrip() for r in rows]
 
 
-def _plan_table(program, plan) -> str:
-    """The per-site table with each site's line in the file (and its variance, if measured)."""
+def _plan_table(program, plan, tracking="auto") -> str:
+    """The per-site table with each site's line in the file (and its variance, if measured);
+    ``tracking``: how ``run`` estimates the compositions (``"auto"`` before a run chooses,
+    else the method, or ``None`` for the plug-in)."""
     header = ("site", "line", "distribution", "strategy", "why", "where")
     measured = plan.total_variance is not None
     if measured:
@@ -98,7 +100,21 @@ def _plan_table(program, plan) -> str:
         rows = [(a.name, os.path.basename(a.location) if a.location else "?", a.solver, a.describe_method(),
                  a.certificate) for a in plan.argmins]
         lines += _table(("argmin", "line", "inner solver", "hypergradient", "certificate"), rows)
+    if plan.compositions:
+        lines.append("nonlinear functions of expectations (compositions):")
+        rows = [(call, where.rsplit(":", 1)[-1] if where else "?", _estimated_by(tracking, how))
+                for call, how, where in plan.compositions]
+        lines += _table(("expectation", "line", "estimated by"), rows)
     return "\n".join(lines)
+
+
+def _estimated_by(tracking, how: str) -> str:
+    """How ``run`` estimates one composition: tracked (and how), or the plug-in."""
+    if tracking is None:
+        return "plug-in: the estimate in the function, biased (--tracking none)"
+    if tracking == "auto":
+        return f"`run`: tracked by SCGD(beta=0.1) ({how}); --tracking chooses"
+    return f"tracked by {tracking!r}: {how}"
 
 
 # --- check, explain ------------------------------------------------------------------------

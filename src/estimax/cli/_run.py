@@ -138,6 +138,9 @@ def _check_checkpoint(path: str, record: dict, config: dict) -> None:
     ]
     if differences:
         raise _Fail(f"{path} was written by a run with another {'; '.join(differences)}; {again}")
+    tracked = (record.get("info") or {}).get("tracking", "auto")  # not recorded before --tracking: auto
+    if tracked != config["tracking"]:
+        raise _Fail(f"{path} was written by a run with --tracking {tracked} (now {config['tracking']}); {again}")
     if record.get("data_sha256") != config["data_sha256"]:
         raise _Fail(f"{path} was written by a run on other data; {again}")
 
@@ -149,6 +152,21 @@ def _optimizer(name: str, lr: float):
     return {"adam": optax.adam, "sgd": optax.sgd, "rmsprop": optax.rmsprop, "adagrad": optax.adagrad}[name](
         lr
     )
+
+
+def _tracking_method(name: str, plan, program):
+    """The method of ``--tracking NAME`` (``None``: the plug-in): ``auto`` is SCGD where the
+    file has a composition, as ``ex.fit``'s default; a method for a file without one is a
+    mistake of the command line."""
+    if name == "auto":
+        return ex.tracking.SCGD() if plan.compositions else None
+    if name == "none":
+        return None
+    if not plan.compositions:
+        raise _Fail(f"--tracking {name}: {program.filename} applies no nonlinear function to an expectation, so "
+                    "there is nothing to track (its estimator is already the plain one); leave --tracking out",
+                    _EXIT_USAGE)
+    return {"scgd": ex.tracking.SCGD, "sox": ex.tracking.SOX, "msvr": ex.tracking.MSVR}[name]()
 
 
 def _format_value(x) -> str:
@@ -207,6 +225,7 @@ def _train(
     out: str,
     fresh: bool,
     progress: bool,
+    tracking: str = "auto",
 ) -> tuple[int, dict | None]:
     """Train ``program`` with checkpoints in ``out``; ``(exit status, learned params)``."""
     _check_counts(steps, chunk)
@@ -232,10 +251,12 @@ def _train(
         "chunk": chunk,
         "maximize": bool(program.maximize),
         "params": {n: list(np.shape(v)) for n, v in params0.items()},
+        "tracking": tracking,
     }
 
     plan = _stage(program, params0, program.abstract_data(dims))
-    print(_plan_table(program, plan))
+    method = _tracking_method(tracking, plan, program)
+    print(_plan_table(program, plan, method))
 
     if fresh and os.path.isfile(checkpoint):  # not a checkpoint folder: --fresh replaces it
         os.unlink(checkpoint)
@@ -287,6 +308,7 @@ def _train(
                 maximize=program.maximize,
                 chunk=chunk,
                 progress=progress,
+                tracking=method,
                 checkpoint=ex.Checkpoint(checkpoint, every=chunk, meta={k: config[k] for k in _CHECKED}, info=config,
                                          resume=not fresh),
             )
@@ -414,5 +436,6 @@ def _cmd_run(args, invocation: _Invocation) -> int:
             out=out,
             fresh=args.fresh,
             progress=not args.no_progress,
+            tracking=args.tracking,
         )
         return status

@@ -127,7 +127,7 @@ class FitResult:
         last = f", final average={self.averages[-1]:.6g}" if len(self.averages) else ""
         return (
             f"FitResult(steps_run={self.steps_run}, stopped_early={self.stopped_early}, "
-            f"reason={self.reason!r}{last})"
+            f"reason={self.reason!r}, tracking={self.tracking!r}{last})"
         )
 
 
