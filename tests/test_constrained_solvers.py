@@ -24,7 +24,7 @@ import optax
 import pytest
 
 import estimax as ex
-from estimax.solvers import RESULTS, AugmentedLagrangian, StochasticLagrangian
+from estimax.solvers import RESULTS, AugmentedLagrangian, ExactAL, StochasticLagrangian
 from estimax.solvers._problem import Problem
 from estimax.testing import assert_unbiased
 from estimax.transforms._constraints import split
@@ -231,6 +231,48 @@ def test_infeasible_problem_is_detected(program, x0):
     assert sol.steps < AugmentedLagrangian().max_steps
     with pytest.raises(ex.solvers.SolverError, match="infeasible"):
         ex.solve(program, jnp.asarray(x0, jnp.float64), solver=AugmentedLagrangian(), throw=True)
+
+
+@ex.expectation
+def _square_plus_one(x):
+    ex.subject_to(eq=x[0] ** 2 + 1.0, name="impossible")  # x0² + 1 = 0
+    ex.subject_to(eq=x[1] - 2.0, name="fine")
+    return x[0] ** 2 + x[1] ** 2
+
+
+@ex.expectation
+def _noisy_negative_norm(x):
+    noise = ex.sample(dist.Normal(0.0, 0.3), name="noise")
+    ex.subject_to(eq=jnp.sum(x**2) + 1.0 + noise, name="impossible")  # E: ‖x‖² + 1 = 0
+    return jnp.sum(x)
+
+
+_INFEASIBLE = {
+    "default-x0^2+1=0": (_square_plus_one, [1.0, 0.0], None),
+    "exact_al-norm2+1=0": (_negative_norm, [0.5, -1.0], ExactAL()),
+    "exact_al-x0^2+1=0": (_square_plus_one, [1.0, 0.0], ExactAL()),
+    "al-x0^2+1=0": (_square_plus_one, [1.0, 0.0], AugmentedLagrangian()),
+    "sl-bounds": (_contradictory_bounds, [0.3], StochasticLagrangian(max_steps=5000)),
+    "sl-norm2+1=0": (_negative_norm, [0.5, -1.0], StochasticLagrangian(max_steps=5000)),
+    "sl-noisy-norm2+1=0": (_noisy_negative_norm, [0.5, -1.0], StochasticLagrangian(max_steps=5000)),
+}
+
+
+@f64
+@pytest.mark.parametrize("case", list(_INFEASIBLE))
+def test_every_solver_reports_an_infeasible_problem(case):
+    """Each solver, and the default choice, stops an infeasible problem with RESULTS.infeasible
+    (a stationary point of the violation with the violation above the tolerance), before its
+    step budget, with a message that says what it means; `throw=True` raises it."""
+    program, x0, solver = _INFEASIBLE[case]
+    x0 = jnp.asarray(x0, jnp.float64)
+    sol = ex.solve(program, x0, solver=solver, key=jax.random.PRNGKey(3))
+    assert sol.result == RESULTS.infeasible, (sol.result, sol.steps, sol.params)
+    assert not sol.success and sol.infeasibility >= 0.9  # the least violation is 1 in every case
+    assert "infeasible" in sol.message and "stationary point of the constraint violation" in sol.message
+    assert sol.steps < (getattr(solver, "max_steps", None) or 1000)
+    with pytest.raises(ex.solvers.SolverError, match="infeasible"):
+        ex.solve(program, x0, solver=solver, key=jax.random.PRNGKey(3), throw=True)
 
 
 def test_stochastic_lagrangian_never_reports_an_infeasible_problem_solved():

@@ -73,6 +73,8 @@ class ExactALState(NamedTuple):
     ls_failed: jax.Array  # bool
     inner_iterations: jax.Array  # sketch-and-project iterations, all steps together
     matvecs: jax.Array  # products with K, all steps together
+    violation_grad: jax.Array  # Jᵀc: the gradient of the violation ½‖c‖²
+    stuck: jax.Array  # int32: consecutive iterations at a stationary point of the violation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +95,13 @@ class ExactAL(Solver):
     - ``sketch_size``: columns per sketch (default ``min(n + m, 2048)``; the full size is an
       exact solve);
     - ``max_inner``: sketch-and-project iterations per Newton solve;
-    - ``max_backtracks``: halvings of the step in the line search.
+    - ``max_backtracks``: halvings of the step in the line search;
+    - ``infeasible_stationarity`` (1e-4), ``infeasible_patience`` (3): the run stops with
+      ``RESULTS.infeasible`` when the violation is above the tolerance at a stationary point
+      of ``½‖c‖²`` (``‖Jᵀc‖∞ <= infeasible_stationarity · ‖c‖∞``) for ``infeasible_patience``
+      iterations in a row, or when the line search fails or the steps vanish there: no
+      nearby point satisfies the constraints (a local certificate, as in IPOPT's
+      restoration phase).
     """
 
     eta1: float = 1.0
@@ -108,6 +116,8 @@ class ExactAL(Solver):
     max_backtracks: int = 40
     max_repairs: int = 20
     xi_scale: str = "hessian"
+    infeasible_stationarity: float = 1e-4
+    infeasible_patience: int = 3
 
     name = "exact augmented Lagrangian (sketching)"
     certificate = ("exact", "a deterministic problem solved to the KKT tolerance")
@@ -117,7 +127,10 @@ class ExactAL(Solver):
             raise ArgumentError(f"ExactAL(xi_scale=...) is 'hessian' or 'absolute'; got {self.xi_scale!r}.")
         if self.sketch not in ("gaussian", "coordinate"):
             raise ArgumentError(f"ExactAL(sketch=...) is 'gaussian' or 'coordinate'; got {self.sketch!r}.")
-        for field in ("eta1", "eta2", "delta", "xi_b", "beta"):
+        patience = self.infeasible_patience
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ArgumentError(f"ExactAL(infeasible_patience=...) must be an integer >= 1; got {patience!r}.")
+        for field in ("eta1", "eta2", "delta", "xi_b", "beta", "infeasible_stationarity"):
             if not getattr(self, field) > 0:
                 raise ArgumentError(f"ExactAL({field}=...) must be positive; got {getattr(self, field)!r}.")
         if not self.nu > 1:
@@ -157,13 +170,19 @@ class ExactAL(Solver):
             lam0 = self._least_squares_multiplier(p, x0, grad_f)
         lam0 = jnp.asarray(lam0, dtype)
         grad_l = grad_f + vjp(lam0)[0]
+        jt_c = vjp(c)[0]
         return ExactALState(
             x=x0, lam=lam0, mu=jnp.zeros((0,), dtype), value=value, kkt=_kkt(grad_l, c),
             infeasibility=_inf_norm(c), grad_l=grad_l, c=c,
             eta1=jnp.asarray(self.eta1, dtype), eta2=jnp.asarray(self.eta2, dtype), tau=jnp.zeros((), dtype),
             alpha=jnp.zeros((), dtype), step_norm=jnp.asarray(jnp.finfo(dtype).max, dtype), ls_failed=jnp.bool_(False),
-            inner_iterations=jnp.int32(0), matvecs=jnp.int32(0),
+            inner_iterations=jnp.int32(0), matvecs=jnp.int32(0), violation_grad=jt_c,
+            stuck=self._stationary_violation(jt_c, c).astype(jnp.int32),
         )
+
+    def _stationary_violation(self, jt_c, c):
+        """Whether ``x`` is a stationary point of ``½‖c‖²`` with ``c != 0``."""
+        return (_inf_norm(c) > 0) & (_inf_norm(jt_c) <= self.infeasible_stationarity * _inf_norm(c))
 
     def _least_squares_multiplier(self, p, x, grad_f):
         _, jvp = jax.linearize(p.eq, x)
@@ -326,11 +345,14 @@ class ExactAL(Solver):
         alpha = jnp.where(accepted, alpha, jnp.zeros((), dtype))
         x_new, lam_new = x + alpha * dx, lam + alpha * dl
         value, g_new, c_new = jax.tree.map(lambda a, b: jnp.where(accepted, a, b), info, (s.value, g, c))
+        jt_c_new = jax.vjp(p.eq, x_new)[1](c_new)[0] if m else jnp.zeros_like(x_new)
+        stationary = self._stationary_violation(jt_c_new, c_new)
         return ExactALState(
             x=x_new, lam=lam_new, mu=s.mu, value=value, kkt=_kkt(g_new, c_new), infeasibility=_inf_norm(c_new),
             grad_l=g_new, c=c_new, eta1=eta1, eta2=s.eta2, tau=rp.tau, alpha=alpha,
             step_norm=alpha * jnp.linalg.norm(d), ls_failed=~accepted,
             inner_iterations=s.inner_iterations + rp.inner, matvecs=s.matvecs + rp.matvecs + (ns.products if dense else 0),
+            violation_grad=jt_c_new, stuck=jnp.where(stationary, s.stuck + 1, 0).astype(jnp.int32),
         )
 
     def terminate(self, p, s: ExactALState, tol):
@@ -338,10 +360,14 @@ class ExactAL(Solver):
         converged = s.kkt <= tol
         stalled = (~converged) & (s.step_norm <= 1e-14 * (1.0 + jnp.linalg.norm(s.x))) & ~s.ls_failed
         failed = (~converged) & s.ls_failed
+        # at a stationary point of the violation, with the violation above the tolerance
+        infeasible = (~converged) & (s.infeasibility > tol) & (s.stuck >= 1) & (
+            (s.stuck >= self.infeasible_patience) | failed | stalled)
         result = jnp.where(converged, RESULTS.successful,
-                           jnp.where(failed, RESULTS.line_search_failed,
-                                     jnp.where(stalled, RESULTS.stagnated, RESULTS.successful)))
-        return converged | failed | stalled, result.astype(jnp.int32)
+                           jnp.where(infeasible, RESULTS.infeasible,
+                                     jnp.where(failed, RESULTS.line_search_failed,
+                                               jnp.where(stalled, RESULTS.stagnated, RESULTS.successful))))
+        return converged | infeasible | failed | stalled, result.astype(jnp.int32)
 
     def stats(self, s: ExactALState) -> dict:
         return {"inner_iterations": int(s.inner_iterations), "matvecs": int(s.matvecs),

@@ -34,8 +34,9 @@ _MESSAGES = {
     RESULTS.max_steps_reached: "stopped after max_steps without reaching the tolerance; raise max_steps, or "
     "resume from the returned state",
     RESULTS.nonfinite: "a step produced non-finite values (NaN or Inf); the last finite iterate is returned",
-    RESULTS.infeasible: "the constraints appear infeasible: the penalty grew to its limit while the "
-    "infeasibility stopped decreasing at a stationary point of the constraint violation",
+    RESULTS.infeasible: "the constraints appear (locally) infeasible: the iterate is a stationary point of "
+    "the constraint violation (no nearby point reduces it) where the violation is above the tolerance; the "
+    "returned point is where it is least nearby. Check the constraints for a contradiction, or start elsewhere",
     RESULTS.line_search_failed: "the line search could not decrease the merit function; the iterate is "
     "returned as it is (often a sign of inconsistent derivatives or a badly scaled problem)",
     RESULTS.stagnated: "the iterates stopped changing before the KKT residual reached the tolerance",

@@ -59,6 +59,9 @@ class StochasticLagrangianState(NamedTuple):
     grad_avg: jax.Array  # moving average of the Lagrangian gradient estimate
     eq_avg: jax.Array  # moving average of ĉ
     ineq_avg: jax.Array  # moving average of ĝ
+    violation_grad_avg: jax.Array  # moving average of the violation's gradient J_Cᵀĉ + J_Gᵀ(ĝ + s)
+    window_violation: jax.Array  # the violation at the start of the current window
+    stuck: jax.Array  # int32: windows in a row at a stationary point of the violation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +75,14 @@ class StochasticLagrangian(Solver):
     - ``dual_lr`` (1e-2): the multipliers' step size, a number or a schedule ``count -> step``;
     - ``rho`` (1.0): the penalty of the augmented Lagrangian (fixed);
     - ``ema`` (0.99): the moving averages' weight on the past;
-    - ``max_steps`` (2000): the default budget of steps.
+    - ``max_steps`` (2000): the default budget of steps;
+    - ``infeasible_stationarity`` (0.05), ``infeasible_patience`` (2): the run stops with
+      ``RESULTS.infeasible`` when, for ``infeasible_patience`` windows of ``3 / (1 - ema)``
+      steps in a row, the averaged violation stayed above the tolerance and fell by less
+      than 10%, while the averaged gradient of ``½‖C‖² + ½‖G + s‖²`` was at most
+      ``infeasible_stationarity`` times the violation: the primal steps can no longer reduce
+      the violation and the multipliers grow without bound. (Of a feasible problem with a
+      nondegenerate Jacobian that ratio is about the Jacobian's scale.)
     """
 
     optimizer: Any = None
@@ -80,6 +90,8 @@ class StochasticLagrangian(Solver):
     rho: float = 1.0
     ema: float = 0.99
     max_steps: int = 2000
+    infeasible_stationarity: float = 0.05
+    infeasible_patience: int = 2
 
     name = "stochastic Lagrangian (gradient descent-ascent)"
     certificate = ("unbiased", "primal and dual steps use unbiased estimates of the augmented Lagrangian's "
@@ -99,10 +111,13 @@ class StochasticLagrangian(Solver):
             raise ArgumentError(f"StochasticLagrangian(rho=...) must be a number >= 0; got {self.rho!r}.")
         if not (isinstance(self.ema, (int, float)) and 0 <= self.ema < 1):
             raise ArgumentError(f"StochasticLagrangian(ema=...) must be in [0, 1); got {self.ema!r}.")
-        steps = self.max_steps
-        if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
-            raise ArgumentError(
-                f"StochasticLagrangian(max_steps=...) must be a positive integer; got {steps!r}.")
+        for field in ("max_steps", "infeasible_patience"):
+            value = getattr(self, field)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ArgumentError(f"StochasticLagrangian({field}=...) must be a positive integer; got {value!r}.")
+        if not (isinstance(self.infeasible_stationarity, (int, float)) and self.infeasible_stationarity > 0):
+            raise ArgumentError("StochasticLagrangian(infeasible_stationarity=...) must be a positive number; "
+                                f"got {self.infeasible_stationarity!r}.")
 
     def check(self, problem) -> None:
         if problem.n == 0:
@@ -117,9 +132,10 @@ class StochasticLagrangian(Solver):
     # -- estimates ---------------------------------------------------------------------------
     def gradient_estimate(self, p, x, slack, lam, mu, key):
         """Estimates at ``(x, s; λ, μ)``, each unbiased given that point:
-        ``(grad_x, grad_s, grad_lagrangian, f̂, ĉ, ĝ)`` with ``(grad_x, grad_s)`` the augmented
+        ``(grad_x, grad_s, grad_lagrangian, f̂, ĉ, ĝ, ∇V)`` with ``(grad_x, grad_s)`` the augmented
         Lagrangian's gradient, ``grad_lagrangian`` the ordinary Lagrangian's ``∇F + J_Cᵀλ + J_Gᵀμ``,
-        and ``ĉ``, ``ĝ`` the constraint values (from key ``k₁``)."""
+        ``ĉ``, ``ĝ`` the constraint values (from key ``k₁``), and ``∇V`` the gradient of the
+        violation ``½‖C‖² + ½‖G + s‖²``."""
         k_f, k1e, k1i, k2e, k2i = jax.random.split(key, 5)
         f_hat, grad_f = jax.value_and_grad(p.f)(x, k_f)
         c1, g1 = p.eq(x, k1e), p.ineq(x, k1i)  # values: key 1
@@ -129,7 +145,8 @@ class StochasticLagrangian(Solver):
         w_in = mu + self.rho * (g1 + slack)
         grad_x = grad_f + vjp_c(w_eq)[0] + vjp_g(w_in)[0]
         grad_lagrangian = grad_f + vjp_c(lam)[0] + vjp_g(mu)[0]
-        return grad_x, w_in, grad_lagrangian, f_hat, c1, g1
+        violation_grad = vjp_c(c1)[0] + vjp_g(g1 + slack)[0]  # of ½‖C‖² + ½‖G + s‖², unbiased too
+        return grad_x, w_in, grad_lagrangian, f_hat, c1, g1, violation_grad
 
     @staticmethod
     def _kkt(grad_avg, eq_avg, ineq_avg, mu):
@@ -152,11 +169,15 @@ class StochasticLagrangian(Solver):
         return StochasticLagrangianState(
             x=x0, lam=lam, mu=mu, value=f_hat, kkt=kkt, infeasibility=violation, slack=slack,
             opt_state=self._optimizer().init((x0, slack)), count=jnp.int32(0),
-            grad_avg=grad_l, eq_avg=c, ineq_avg=g,
+            grad_avg=grad_l, eq_avg=c, ineq_avg=g, violation_grad_avg=vjp_c(c)[0] + vjp_g(g + slack)[0],
+            window_violation=violation, stuck=jnp.int32(0),
         )
 
+    def _window(self) -> int:
+        return max(1, round(3.0 / (1.0 - self.ema)))
+
     def step(self, p, s: StochasticLagrangianState, key) -> StochasticLagrangianState:
-        grad_x, grad_s, grad_l, f_hat, c, g = self.gradient_estimate(p, s.x, s.slack, s.lam, s.mu, key)
+        grad_x, grad_s, grad_l, f_hat, c, g, v_grad = self.gradient_estimate(p, s.x, s.slack, s.lam, s.mu, key)
         updates, opt_state = self._optimizer().update((grad_x, grad_s), s.opt_state, (s.x, s.slack))
         x, slack = optax.apply_updates((s.x, s.slack), updates)
         slack = jnp.maximum(0.0, slack)
@@ -170,15 +191,25 @@ class StochasticLagrangian(Solver):
         avg = lambda old, new: beta * old + (1.0 - beta) * new  # noqa: E731
         grad_avg, eq_avg, ineq_avg = avg(s.grad_avg, grad_l), avg(s.eq_avg, c), avg(s.ineq_avg, g)
         kkt, violation = self._kkt(grad_avg, eq_avg, ineq_avg, mu)
+        v_grad_avg = avg(s.violation_grad_avg, v_grad)
+        # at the end of each window: was the violation stuck at a stationary point of itself?
+        boundary = (s.count + 1) % self._window() == 0
+        stuck_here = (violation > 0.9 * s.window_violation) & (
+            _inf_norm(v_grad_avg) <= self.infeasible_stationarity * violation)
+        stuck = jnp.where(boundary, jnp.where(stuck_here, s.stuck + 1, 0), s.stuck).astype(jnp.int32)
         return StochasticLagrangianState(
             x=x, lam=lam, mu=mu, value=avg(s.value, f_hat), kkt=kkt, infeasibility=violation, slack=slack,
             opt_state=opt_state, count=s.count + 1, grad_avg=grad_avg, eq_avg=eq_avg, ineq_avg=ineq_avg,
+            violation_grad_avg=v_grad_avg, window_violation=jnp.where(boundary, violation, s.window_violation),
+            stuck=stuck,
         )
 
     def terminate(self, p, s: StochasticLagrangianState, tol):
         del p
         converged = s.kkt <= tol  # else the driver stops at max_steps (max_steps_reached)
-        return converged, jnp.int32(RESULTS.successful)
+        infeasible = (~converged) & (s.infeasibility > tol) & (s.stuck >= self.infeasible_patience)
+        result = jnp.where(infeasible, RESULTS.infeasible, RESULTS.successful).astype(jnp.int32)
+        return converged | infeasible, result
 
     def stats(self, s: StochasticLagrangianState) -> dict:
         return {"rho": float(self.rho), "slack_max": float(jnp.max(s.slack, initial=0.0))}
