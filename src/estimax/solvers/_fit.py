@@ -236,8 +236,11 @@ def fit(
             returning a true value stops the run.
         progress: show a progress bar with the running objective. ``None`` (default): on
             when stderr is a terminal (or in a Jupyter kernel), off otherwise (tests, CI,
-            logs). Uses tqdm when installed, else a single line on stderr. A function is
-            called as ``progress(step, value)`` instead (e.g. to log).
+            logs). Uses tqdm when installed, else a single line on stderr. ``True`` with
+            stderr not a terminal (a log, a pipe): a plain line every 10 seconds and one at
+            the end, never a carriage return. A resumed run's bar starts at its step; a run
+            with no step left shows none. A function is called as ``progress(step, value)``
+            instead (e.g. to log).
         progress_every: report every ``k`` steps from *inside* the compiled loop, through an
             unordered host callback on those steps only: the device never waits for the host,
             so a long chunk still shows progress at no cost per step. The value reported is
@@ -499,7 +502,9 @@ def fit(
         end["note"] = f"interrupted after {done} steps"
 
     done = int(carry.steps)
-    bar = _progress.make_display(progress, steps, f"fit {program.name}")
+    # a resumed run's bar starts at its step; one with no step left to run shows none
+    shown = progress if callable(progress) or (done < steps and not bool(carry.done)) else False
+    bar = _progress.make_display(shown, steps, f"fit {program.name}", initial=done)
     if done:
         bar.show(done, averages[-1] if averages else None)
     # with progress_every, the compiled loop itself reports every k steps (host callbacks)
