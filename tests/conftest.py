@@ -56,6 +56,7 @@ QUICK = {
                               "test_deep_nesting_is_located_at_its_statement"],
     "test_faults_runs.py": ["test_a_damaged_latest_checkpoint_is_refused_and_the_previous_one_offered"],
     "test_fit.py": ["test_argument_errors", "test_history_partial_last_chunk_and_chunk_size"],
+    "test_fit_average.py": ["test_average_from_errors_name_the_value", "test_without_averaging_and_before_it_starts"],
     "test_house.py": None,  # reads the sources only
     "test_lane_sites.py": ["test_enumeration_over_lanes_sharing_their_parameters_is_exact"],
     "test_locations.py": ["test_library_files_are_told_apart_by_package_not_by_name",
