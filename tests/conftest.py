@@ -56,6 +56,7 @@ QUICK = {
                               "test_deep_nesting_is_located_at_its_statement"],
     "test_faults_runs.py": ["test_a_damaged_latest_checkpoint_is_refused_and_the_previous_one_offered"],
     "test_fit.py": ["test_argument_errors", "test_history_partial_last_chunk_and_chunk_size"],
+    "test_fit_average.py": ["test_average_from_errors_name_the_value", "test_without_averaging_and_before_it_starts"],
     "test_house.py": None,  # reads the sources only
     "test_lane_sites.py": ["test_enumeration_over_lanes_sharing_their_parameters_is_exact"],
     "test_locations.py": ["test_library_files_are_told_apart_by_package_not_by_name",
@@ -63,6 +64,8 @@ QUICK = {
     "test_marginal.py": ["test_marginal_errors_name_the_mistake", "test_explain_lists_the_reverse_model_draws"],
     "test_objectives.py": ["test_elbo_value_and_gradient_are_unbiased", "test_dreg_refuses_a_non_reparameterized_guide"],
     "test_programs.py": ["test_dependent_sites[reparam-mvd]", "test_enumeration_is_exact", "test_reinforce_inside_scan"],
+    "test_progress.py": ["test_a_resumed_tqdm_bar_starts_at_its_step_without_a_rate",
+                         "test_log_lines_are_plain_rare_and_end_with_the_state"],
     "test_public_surface.py": ["test_register_mvd_adds_an_unbiased_rule_for_a_new_family"],
     "test_relax.py": ["test_explain_certifies_biased_and_names_the_strategy", "test_bad_temperatures_are_refused"],
     "test_runtime.py": ["test_nonfinite_names_the_step_the_leaf_and_the_line"],

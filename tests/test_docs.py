@@ -125,13 +125,14 @@ def test_runtime_doc_examples_run(tmp_path):
     """The Python examples of docs/runtime.md run (8 forced CPU devices in the first; the
     asserts in them check what the text states)."""
     outputs = _run_doc_blocks("runtime.md", tmp_path)
-    assert len(outputs) == 4
+    assert len(outputs) == 5
     assert "8 devices against 1: largest difference" in outputs[0]
     assert "stopped: stopped by signal 2" in outputs[1] and "resumed at step 300" in outputs[1]
     assert "non-finite gradient at step 0" in outputs[2] and "in params['a'], first produced by" in outputs[2]
     assert "`sqrt` at runtime.md example 2:" in outputs[2]  # the operation and the example's line
     assert "raised, with the result attached at step 0" in outputs[2]
     assert outputs[3].strip().endswith("[250, 500, 750, 1000]")
+    assert "last iterate 1.1674 (6.9% off); mean of the last 1000 iterates 1.2575 (0.3% off)" in outputs[4]
 
 
 def test_unbiased_doc_examples_run(tmp_path):

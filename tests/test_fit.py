@@ -278,6 +278,7 @@ def test_progress_is_off_by_default_when_stderr_is_not_a_terminal(capsys):
 
 
 def test_progress_without_tqdm_prints_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(_progress, "interactive", lambda: True)  # as on a terminal
     monkeypatch.setattr(_progress, "_import_tqdm", lambda: None)
     fit(quadratic, jnp.array([5.0]), optimizer=SGD, steps=30, key=KEY, chunk=10, progress=True)
     err = capsys.readouterr().err
@@ -286,11 +287,20 @@ def test_progress_without_tqdm_prints_one_line(capsys, monkeypatch):
     assert "30/30 steps" in last and "objective=" in last
 
 
-def test_progress_with_tqdm(capsys):
+def test_progress_with_tqdm(capsys, monkeypatch):
     pytest.importorskip("tqdm")
+    monkeypatch.setattr(_progress, "interactive", lambda: True)  # as on a terminal
     fit(quadratic, jnp.array([5.0]), optimizer=SGD, steps=30, key=KEY, chunk=10, progress=True)
     err = capsys.readouterr().err
     assert "30/30" in err and "objective=" in err
+
+
+def test_progress_asked_for_in_a_log_is_plain_lines(capsys):
+    """progress=True with stderr not a terminal: lines ending in a newline, no carriage return."""
+    fit(quadratic, jnp.array([5.0]), optimizer=SGD, steps=30, key=KEY, chunk=10, progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.endswith("\n")
+    assert "step 30/30 (100%)" in err.splitlines()[-1] and "objective=" in err
 
 
 # --- errors naming the argument ----------------------------------------------------------

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 import estimax as ex
+from estimax.runtime import _progress
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -494,7 +495,9 @@ def test_progress_every_k_steps_from_inside_the_compiled_loop():
         ex.fit(_elbo, _params(), _X, progress="yes", **run)
 
 
-def test_solve_progress_from_inside_one_compiled_loop(capsys):
+def test_solve_progress_from_inside_one_compiled_loop(capsys, monkeypatch):
+    monkeypatch.setattr(_progress, "_terminal", lambda stream: True)  # every report shown, as on a terminal
+
     def program(x):
         ex.subject_to(eq=jnp.sum(x**2) - 1.0, name="sphere")
         return jnp.sum(x * jnp.arange(1.0, 4.0))

@@ -60,7 +60,7 @@ def _cmd_demo(args, invocation: _Invocation) -> int:
         chunk=args.chunk,
         out=out,
         fresh=True,
-        progress=not args.no_progress,
+        progress=False if args.no_progress else None,  # a bar on a terminal only
     )
     if learned is None:
         return status

@@ -52,6 +52,16 @@ def _learning_rate(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction of the steps, above 0 and at most 1, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -118,8 +128,8 @@ def _parser() -> argparse.ArgumentParser:
         "run",
         parents=[common, imports],
         help="train the parameters of a file's objective",
-        description="Train FILE's parameters with estimax.fit, with a progress bar. "
-        "The whole state is checkpointed to DIR/checkpoint/ after every chunk and "
+        description="Train FILE's parameters with estimax.fit, with a progress bar when stderr is a "
+        "terminal. The whole state is checkpointed to DIR/checkpoint/ after every chunk and "
         "on Ctrl-C; running the same command again resumes from it. At the end, "
         "writes DIR/params.npz, DIR/history.npy and DIR/loss.png.",
     )
@@ -139,7 +149,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", metavar="DIR", help="output folder (default: out/<file name>)")
     p.add_argument("--fresh", action="store_true", help="start over, ignoring a checkpoint in DIR")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--progress", action="store_true",
+                       help="show progress also when stderr is not a terminal: a plain line every 10 seconds "
+                       "(default: a bar on a terminal, nothing in a log or pipe)")
+    shown.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--average", metavar="FRACTION", type=_fraction, default=None,
+                   help="Polyak averaging: write the mean of the parameters over the last FRACTION of the "
+                   "steps (e.g. 0.5: the second half) instead of the last iterate")
     p.add_argument(
         "--tracking",
         choices=("auto", "none", "scgd", "sox", "msvr"),

@@ -25,6 +25,7 @@ from ..runtime._checkpoint import (
     save_npy_atomically,
     save_npz_atomically,
 )
+from ..runtime._progress import interactive
 from ..solvers._fit import _CHECKPOINT_FORMAT
 from ._errors import _EXIT_ERROR, _EXIT_OK, _EXIT_SIGNAL, _EXIT_USAGE, _Fail, _Invocation
 from ._inputs import _load_program, _read_data
@@ -110,12 +111,12 @@ def _checkpoint_record(folder: str) -> dict | None:
         raise _Fail(f"{e}; pass --fresh to start over, or --out another folder") from None
 
 
-_CHECKED = ("params", "optimizer", "lr", "seed", "data_sha256", "maximize")  # what a resumed run must match
+_CHECKED = ("params", "optimizer", "lr", "seed", "data_sha256", "maximize", "average")  # what a resumed run must match
 
 
 def _check_checkpoint(path: str, record: dict, config: dict) -> None:
     """Refuse, with what differs, a checkpoint written for other parameters, another
-    optimizer, learning rate, seed or data."""
+    optimizer, learning rate, seed, averaging or data."""
     again = "pass --fresh to start over, or --out another folder"
     got = record.get("format")
     if got != _CHECKPOINT_FORMAT and isinstance(got, str) and got.startswith("estimax-fit/"):
@@ -133,7 +134,8 @@ def _check_checkpoint(path: str, record: dict, config: dict) -> None:
         )
     differences = [
         f"{what} {record.get(field)!r} (now {config[field]!r})"
-        for field, what in (("optimizer", "optimizer"), ("lr", "learning rate"), ("seed", "seed"))
+        for field, what in (("optimizer", "optimizer"), ("lr", "learning rate"), ("seed", "seed"),
+                            ("average", "--average"))
         if record.get(field) != config[field]
     ]
     if differences:
@@ -224,10 +226,12 @@ def _train(
     chunk: int,
     out: str,
     fresh: bool,
-    progress: bool,
+    progress: bool | None,
     tracking: str = "auto",
+    average: float | None = None,
 ) -> tuple[int, dict | None]:
-    """Train ``program`` with checkpoints in ``out``; ``(exit status, learned params)``."""
+    """Train ``program`` with checkpoints in ``out``; ``(exit status, learned params)``: with
+    ``average``, the mean of the parameters over that last fraction of the steps."""
     _check_counts(steps, chunk)
     if not program.params:
         raise _Fail(
@@ -252,6 +256,8 @@ def _train(
         "maximize": bool(program.maximize),
         "params": {n: list(np.shape(v)) for n, v in params0.items()},
         "tracking": tracking,
+        "average": average,  # the fraction; average_from, the step it gives with --steps
+        "average_from": None if average is None else steps - max(1, round(average * steps)),
     }
 
     plan = _stage(program, params0, program.abstract_data(dims))
@@ -276,6 +282,11 @@ def _train(
                 f"--steps {start} or more to continue it, or --fresh to start over"
             )
         source_changed = (record.get("info") or {}).get("source_sha256") != config["source_sha256"]
+        before = (record.get("info") or {}).get("average_from")
+        if average is not None and before != config["average_from"]:
+            raise _Fail(f"{checkpoint} averages the parameters after step {before}, and --average {average:g} of "
+                        f"--steps {steps} averages after step {config['average_from']}: another run; pass the "
+                        "--steps it was written with, --fresh to start over, or --out another folder")
 
     def resuming(step, saved):  # called by estimax.fit once every check has passed
         del saved
@@ -311,6 +322,7 @@ def _train(
                 tracking=method,
                 checkpoint=ex.Checkpoint(checkpoint, every=chunk, meta={k: config[k] for k in _CHECKED}, info=config,
                                          resume=not fresh),
+                average_from=config["average_from"],
             )
         except KeyboardInterrupt as stop:
             record = _checkpoint_record(checkpoint)
@@ -331,7 +343,8 @@ def _train(
         status = _EXIT_ERROR
     state = result
     history = np.asarray(state.history)
-    learned = {n: np.asarray(state.params[n]) for n in program.params}  # in the file's order
+    chosen = state.params if average is None else state.averaged_params
+    learned = {n: np.asarray(chosen[n]) for n in program.params}  # in the file's order
     _save_npz_atomically(os.path.join(out, "params.npz"), learned)
     _save_npy_atomically(os.path.join(out, "history.npy"), history)
     written = [os.path.join(out, "params.npz"), os.path.join(out, "history.npy")]
@@ -344,7 +357,12 @@ def _train(
     if window:
         tail = history[-window:]
         print(f"{state.steps_run} steps; objective (mean of the last {window} estimates): {np.mean(tail):.6g}")
-    print("learned parameters:")
+    if average is None:
+        print("learned parameters:")
+    else:
+        last = ", ".join(f"{n} = {_format_value(state.params[n])}" for n in program.params)
+        print(f"learned parameters: the mean of the iterates of the last {state.averaged_steps} steps "
+              f"(--average {average:g}; the last iterate: {last}):")
     for name, value in learned.items():
         print(f"  {name} = {_format_value(value)}")
     print("wrote " + ", ".join(written))
@@ -418,11 +436,16 @@ def _cmd_run(args, invocation: _Invocation) -> int:
     print(f"{program.filename}: {_summary(program, dims, args.data is not None)}")
     out = args.out if args.out is not None else os.path.join("out", Path(program.filename).stem)
     _check_counts(args.steps, args.chunk)
+    # a bar on a terminal, nothing in a log or pipe; --progress: plain lines there too
+    progress = True if args.progress else False if args.no_progress else None
+    if program.constraints and args.average is not None:
+        raise _Fail(f"{program.filename} has constraints, solved by estimax.solve: --average applies to training "
+                    "(estimax.fit) only", _EXIT_USAGE)
     with _output_folder(out):  # one run at a time in a folder: refused before anything is staged
         if program.constraints:
             status, _ = _solve_constrained(program, data, dims, steps=args.steps, solver_name=args.solver, lr=args.lr,
                                            seed=args.seed, chunk=args.chunk, out=out, fresh=args.fresh,
-                                           progress=not args.no_progress)
+                                           progress=interactive() if progress is None else progress)
             return status
         status, _ = _train(
             program,
@@ -435,7 +458,8 @@ def _cmd_run(args, invocation: _Invocation) -> int:
             chunk=args.chunk,
             out=out,
             fresh=args.fresh,
-            progress=not args.no_progress,
+            progress=progress,
             tracking=args.tracking,
+            average=args.average,
         )
         return status

@@ -1,8 +1,10 @@
 """Progress displays, and progress from inside compiled loops through host callbacks.
 
-Displays (:func:`make_display`): a tqdm bar when tqdm is installed, else one line on stderr
-rewritten in place; nothing; or the user's function. Each has ``show(step, average=None,
-estimate=None)`` and ``close(note=None)``.
+Displays (:func:`make_display`): on a terminal (or in Jupyter), a tqdm bar when tqdm is
+installed, else one line on stderr rewritten in place; in a log or a pipe, nothing unless
+asked for, then plain lines a few seconds apart (no carriage returns); or the user's
+function. Each has ``show(step, average=None, estimate=None)`` and ``close(note=None)``; a
+resumed run's display starts at its step, and its rate counts only the steps run here.
 
 A compiled loop that reports every ``k`` steps calls ``jax.debug.callback(report, token,
 step, *values)`` on those steps only (inside a ``lax.cond``), unordered: the device does not
@@ -82,27 +84,36 @@ def _import_tqdm():
     return tqdm
 
 
+def _terminal(stream) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def interactive() -> bool:
     """Whether a progress bar is wanted by default: stderr is a terminal, or a Jupyter kernel runs."""
-    try:
-        if sys.stderr is not None and sys.stderr.isatty():
-            return True
-    except (AttributeError, ValueError):
-        pass
-    return "ipykernel" in sys.modules
+    return _terminal(sys.stderr) or "ipykernel" in sys.modules
+
+
+def _rate(done: int, seconds: float) -> str:
+    """``", 1234 steps/s"`` for the steps run in this process; ``""`` before the first (a
+    resumed or finished run has no rate yet)."""
+    return f", {done / max(seconds, 1e-9):.0f} steps/s" if done > 0 else ""
 
 
 class LinePrinter:
-    """A single-line progress display on stderr, for when tqdm is not installed."""
+    """A single-line progress display on stderr, rewritten in place, for a terminal without
+    tqdm. ``initial``: the step a resumed run starts at (its rate counts the steps run here)."""
 
-    def __init__(self, total: int, desc: str):
-        self.total, self.desc, self.n, self.postfix = total, desc, 0, ""
+    def __init__(self, total: int, desc: str, initial: int = 0):
+        self.total, self.desc, self.initial, self.n, self.postfix = total, desc, initial, initial, ""
         self.t0 = time.perf_counter()
         self._width = 0
 
     def _show(self, end: str = ""):
-        rate = self.n / max(time.perf_counter() - self.t0, 1e-9)
-        line = f"{self.desc}: {self.n}/{self.total} steps ({rate:.0f} steps/s){self.postfix}"
+        rate = _rate(self.n - self.initial, time.perf_counter() - self.t0)
+        line = f"{self.desc}: {self.n}/{self.total} steps{f' ({rate[2:]})' if rate else ''}{self.postfix}"
         pad = " " * max(0, self._width - len(line))
         self._width = len(line)
         sys.stderr.write("\r" + line + pad + end)
@@ -122,9 +133,45 @@ class LinePrinter:
         self._show(end="\n")
 
 
+class LogLines:
+    """Progress for a log or a pipe (``progress=True`` when stderr is not a terminal): plain
+    lines ending in a newline -- never a carriage return -- at most one every ``interval``
+    seconds, and one when the run ends."""
+
+    def __init__(self, total: int, desc: str, initial: int = 0, file=None, interval: float = 10.0):
+        self.total, self.desc, self.initial, self.n, self.postfix = total, desc, initial, initial, ""
+        self.file, self.interval = file, interval
+        self.t0 = self._last = time.perf_counter()
+
+    def _line(self, end: str = "") -> None:
+        now = time.perf_counter()
+        self._last = now
+        percent = f" ({100 * self.n // self.total}%)" if self.total else ""
+        file = self.file or sys.stderr
+        file.write(f"{self.desc}: step {self.n}/{self.total}{percent}{_rate(self.n - self.initial, now - self.t0)}"
+                   f"{self.postfix}{end}\n")
+        file.flush()
+
+    def show(self, step: int, average: float | None = None, estimate: float | None = None):
+        self.n = max(self.n, step)
+        if average is not None:
+            self.postfix = f", objective={average:.5g}"
+        elif estimate is not None:
+            self.postfix = f", estimate={estimate:.5g}"
+        if time.perf_counter() - self._last >= self.interval:
+            self._line()
+
+    def close(self, note: str | None = None):
+        self._line(f" [{note}]" if note else "")
+
+
 class TqdmBar:
-    def __init__(self, tqdm, total: int, desc: str):
-        self.bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+    """A tqdm bar on stderr (or ``file``); a resumed run's bar starts at ``initial``, so its
+    rate counts the steps run here, not those of the checkpoint."""
+
+    def __init__(self, tqdm, total: int, desc: str, initial: int = 0, file=None):
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", file=file or sys.stderr,
+                        dynamic_ncols=True)
 
     def show(self, step: int, average: float | None = None, estimate: float | None = None):
         if average is not None:
@@ -163,29 +210,43 @@ class Calls:
 
 
 class SolverLine:
-    """``ex.solve``'s progress: ``name: step N  KKT r  value v`` on stdout, rewritten in place."""
+    """``ex.solve``'s progress: ``name: step N  KKT r  value v`` on stdout, rewritten in place
+    on a terminal; in a log or a pipe, a plain line at most every ``interval`` seconds and the
+    last one when the run ends (never a carriage return)."""
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str, interval: float = 10.0):
+        self.name, self.interval, self.last = name, interval, None
+        self._written = time.perf_counter()
 
     def show(self, step: int, kkt: float, value: float):
-        print(f"\r{self.name}: step {step}  KKT {kkt:.3e}  value {value:.8g}", end="", flush=True)
+        self.last = f"{self.name}: step {step}  KKT {kkt:.3e}  value {value:.8g}"
+        if _terminal(sys.stdout):
+            print("\r" + self.last, end="", flush=True)
+        elif time.perf_counter() - self._written >= self.interval:
+            self._written = time.perf_counter()
+            print(self.last, flush=True)
 
     def close(self, note: str | None = None):
         del note
-        print()
+        if _terminal(sys.stdout):
+            print()
+        elif self.last is not None:
+            print(self.last, flush=True)
 
 
-def make_display(progress, total: int, desc: str):
-    """The display for ``progress=``: a function, ``True``, ``False`` or ``None`` (on when
-    :func:`interactive`)."""
+def make_display(progress, total: int, desc: str, initial: int = 0):
+    """The display for ``progress=``: a function; ``None`` (the default: a bar when
+    :func:`interactive`, else nothing); ``True`` (a bar when interactive, else plain lines:
+    :class:`LogLines`); ``False``. ``initial``: the step the run starts at (a resumed run)."""
     if callable(progress):
         return Calls(progress)
     if progress is None:
         progress = interactive()
     if not progress:
         return NoDisplay()
+    if not interactive():
+        return LogLines(total, desc, initial)
     tqdm = _import_tqdm()
     if tqdm is None:
-        return LinePrinter(total, desc)
-    return TqdmBar(tqdm, total, desc)
+        return LinePrinter(total, desc, initial)
+    return TqdmBar(tqdm, total, desc, initial)

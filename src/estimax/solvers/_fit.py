@@ -1,7 +1,8 @@
 """``fit``: train the parameters of a program with an optax optimizer, in one call.
 
 ``fit`` is a solver (:class:`Step`) whose state is ``(params, opt_state, grads, value,
-track)`` and whose step is one optimizer update, run by the same device driver
+track, ...)`` (with ``average_from=``, the running mean of the iterates too:
+``solvers/_fit_average``) and whose step is one optimizer update, run by the same device driver
 (``solvers/_driver``) and host runner (``solvers/_runner``) as ``ex.solve`` -- the way
 optimistix runs an optax optimizer as a minimiser. Each chunk of ``chunk`` steps is one call
 of the driver's compiled ``advance(carry, until)``, whose carry holds the parameters, the
@@ -49,6 +50,7 @@ from ..transforms._compositional import Tracker
 from ..transforms._estimate import Expectation
 from ..transforms._grad import value_and_grad
 from . import _driver, _runner
+from . import _fit_average as _average
 from . import _fit_options as _options
 from ._base import Solver
 from ._fit_result import EarlyStop, FitProgress, FitResult, NonFiniteError
@@ -62,8 +64,9 @@ _CHECKPOINT_FORMAT = "estimax-fit/2"
 class FitState(NamedTuple):
     """The state of :class:`Step`: the parameters and optimizer state, the last step's
     gradient and estimate (``value``, in the objective's own sign), the tracking estimator's
-    state (``estimax.tracking``; ``()`` without) and the step's diagnostics (per tracked
-    ``ex.log_expect``, the first two moments of its importance weights)."""
+    state (``estimax.tracking``; ``()`` without), the step's diagnostics (per tracked
+    ``ex.log_expect``, the first two moments of its importance weights) and the mean of the
+    iterates (``average_from=``: ``solvers/_fit_average``; ``()`` without)."""
 
     params: Any
     opt_state: Any
@@ -71,6 +74,7 @@ class FitState(NamedTuple):
     value: jax.Array
     track: Any
     diagnostics: Any
+    average: Any = ()
 
 
 class _State(NamedTuple):
@@ -85,23 +89,39 @@ class _State(NamedTuple):
     track: Any = ()
 
 
+class _Averaged(NamedTuple):
+    """A checkpoint of a fit with ``average_from=``: :class:`_State`'s fields and the mean of
+    the iterates (a fit without averaging saves :class:`_State`, as before averaging existed)."""
+
+    params: Any
+    opt_state: Any
+    key: Any
+    step: jax.Array
+    status: jax.Array
+    track: Any
+    average: _average.Averaging
+
+
 class Step(Solver):
     """One optax update on a stochastic estimate of the objective's gradient. The problem it
     steps on is the tuple of the objective's data arguments; ``params`` go in at ``argnums``."""
 
     name = "optax"
 
-    def __init__(self, vg: Callable, optimizer, argnums: int, maximize: bool):
+    def __init__(self, vg: Callable, optimizer, argnums: int, maximize: bool, averaging: bool = False):
         self.vg, self.optimizer, self.argnums, self.maximize = vg, optimizer, argnums, maximize
+        self.averaging = averaging
         self.extra_args = isinstance(optimizer, optax.GradientTransformationExtraArgs)
 
     def _full(self, args, params):
         return args[:self.argnums] + (params,) + args[self.argnums:]
 
-    def init(self, problem, params, opt_state, track, key) -> FitState:
+    def init(self, problem, params, opt_state, track, average_from, key) -> FitState:
         (value, grads), _, diags = jax.eval_shape(self.vg, key, track, *self._full(problem, params))
         zeros = lambda s: jnp.zeros(s.shape, s.dtype)  # noqa: E731
-        return FitState(params, opt_state, jax.tree.map(zeros, grads), zeros(value), track, jax.tree.map(zeros, diags))
+        average = _average.init(params, average_from) if self.averaging else ()
+        return FitState(params, opt_state, jax.tree.map(zeros, grads), zeros(value), track, jax.tree.map(zeros, diags),
+                        average)
 
     def start(self, problem, start: tuple, key):
         return self.init(problem, *start, key), key  # no key drawn: step i uses the run's i-th split
@@ -116,7 +136,8 @@ class Step(Solver):
         else:
             updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return FitState(params, opt_state, grads, value, track, diags)
+        average = _average.update(state.average, params) if self.averaging else ()
+        return FitState(params, opt_state, grads, value, track, diags, average)
 
     def terminate(self, problem, state, tol):
         del problem, state, tol  # the budget (steps) and the host's rules end a fit
@@ -139,7 +160,8 @@ class _Loop(NamedTuple):
     tracker: Any  # the tracked estimator, or None
 
 
-def _build(objective, optimizer, argnums: int, chunk: int, maximize: bool, tracking, mesh, report_every) -> _Loop:
+def _build(objective, optimizer, argnums: int, chunk: int, maximize: bool, tracking, mesh, report_every,
+           averaging) -> _Loop:
     program = objective if isinstance(objective, Expectation) else Expectation(objective)
     tracker = None
     if tracking is None:
@@ -150,7 +172,7 @@ def _build(objective, optimizer, argnums: int, chunk: int, maximize: bool, track
     else:
         tracker = Tracker(program, tracking, argnums)
         vg = tracker.value_and_grad
-    step = Step(vg, optimizer, argnums, maximize)
+    step = Step(vg, optimizer, argnums, maximize, averaging)
     compiled = _runner.Compiled(step, lambda data: data, tol=0.0, length=chunk + 1, report_every=report_every,
                                 mesh=mesh)
     return _Loop(program, vg, compiled, tracker)
@@ -159,11 +181,12 @@ def _build(objective, optimizer, argnums: int, chunk: int, maximize: bool, track
 _CACHE: "collections.OrderedDict[tuple, _Loop]" = collections.OrderedDict()
 
 
-def _loop(objective, optimizer, argnums, chunk, maximize, tracking=None, mesh=None, report_every=None) -> _Loop:
+def _loop(objective, optimizer, argnums, chunk, maximize, tracking=None, mesh=None, report_every=None,
+          averaging=False) -> _Loop:
     """``_build``, remembered for the last 8 (objective, optimizer, ...) so that a second
     ``fit`` with the same objects (a resumed run, another start, other data of the same
     shapes) reuses the compiled loop. Objects that cannot be hashed are not cached."""
-    key = (objective, optimizer, argnums, chunk, maximize, tracking, mesh, report_every)
+    key = (objective, optimizer, argnums, chunk, maximize, tracking, mesh, report_every, averaging)
     return _runner.cached(_CACHE, 8, key, lambda: _build(*key))
 
 
@@ -191,6 +214,7 @@ def fit(
     shard_data=(),
     throw: bool = False,
     require: str | None = None,
+    average_from: int | float | None = None,
 ) -> FitResult:
     """Minimize the expected value of a program over ``params`` with an optax optimizer.
 
@@ -236,8 +260,11 @@ def fit(
             returning a true value stops the run.
         progress: show a progress bar with the running objective. ``None`` (default): on
             when stderr is a terminal (or in a Jupyter kernel), off otherwise (tests, CI,
-            logs). Uses tqdm when installed, else a single line on stderr. A function is
-            called as ``progress(step, value)`` instead (e.g. to log).
+            logs). Uses tqdm when installed, else a single line on stderr. ``True`` with
+            stderr not a terminal (a log, a pipe): a plain line every 10 seconds and one at
+            the end, never a carriage return. A resumed run's bar starts at its step; a run
+            with no step left shows none. A function is called as ``progress(step, value)``
+            instead (e.g. to log).
         progress_every: report every ``k`` steps from *inside* the compiled loop, through an
             unordered host callback on those steps only: the device never waits for the host,
             so a long chunk still shows progress at no cost per step. The value reported is
@@ -290,16 +317,25 @@ def fit(
         require: ``"unbiased"`` or ``"consistent"``: check the estimator's certificate (the
             tracked one where ``tracking`` applies) before anything is compiled, and raise
             :class:`estimax.CertificateError` with its reasons when it is weaker.
+        average_from: Polyak-Ruppert averaging: ``FitResult.averaged_params`` is the mean of
+            the parameters after each step from ``average_from + 1`` to the last, kept by the
+            compiled loop (no host work per step) and checkpointed with the run. An integer
+            ``0 <= k < steps`` is a step; a float in ``[0, 1)`` a fraction of ``steps``
+            (``0.5``: the second half). A constant step size leaves the last iterate
+            fluctuating around the optimum; the tail's mean averages that noise away. It is
+            part of the run's identity: a checkpoint is not resumed with other averaging (nor,
+            for a fraction, with another ``steps``). Default ``None``: no averaging.
 
     Returns:
         A :class:`FitResult`: ``params``, ``opt_state``, ``key``, ``history`` (per-step
-        estimates), ``averages``, ``steps_run``, ``stopped_early`` and ``reason``.
+        estimates), ``averages``, ``steps_run``, ``stopped_early``, ``reason`` and, with
+        ``average_from``, ``averaged_params``.
 
     Raises:
         estimax.ArgumentError: an option is wrong: ``steps``, ``chunk`` or ``window`` is not
             a positive integer, ``optimizer`` is not an optax ``GradientTransformation``,
-            ``callback`` is not callable, ``key``, ``argnums``, ``progress``,
-            ``checkpoint``, ``early_stop``, ``tracking`` or ``shard_data`` is wrong (worded
+            ``callback`` is not callable, ``key``, ``argnums``, ``progress``, ``checkpoint``,
+            ``early_stop``, ``tracking``, ``shard_data`` or ``average_from`` is wrong (worded
             as :func:`estimax.solve` words the same mistakes).
         estimax.ProgramError: ``objective`` is not a program, a ``params`` leaf is not
             floating point, or the objective does not return a scalar.
@@ -377,6 +413,7 @@ def fit(
     mesh = None if devices is None else _sharding.device_mesh(devices)
     shard_data = _options.shard_positions(shard_data, len(args), mesh)
     _runner.check_key(where, key)
+    average_from = _average.resolve(average_from, steps)
     params = _options.strong_float_params(params)
     if opt_state is None:
         opt_state = optimizer.init(params)
@@ -386,12 +423,13 @@ def fit(
     tracking = _options.resolve_tracking(objective, tracking, full, tracking_state)
     if require is not None:
         _options.require(objective, tracking, full, argnums, require)
-    loop = _loop(objective, optimizer, argnums, chunk, bool(maximize), tracking, mesh, progress_every)
+    loop = _loop(objective, optimizer, argnums, chunk, bool(maximize), tracking, mesh, progress_every,
+                 average_from is not None)
     program, vg, compiled, tracker = loop
     track = () if tracker is None else tracker.init(*full) if tracking_state is None else tracking_state
     (value_struct, _), _, _ = jax.eval_shape(vg, key, track, *full)
     start = (params, opt_state, track)  # what the run starts from (part of a checkpoint's identity)
-    point = start
+    point = (*start, () if average_from is None else jnp.int32(average_from))
     if mesh is not None:  # parameters and state replicated, the chosen data split by batch
         point, key = _sharding.replicate((point, key), mesh)
         args = tuple(_sharding.shard_batch(a, mesh, what=f"fit: data argument {i}") if i in shard_data
@@ -409,14 +447,15 @@ def fit(
     ckpt = None
     if checkpoint is not None:
         identity, about = _options.run_identity(program, optimizer, full, start, key, args, argnums, maximize, tracking,
-                                        early_stop, window)
+                                                early_stop, window, average_from)
         ckpt = _runner.open_checkpoint(checkpoint, _CHECKPOINT_FORMAT, identity, about)
         restored = _runner.restore(ckpt, _saved(carry), "fit", "steps", steps, lambda s: int(s.step))
         if restored is not None:
             saved, host, extra = restored
             done = int(saved.step)
             carry = carry._replace(
-                state=carry.state._replace(params=saved.params, opt_state=saved.opt_state, track=saved.track),
+                state=carry.state._replace(params=saved.params, opt_state=saved.opt_state, track=saved.track,
+                                           average=saved.average if isinstance(saved, _Averaged) else ()),
                 key=saved.key, steps=saved.step)
             status = int(saved.status)
             if status:
@@ -445,25 +484,8 @@ def fit(
         now = int(_sharding.to_host(c.steps))
         applied = now - before
         estimates = np.asarray(recorded["value"])[1:]
-        for name, (m1, m2) in recorded["diagnostics"].items():
-            if applied == 0:
-                continue
-            m1, m2 = (np.asarray(x).astype(np.float64)[1:applied + 1] for x in (m1, m2))
-            frac = float(np.mean(m1) ** 2 / np.mean(m2)) if np.mean(m2) > 0 else float("nan")
-            history_ess = ess.setdefault(name, [])
-            history_ess.append(frac)
-            # two chunks in a row: not the lag of a fast first move
-            low = [not f >= min_ess for f in history_ess[-2:]]
-            if len(low) == 2 and all(low) and name not in warned:
-                warned.add(name)
-                warnings.warn(
-                    f"fit({program.name}): the importance weights of ex.log_expect({name!r}) have an "
-                    f"effective sample size of {frac:.2%} of the draws over steps {before}-{now}: a few "
-                    "draws dominate, so its estimates and the gradient have exploding variance. Use a "
-                    "proposal that covers the model's mass (wider, or closer to the model) or more draws (n=).",
-                    RuntimeWarning,
-                    stacklevel=4,  # the hook, the runner, fit, the caller
-                )
+        if applied:
+            _options.watch_ess(program.name, recorded["diagnostics"], applied, before, now, ess, warned, min_ess)
         history[before:now] = estimates[:applied]
         average = None
         if now > 0 and applied > 0:
@@ -499,7 +521,9 @@ def fit(
         end["note"] = f"interrupted after {done} steps"
 
     done = int(carry.steps)
-    bar = _progress.make_display(progress, steps, f"fit {program.name}")
+    # a resumed run's bar starts at its step; one with no step left to run shows none
+    shown = progress if callable(progress) or (done < steps and not bool(carry.done)) else False
+    bar = _progress.make_display(shown, steps, f"fit {program.name}", initial=done)
     if done:
         bar.show(done, averages[-1] if averages else None)
     # with progress_every, the compiled loop itself reports every k steps (host callbacks)
@@ -534,6 +558,7 @@ def fit(
         if ckpt is not None:
             ckpt.close()
 
+    mean = carry.state.average
     result = FitResult(
         params=carry.state.params,
         opt_state=carry.state.opt_state,
@@ -550,16 +575,19 @@ def fit(
         tracking_state=None if tracker is None else carry.state.track,
         ess={k: np.asarray(v) for k, v in ess.items()},
         result=end["result"],
+        averaged_params=mean.mean if average_from is not None else None,
+        averaged_steps=_average.averaged(mean) if average_from is not None else 0,
     )
     if throw and nonfinite_step is not None:
         raise NonFiniteError(f"fit({program.name}): {end['reason']}.", result)
     return result
 
 
-def _saved(carry) -> _State:
+def _saved(carry) -> _State | _Averaged:
     """The checkpointed state of a fit's carry (``estimax-fit/2``)."""
     status = jnp.where(carry.result == RESULTS.nonfinite, carry.bad_field + 1, 0).astype(jnp.int32)
-    return _State(carry.state.params, carry.state.opt_state, carry.key, carry.steps, status, carry.state.track)
+    state = _State(carry.state.params, carry.state.opt_state, carry.key, carry.steps, status, carry.state.track)
+    return _Averaged(*state, carry.state.average) if isinstance(carry.state.average, _average.Averaging) else state
 
 
 __all__ = ["EarlyStop", "FitProgress", "FitResult", "FitState", "NonFiniteError", "Step", "fit"]

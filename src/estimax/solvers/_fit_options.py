@@ -1,11 +1,13 @@
 """The options of ``ex.fit`` checked and resolved: parameters as strong float arrays, the
 stopping rule, the certificate (``require=``), the tracking method, the data to shard, and
-what identifies a run in its checkpoint; and the replay of a step that went non-finite."""
+what identifies a run in its checkpoint; the importance weights' effective sample size,
+watched between chunks; and the replay of a step that went non-finite."""
 
 from __future__ import annotations
 
 import dataclasses
 import numbers
+import warnings
 from typing import Any, Mapping
 
 import jax
@@ -80,11 +82,13 @@ def require(objective, tracking, full, argnums, require):
 
 
 def run_identity(program, optimizer, full, start, key, args, argnums, maximize, tracking, early_stop,
-                  window) -> tuple[dict, dict]:
+                 window, average_from=None) -> tuple[dict, dict]:
     """What identifies a run in its checkpoint (``runtime/_identity``): the staged program,
     the optimizer's hyperparameters, the starting point, the key, the data (as the loop sees
-    them: with several processes, the global arrays) and the options that change the result;
-    and, to say how the optimizers differ, the numbers found in the optimizer."""
+    them: with several processes, the global arrays) and the options that change the result
+    (``average_from`` only when given: a run without averaging has the identity it had before
+    averaging existed); and, to say how the optimizers differ, the numbers found in the
+    optimizer."""
     closed, in_tree, _ = program.stage(full)
     optimizer_digest, numbers_ = _identity.optimizer_identity(optimizer)
     identity = {
@@ -102,6 +106,8 @@ def run_identity(program, optimizer, full, start, key, args, argnums, maximize, 
             {"patience": early_stop.patience, "min_delta": float(early_stop.min_delta), "window": int(window)},
         },
     }
+    if average_from is not None:  # the step after which iterates are averaged (a resolved fraction)
+        identity["options"]["average_from"] = int(average_from)
     return identity, {"optimizer": numbers_}
 
 
@@ -154,6 +160,30 @@ def resolve_tracking(objective, tracking, full, tracking_state):
     return tracking
 
 
+def watch_ess(program_name: str, diagnostics: dict, applied: int, before: int, now: int, ess: dict, warned: set,
+              min_ess: float) -> None:
+    """After a chunk of ``applied`` steps: record each tracked ``ex.log_expect``'s effective
+    sample size (a fraction of the draws, pooled over the chunk) in ``ess``, and warn once per
+    expectation when it is below ``min_ess`` two chunks in a row (not the lag of a fast first
+    move)."""
+    for name, (m1, m2) in diagnostics.items():
+        m1, m2 = (np.asarray(x).astype(np.float64)[1:applied + 1] for x in (m1, m2))
+        frac = float(np.mean(m1) ** 2 / np.mean(m2)) if np.mean(m2) > 0 else float("nan")
+        history_ess = ess.setdefault(name, [])
+        history_ess.append(frac)
+        low = [not f >= min_ess for f in history_ess[-2:]]
+        if len(low) == 2 and all(low) and name not in warned:
+            warned.add(name)
+            warnings.warn(
+                f"fit({program_name}): the importance weights of ex.log_expect({name!r}) have an "
+                f"effective sample size of {frac:.2%} of the draws over steps {before}-{now}: a few "
+                "draws dominate, so its estimates and the gradient have exploding variance. Use a "
+                "proposal that covers the model's mass (wider, or closer to the model) or more draws (n=).",
+                RuntimeWarning,
+                stacklevel=5,  # here, fit's per-chunk hook, the runner, fit, the caller
+            )
+
+
 def locate_nonfinite(loop, carry, args, argnums, maximize, optimizer, bad: str) -> tuple[str | None, list[str], Any]:
     """Replay the failing step on the host (its key is the carry's: a failed step does not
     advance it): the parameter leaves whose gradient or update is non-finite, and the
@@ -203,4 +233,4 @@ def locate_nonfinite(loop, carry, args, argnums, maximize, optimizer, bad: str) 
 
 
 __all__ = ["as_early_stop", "locate_nonfinite", "readable", "require", "resolve_tracking", "run_identity", "shard_positions",
-           "strong_float_params"]
+           "strong_float_params", "watch_ess"]

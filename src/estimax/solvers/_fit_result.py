@@ -105,6 +105,11 @@ class FitResult:
         result: why the run ended, as every loop of estimax says it (``estimax.solvers.RESULTS``):
             ``successful`` (all ``steps`` ran), ``nonfinite``, ``stopped_by_callback`` or
             ``plateau`` (``early_stop``).
+        averaged_params: with ``average_from=k``, the mean of the parameters after each step
+            ``k + 1, ..., steps_run`` (Polyak-Ruppert averaging of the run's tail), shaped like
+            ``params``; ``params`` itself when the run stopped before step ``k + 1``. ``None``
+            without ``average_from``.
+        averaged_steps: the number of iterates in ``averaged_params`` (``steps_run - k``, or 0).
     """
 
     params: Any
@@ -122,6 +127,8 @@ class FitResult:
     tracking_state: Any = None
     ess: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
     result: RESULTS = RESULTS.successful
+    averaged_params: Any = None
+    averaged_steps: int = 0
 
     def __repr__(self) -> str:
         last = f", final average={self.averages[-1]:.6g}" if len(self.averages) else ""
