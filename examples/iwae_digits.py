@@ -64,7 +64,9 @@ K = 8  # importance samples per digit
 # For the IWAE we want the bound of each digit separately, so we call the objective once
 # per digit with `ex.vmap`, which maps over the digits and gives every lane its own random
 # draws (plain `jax.vmap` would too here, since q's parameters depend on the digit, but
-# `ex.vmap` does not rely on that). Each lane is the IWELBO of a batch of one digit.
+# `ex.vmap` does not rely on that). Each lane is the IWELBO of a batch of one digit: the
+# plan shows the code as `Normal(lanes=(64, 8), batch=(1,), event=(10,))` (64 digits, 8
+# particles each, a batch of one digit per lane).
 # ------------------------------------------------------------------------------------------
 def per_digit(objective):
     """``objective(params, x)`` of a batch of one digit, mapped over the rows of ``x``:

@@ -135,9 +135,8 @@ def make_minibatch_objective(n_data: int, batch: int = BATCH):
     `ex.fit` calls the objective with the same arguments at every step and hands the
     program a fresh key each time, so the minibatch is drawn inside the program, as one
     more random choice (`batch` indices, uniform with replacement). Its distribution does
-    not depend on the parameters, so it contributes no gradient term of its own; `explain`
-    lists it with the default strategy for a large discrete support (REINFORCE), whose
-    score term here is identically zero and is skipped.
+    not depend on the parameters, so it contributes no gradient term of its own: `explain`
+    lists it with strategy `none` (no parameters: no gradient).
     """
 
     @ex.expectation

@@ -119,6 +119,74 @@ def test_inner_value_is_differentiable_by_the_envelope_theorem():
     assert _rel(jax.grad(value)(PER_FEATURE), jax.grad(value_exact)(PER_FEATURE)) < 1e-9
 
 
+class _Compiles:
+    """Counts XLA compilations (JAX's backend-compile events) while it is entered."""
+
+    def __enter__(self):
+        self.n = 0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def _listen(self, name, duration, **kwargs):
+        del duration, kwargs
+        self.n += name == "/jax/core/compile/backend_compile_duration"
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def test_eager_grad_stages_the_inner_solve_once():
+    """A second eager ``jax.grad`` through ``ex.argmin`` compiles nothing, and agrees with the
+    compiled one and the closed form."""
+    hypergradient = jax.grad(outer)
+    hypergradient(PER_FEATURE)
+    with _Compiles() as again:
+        eager = hypergradient(PER_FEATURE + 0.25)
+    assert again.n == 0
+    np.testing.assert_allclose(eager, jax.jit(hypergradient)(PER_FEATURE + 0.25), rtol=1e-12, atol=1e-15)
+    assert _rel(eager, jax.grad(outer_exact)(PER_FEATURE + 0.25)) < 1e-9
+
+
+SHIFT = {"number": 1.0, "array": np.ones(3)}
+
+
+def shifted(w, t):  # closes over a Python number and an array, both read when it is traced
+    return 0.5 * jnp.sum((w - SHIFT["number"] * SHIFT["array"] * t) ** 2)
+
+
+def test_changed_closed_over_values_give_their_own_answers():
+    """``w* = c a t``, so ``d/dt |w*|² = 2 (c a)² t``: a changed number is another problem
+    (compiled again), a changed array the same one with another input (nothing compiled)."""
+    t = jnp.array([0.5, -1.0, 2.0])
+    hypergradient = jax.grad(lambda t: jnp.sum(ex.argmin(shifted, jnp.zeros(3), t) ** 2))
+    try:
+        np.testing.assert_allclose(hypergradient(t), 2 * t, rtol=1e-12)
+        SHIFT["number"] = 2.0
+        np.testing.assert_allclose(hypergradient(t), 8 * t, rtol=1e-12)
+        SHIFT["array"] = np.array([1.0, 3.0, -1.0])
+        with _Compiles() as compiles:
+            g = hypergradient(t)
+        assert compiles.n == 0
+        np.testing.assert_allclose(g, 2 * (2.0 * SHIFT["array"]) ** 2 * t, rtol=1e-12)
+    finally:
+        SHIFT.update(number=1.0, array=np.ones(3))
+
+
+def test_staged_solves_are_bounded_and_hold_no_tracers(monkeypatch):
+    from estimax.solvers import _argmin  # the cache of staged inner solves
+
+    monkeypatch.setattr(_argmin, "_SOLVES_SIZE", 2)
+    for c in (1.0, 2.0, 3.0):  # three problems: the first is dropped
+        ex.argmin(lambda w, t: jnp.sum((w - c * t) ** 2), jnp.zeros(2), jnp.ones(2))
+    assert len(_argmin._SOLVES) <= 2
+
+    def closing_over(t):  # the inner objective closes over the outer (traced) argument
+        return jnp.sum(ex.argmin(lambda w: jnp.sum((w - t) ** 2) + jnp.sum(w**4), t) ** 2)
+
+    with jax.checking_leaks():
+        jax.jit(jax.grad(closing_over))(jnp.array([0.5, -1.0]))
+
+
 def quartic(w, t):
     return 0.5 * jnp.sum((w - t) ** 2) + 0.1 * jnp.sum(w**4)
 

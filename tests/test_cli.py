@@ -88,6 +88,16 @@ def test_explain_measures_the_variance_per_site(tmp_path, capsys):
     assert "total gradient variance" in out and "certificate: unbiased" in out
 
 
+def test_check_says_a_site_without_parameters_needs_no_gradient(tmp_path, capsys):
+    path = write(tmp_path, "param mu: real = 0.5\nz ~ Normal(mu, 1.0)\neps ~ Normal(0.0, 1.0)\n"
+                           "minimize (z - 1.0) ** 2 + eps\n")
+    code, out, err = cmd(capsys, "check", path)
+    assert code == 0, err
+    assert re.search(r"^z\s+2:1\s+Normal\s+reparam", out, re.MULTILINE)
+    assert re.search(r"^eps\s+3:1\s+Normal\s+none\s+no parameters: no gradient", out, re.MULTILINE)
+    assert out.rstrip().endswith("certificate: unbiased")
+
+
 def test_explain_at_learned_parameters(tmp_path, capsys, data):
     np.savez(tmp_path / "params.npz", m=np.float32(1.2), log_s=np.float32(-1.0))
     code, out, err = cmd(

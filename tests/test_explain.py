@@ -1,5 +1,7 @@
 """``explain``: the per-site plan and the certificate."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
@@ -14,7 +16,7 @@ def test_plan_lists_sites_strategies_and_reasons():
         b = ex.sample(dist.Bernoulli(logits=theta["l"]), estimator=ex.mvd, name="b")
         c = ex.sample(dist.Categorical(logits=jnp.zeros(4)))
         n = ex.sample(dist.Poisson(theta["r"]))
-        bits = ex.sample(dist.Bernoulli(logits=jnp.zeros(10)), name="bits")
+        bits = ex.sample(dist.Bernoulli(logits=jnp.full(10, theta["l"])), name="bits")
         return jax.lax.cond(b > 0, lambda: (z - x) ** 2, lambda: jnp.abs(z)) + c + n + jnp.sum(bits)
 
     theta = {"mu": 0.0, "log_s": 0.0, "l": 0.0, "r": 1.0}
@@ -133,3 +135,70 @@ def test_per_site_variance_reaches_sites_in_nested_expectations():
         site = plan.site(name)
         assert abs(site.variance - exact) < 5 * site.variance_se, (name, site.variance, site.variance_se)
     assert plan.site("s").variance is None and "n/a" in str(plan)
+
+
+def test_a_site_whose_distribution_has_no_parameters_needs_no_gradient(monkeypatch):
+    """A minibatch index, noise with fixed parameters and a draw that depends on data only:
+    no gradient term (``none``); a site downstream of a reparameterized draw needs one."""
+
+    @ex.expectation
+    def objective(theta, data):
+        i = ex.sample(dist.Categorical(logits=jnp.zeros(data.shape[0])).expand([8]), name="minibatch")
+        eps = ex.sample(dist.Normal(0.0, 1.0), name="noise")
+        y = ex.sample(dist.Normal(jnp.mean(data), 1.0), name="from_data")
+        z = ex.sample(dist.Normal(theta, 1.0), name="z")
+        n = ex.sample(dist.Poisson(jnp.exp(z)), name="downstream")
+        return theta * jnp.mean(data[i]) + eps + y + (z - theta) + 0.0 * n
+
+    data = jnp.linspace(-1.0, 2.0, 16)
+    plan = ex.explain(objective, 2.0, data)
+    for name in ("minibatch", "noise", "from_data"):
+        site = plan.site(name)
+        assert not site.needs_gradient and site.describe_strategy() == "none"
+        assert site.reason.startswith("no parameters: no gradient")
+    assert plan.site("minibatch").strategy is ex.reinforce  # what the estimator pass runs
+    assert plan.site("z").describe_strategy() == "reparam" and plan.site("downstream").needs_gradient
+    assert plan.certificate.kind == "unbiased"
+    assert re.search(r"^minibatch\s+Categorical\(batch=\(8,\)\)\s+none\s+no parameters: no gradient",
+                     str(plan), re.MULTILINE)
+    # differentiated with respect to the data too, the draw from the data needs its gradient
+    both = ex.explain(objective, 2.0, data, argnums=(0, 1))
+    assert both.site("from_data").describe_strategy() == "reparam" and not both.site("minibatch").needs_gradient
+
+    # the estimate carries no term for the index: d/dθ is mean(data[i]) of the drawn i (the
+    # value's first term over θ), since (z - θ) has pathwise derivative 0
+    @ex.expectation
+    def index_only(theta, data):
+        i = ex.sample(dist.Categorical(logits=jnp.zeros(data.shape[0])).expand([8]), name="minibatch")
+        return theta * jnp.mean(data[i])
+
+    from estimax.transforms.estimators._reinforce import Reinforce  # the pass's REINFORCE step
+
+    scores, forward = [], Reinforce.forward
+
+    def recording(self, ctx):
+        out = forward(self, ctx)
+        scores.append(out[2])  # the site's score term, or None
+        return out
+
+    monkeypatch.setattr(Reinforce, "forward", recording)
+    for seed in range(3):
+        value, grad = ex.value_and_grad(index_only)(jax.random.PRNGKey(seed), 2.0, data)
+        assert jnp.allclose(grad * 2.0, value, rtol=1e-6, atol=1e-7)
+    assert scores and all(s is None for s in scores)  # no score term, not even a zero one
+    assert ex.explain(index_only, 2.0, data).certificate.kind == "unbiased"
+
+
+def test_mapped_sites_show_their_lanes_apart_from_their_batch():
+    """A site mapped over 4 × 2 lanes, each a batch of one row of 3 coordinates: the lanes,
+    then the per-lane batch and event shapes, as written."""
+
+    @ex.expectation
+    def objective(theta, x):
+        one = lambda xi: ex.sample(dist.Normal(theta * xi[None], 1.0).to_event(1), name="z")
+        zs = ex.vmap(lambda xs: ex.vmap(one)(xs))(x)
+        return jnp.sum(zs)
+
+    x = jnp.ones((4, 2, 3))
+    plan = ex.explain(objective, 1.0, x)
+    assert plan.site("z").distribution == "Normal(lanes=(4, 2), batch=(1,), event=(3,))"

@@ -195,7 +195,7 @@ def test_elbo_of_normalized_guide_is_the_iwelbo_draw_for_draw():
 def test_explain_lists_the_reverse_model_draws():
     plan = ex.explain(ex.objectives.iwhvi(model, joint, keep="z", proposal=reverse, m=3), P, X)
     assert [s.name for s in plan.sites] == ["u", "z", "marginal/u"]
-    assert "batch=(3,)" in plan.sites[2].distribution
+    assert "lanes=(3,)" in plan.sites[2].distribution
 
 
 # --- mistakes ------------------------------------------------------------------------------

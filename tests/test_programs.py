@@ -203,7 +203,7 @@ def test_vmapped_continuous_site(strategy):
 
     exact = lambda mus: jnp.sum(mus**2 + 0.25) + mus[0] * mus[1]
     mus = jnp.array([0.3, -0.8, 1.1])
-    assert ex.explain(objective, mus).site("z").distribution == "Normal(batch=(3,))"
+    assert ex.explain(objective, mus).site("z").distribution == "Normal(lanes=(3,))"
     assert_unbiased(ex.grad(objective), jax.grad(exact)(mus), args=(mus,), seed=("vmap", strategy), n=N)
 
 
@@ -291,13 +291,14 @@ def test_jitted_helper_is_recursed_into():
 
 @pytest.mark.parametrize("family", ["Gamma", "Beta", "Dirichlet"])
 def test_implicit_reparameterization_is_the_default(family):
-    d = {"Gamma": dist.Gamma(2.0, 1.0), "Beta": dist.Beta(2.0, 3.0), "Dirichlet": dist.Dirichlet(jnp.ones(3))}[family]
+    d = {"Gamma": lambda a: dist.Gamma(a, 1.0), "Beta": lambda a: dist.Beta(a, 3.0),
+         "Dirichlet": lambda a: dist.Dirichlet(a * jnp.ones(3))}[family]
 
     @ex.expectation
-    def objective():
-        return jnp.sum(ex.sample(d, name="x"))
+    def objective(a):
+        return jnp.sum(ex.sample(d(a), name="x"))
 
-    site = ex.explain(objective).site("x")
+    site = ex.explain(objective, 2.0).site("x")
     assert site.strategy is ex.reparam and "implicit" in site.reason
 
 
@@ -327,7 +328,7 @@ def test_nested_vmap_site():
         return jnp.sum(z * jnp.arange(6.0).reshape(2, 3))
 
     m = jnp.arange(6.0).reshape(2, 3) / 10
-    assert ex.explain(objective, m).site("z").distribution == "Normal(batch=(2, 3))"
+    assert ex.explain(objective, m).site("z").distribution == "Normal(lanes=(2, 3))"
     exact = lambda m: jnp.sum(m * jnp.arange(6.0).reshape(2, 3))
     assert_unbiased(ex.grad(objective), jax.grad(exact)(m), args=(m,), seed="nested-vmap", n=N)
 

@@ -393,7 +393,7 @@ def test_vmap_over_the_category_axis():
         ys = jax.vmap(site, in_axes=1)(ls)
         return jnp.sum(ys * jnp.arange(3.0)[None, :])
 
-    assert ex.explain(objective, jnp.zeros((3, 4))).site("c").distribution == "Categorical(batch=(4,))"
+    assert ex.explain(objective, jnp.zeros((3, 4))).site("c").distribution == "Categorical(lanes=(4,))"
     g = ex.grad(objective)(KEY, jnp.zeros((3, 4)))
     assert g.shape == (3, 4) and bool(jnp.all(jnp.isfinite(g)))
 
@@ -420,8 +420,8 @@ def test_inside_fori_loop_and_under_vmap():
     args = (l, l, L32, L32, cl)
     plan = ex.explain(objective, *args)
     assert plan.site("loop_gs").context == plan.site("loop_st").context == "scan body"
-    assert plan.site("vmap_gs").distribution == "Bernoulli(batch=(3,))"
-    assert plan.site("vmap_cat").distribution == "Categorical(batch=(2,))"
+    assert plan.site("vmap_gs").distribution == "Bernoulli(lanes=(3,))"
+    assert plan.site("vmap_cat").distribution == "Categorical(lanes=(2,))"
     # the straight-through gradient of a linear function of a one-hot: E[Jᵀ W], J the
     # softmax Jacobian; by hand in plain JAX over M draws
     @jax.jit

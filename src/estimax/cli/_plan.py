@@ -76,7 +76,7 @@ def _plan_table(program, plan, tracking="auto") -> str:
             s.name,
             f"{at[0]}:{at[1]}" if at else "?",
             s.distribution,
-            s.strategy.describe(),
+            s.describe_strategy(),
             s.reason,
             s.context,
         )

@@ -106,11 +106,16 @@ def family_name(d: dist.Distribution) -> str:
 
 
 def describe(d: dist.Distribution, levels=()) -> str:
-    shape = tuple(size for _, size in reversed(levels)) + tuple(d.batch_shape)
+    """``Normal(lanes=(64, 8), batch=(1,), event=(10,))``: the ``vmap`` lanes the site is
+    mapped over (outermost first), then the per-lane distribution's own batch and event
+    shapes, as the program wrote it (the value's shape is the three together)."""
+    lanes = tuple(size for _, size in reversed(levels))
     text = family_name(d)
     parts = []
-    if shape:
-        parts.append(f"batch={shape}")
+    if lanes:
+        parts.append(f"lanes={lanes}")
+    if d.batch_shape:
+        parts.append(f"batch={tuple(d.batch_shape)}")
     if d.event_shape:
         parts.append(f"event={tuple(d.event_shape)}")
     return f"{text}({', '.join(parts)})" if parts else text

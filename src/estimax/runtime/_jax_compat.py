@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import hashlib
 import os
 import re
 import site
@@ -407,6 +408,81 @@ if hasattr(jex.core, "DropVar"):
     DropVar = jex.core.DropVar
 else:  # JAX 0.6.x
     from jax._src.core import DropVar  # noqa: E402
+
+
+# --- a jaxpr's content as a hashable key (``Jaxpr``/``Literal``/``eqn.ctx``: 0.6.2–0.10.2) ---
+class _ByIdentity:
+    """An unhashable object in a key, equal only to itself (the key holds it, so its
+    identity cannot be reused while the key lives)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return isinstance(other, _ByIdentity) and other.obj is self.obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+
+def _array_key(x) -> tuple:
+    a = np.asarray(x)
+    data = a.tobytes()
+    return ("array", str(a.dtype), a.shape, hashlib.sha256(data).digest() if len(data) > 64 else data)
+
+
+def _param_key(v):
+    if isinstance(v, ClosedJaxpr):
+        return ("closed", jaxpr_key(v.jaxpr), tuple(_param_key(c) for c in v.consts))
+    if isinstance(v, Jaxpr):
+        return ("jaxpr", jaxpr_key(v))
+    if isinstance(v, (tuple, list)):
+        return (type(v).__name__, tuple(_param_key(u) for u in v))
+    if isinstance(v, dict):
+        return ("dict", tuple((k, _param_key(u)) for k, u in v.items()))
+    if v is None or type(v) in (bool, int, str, bytes):
+        return (type(v).__name__, v)
+    if type(v) is float:
+        return ("float", v.hex())  # -0.0 and 0.0 differ
+    if isinstance(v, (np.ndarray, np.generic, jax.Array)):
+        try:
+            return _array_key(v)
+        except Exception:  # a tracer, or a key array: by identity
+            return ("identity", _ByIdentity(v))
+    try:
+        hash(v)
+    except TypeError:
+        return ("identity", _ByIdentity(v))
+    return ("object", v)
+
+
+def jaxpr_key(jaxpr) -> tuple:
+    """A hashable key that is equal for two jaxprs only where they compute the same thing:
+    their equations, avals, literal values (by their bytes) and params (nested jaxprs by their
+    keys, arrays by their bytes, other objects by equality, unhashable ones by identity);
+    variable names, source locations and debug info are left out. Raises ``TypeError`` where
+    an aval cannot be hashed."""
+    numbers: dict = {}
+
+    def atom(v):
+        if isinstance(v, Literal):
+            return ("literal", v.aval, _array_key(v.val))
+        if isinstance(v, DropVar):
+            return ("drop", v.aval)
+        if v not in numbers:
+            numbers[v] = len(numbers)
+        return ("var", numbers[v], v.aval)
+
+    head = (len(jaxpr.constvars), tuple(atom(v) for v in (*jaxpr.constvars, *jaxpr.invars)))
+    eqns = tuple((eqn.primitive, tuple(atom(v) for v in eqn.invars),
+                  tuple((k, _param_key(u)) for k, u in eqn.params.items()),
+                  _param_key(getattr(eqn, "ctx", None)), tuple(atom(v) for v in eqn.outvars))
+                 for eqn in jaxpr.eqns)
+    key = (head, eqns, tuple(atom(v) for v in jaxpr.outvars), frozenset(jaxpr.effects))
+    hash(key)
+    return key
 
 
 # --- dead-code elimination (``pe.dce_jaxpr``: internal, stable signature 0.4.x–0.10) -------

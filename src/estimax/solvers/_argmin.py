@@ -16,9 +16,10 @@ The inner program may state constraints (``ex.subject_to``); it must be determin
 uses it lists each inner problem with its hypergradient method, inner solver and certificate.
 
 This module holds the function ``ex.argmin``: it checks its arguments, builds the inner
-problem, chooses the default solver and runs the inner solve on the solver driver inside
-the caller's trace (``solvers/_driver``). The marker primitive and :class:`ArgminSpec` are
-the language's (``dsl/_argmin``).
+problem, chooses the default solver and runs the inner solve on the solver driver
+(``solvers/_driver``) under ``jax.jit``, staged once per inner problem and reused by later
+calls of the same problem (:func:`_inner`), eager ones included. The marker primitive and
+:class:`ArgminSpec` are the language's (``dsl/_argmin``).
 
 ``ex.argmin(inner, init, *args)`` solves the inner problem ``min_y inner(y, *args)``
 (constraints stated in ``inner`` with ``ex.subject_to`` included) with a solver on the
@@ -49,6 +50,9 @@ driver, and returns ``y*(args)``. The ``method`` decides how derivatives of ``y*
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import threading
 from typing import NamedTuple
 
 import equinox as eqx
@@ -181,8 +185,9 @@ def argmin(inner, init, *args, method: str = "implicit", solver=None, linear_sol
     linear = choose_linear_solver(linear_solver, size, constrained) if method == "implicit" else (
         f"unrolled, {steps} steps" + (f" (last {truncate} differentiated)" if truncate else ""))
     key = jax.random.PRNGKey(0) if key is None else key
-    inner_solve = Inner(problem, solver, method=method, linear_solver=linear, max_steps=max_steps, tol=float(tol),
-                   linear_tol=float(linear_tol), steps=steps, truncate=truncate)
+    inner_solve = _inner(parts, init, bounds, problem, solver, dict(
+        method=method, linear_solver=linear, max_steps=max_steps, tol=float(tol), linear_tol=float(linear_tol),
+        steps=steps, truncate=truncate))
     certificate = "exact (to the inner tolerance)" if method == "implicit" else "consistent"
     argmin_p.bind(spec=ArgminSpec(name, method, solver.name, linear, certificate, _caller_location(),
                                   problem.n, problem.m_eq, problem.m_in))
@@ -192,7 +197,7 @@ def argmin(inner, init, *args, method: str = "implicit", solver=None, linear_sol
     # the scope marks the solve for the differentiability analysis: its stopping tests and
     # step selections are the inner solver's, covered by the argmin's own certificate
     with jax.named_scope(ARGMIN_SCOPE):
-        x, lam, mu, result, nsteps, kkt, value = inner_solve(x0, key, arg_leaves, consts)
+        x, lam, mu, result, nsteps, kkt, value = inner_solve.compiled(x0, key, arg_leaves, consts)
     if throw and method == "implicit":
         x = eqx.error_if(
             x, result != RESULTS.successful,
@@ -233,9 +238,59 @@ def _is_float(x) -> bool:
     return compat.is_float_dtype(jnp.result_type(x))
 
 
+#: the staged inner solves, most recently used last (see :func:`_inner`)
+_SOLVES: collections.OrderedDict = collections.OrderedDict()
+_SOLVES_SIZE = 32
+_SOLVES_LOCK = threading.Lock()
+
+
+def _inner(parts, init, bounds, problem, solver, options) -> "Inner":
+    """The inner solve of this problem, staged once per problem: a later ``ex.argmin`` of the same
+    problem reuses it, so an eager ``jax.grad`` through ``ex.argmin`` traces and compiles the
+    solver once, as ``jax.jit`` would.
+
+    The key is what the solve depends on, by content: each piece's jaxpr (its literal values
+    included, so a changed Python number the inner objective closes over is another problem),
+    the arguments' structure and avals, the bounds, the solver and the options. The values the
+    inner objective closes over (arrays) and the arguments are inputs of the solve, not part of
+    the key. The cached solve holds no trace's values (its problem is built without them), and
+    the cache keeps the ``_SOLVES_SIZE`` most recently used.
+    """
+    try:
+        key = (type(solver), solver, tuple(sorted(options.items())), parts.in_tree, parts.n_param_leaves,
+               tuple(_piece_key(p) for p in (parts.objective, *parts.constraints)),
+               jax.tree_util.tree_structure(init),
+               tuple(compat.aval_of(x) for x in jax.tree_util.tree_leaves(init)),
+               problem.lower.tobytes(), problem.upper.tobytes())
+        hash(key)
+    except TypeError:  # an unhashable solver (or aval): staged for this call only
+        return Inner(problem, solver, **options)
+    with _SOLVES_LOCK:
+        hit = _SOLVES.get(key)
+        if hit is not None:
+            _SOLVES.move_to_end(key)
+            return hit
+    bare = dataclasses.replace(parts, objective=dataclasses.replace(parts.objective, consts=()),
+                               constraints=tuple(dataclasses.replace(c, consts=()) for c in parts.constraints))
+    zeros = jax.tree.map(lambda x: np.zeros(np.shape(x), jnp.result_type(x)), init)
+    with jax.ensure_compile_time_eval():  # concrete even inside the caller's trace
+        inner = Inner(Problem(bare, zeros, bounds=bounds), solver, **options)
+    with _SOLVES_LOCK:
+        inner = _SOLVES.setdefault(key, inner)
+        while len(_SOLVES) > _SOLVES_SIZE:
+            _SOLVES.popitem(last=False)
+    return inner
+
+
+def _piece_key(piece) -> tuple:
+    return (piece.name, piece.kind, piece.shape, str(piece.dtype), piece.stochastic, piece.stated,
+            compat.jaxpr_key(piece.jaxpr))
+
+
 class Inner:
     """One staged inner problem with its solver and hypergradient method, as a function of
-    ``(x0, args, consts)``: the start, the flat outer arguments and the program's constants."""
+    ``(x0, args, consts)``: the start, the flat outer arguments and the program's constants.
+    ``compiled`` is the same function under ``jax.jit``: traced once per argument signature."""
 
     def __init__(self, problem, solver, *, method, linear_solver, max_steps, tol, linear_tol, steps, truncate):
         self.problem, self.solver = problem, solver
@@ -245,6 +300,7 @@ class Inner:
         self.size = problem.n + problem.m_eq + problem.m_in
         self._implicit = jax.custom_jvp(self._solve)
         self._implicit.defjvp(self._jvp)
+        self.compiled = jax.jit(self.__call__)
 
     # -- the inner solve ---------------------------------------------------------------------
     def _solve(self, x0, key, args, consts):

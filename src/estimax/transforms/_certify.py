@@ -22,6 +22,7 @@ from ..runtime import _jax_compat as compat
 from .estimators._base import ContinuationStrategy
 from .estimators._enum import Enum
 from .estimators._reinforce import Reinforce
+from .estimators._reparam import Reparam
 from .estimators._defaults import resolve
 from ..dsl import _ir as ir
 from ..dsl._ir import contains_expect, contains_random, refused_call  # noqa: F401  (re-exported)
@@ -48,10 +49,17 @@ class SitePlan:
     elements: int | None = None
     #: why this site's estimator is biased although its strategy is not in general
     caveat: str | None = None
+    #: ``False`` where the site's distribution depends on no differentiated argument and its
+    #: strategy adds nothing to the gradient (see :func:`without_gradient`)
+    needs_gradient: bool = True
 
     @property
     def certificate(self) -> str:
         return self.strategy.certificate
+
+    def describe_strategy(self) -> str:
+        """The plan's strategy column: ``none`` for a site that needs no gradient term."""
+        return self.strategy.describe() if self.needs_gradient else "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,6 +400,28 @@ def break_reason(br) -> str:
             f"surrogate (e.g. jax.nn.sigmoid((z - t) / temperature) for `z > t`; biased too){hint}")
 
 
+NO_PARAMETERS = "no parameters: no gradient"
+
+
+def without_gradient(jaxpr, sites: list[SitePlan], differentiated=None) -> list[SitePlan]:
+    """``sites`` with ``needs_gradient=False`` where the site's operands carry no derivative of
+    the inputs flagged in ``differentiated`` (all by default; a minibatch index, noise with
+    fixed parameters) and its strategy only differentiates the distribution's parameters:
+    REINFORCE (its score term would be zero; the estimator pass adds none, since no tangent
+    reaches the site) or reparam (the draw carries no derivative). Enumeration, measure-valued
+    derivatives and relaxations still change the estimate, so they stay."""
+    _, walker = breaks(with_defaults(jaxpr), differentiated)
+    out = []
+    for s in sites:
+        if not walker.carried.get(s.name, True) and isinstance(s.strategy, (Reinforce, Reparam)):
+            why = "its distribution depends on no differentiated argument"
+            if s.reason.startswith("chosen"):
+                why += f"; {s.strategy.describe()} chosen in the program"
+            s = dataclasses.replace(s, needs_gradient=False, reason=f"{NO_PARAMETERS} ({why})", elements=None)
+        out.append(s)
+    return out
+
+
 def mark_elements(jaxpr, sites):
     """Set ``elements`` on the top-level sites whose scores are Rao-Blackwellized per element."""
     costs = analyze(jaxpr)
@@ -431,4 +461,4 @@ def require_certificate(plan, require: str | None, where: str) -> None:
             f"{plan.certificate}\n(ex.explain shows the whole plan)", plan)
 
 
-__all__ = ["Certificate", "SitePlan", "certify", "collect_sites", "require_certificate"]
+__all__ = ["Certificate", "SitePlan", "certify", "collect_sites", "require_certificate", "without_gradient"]

@@ -11,7 +11,7 @@ import dataclasses
 from .._errors import ProgramError
 from ..dsl._argmin import find_argmins
 from ._certify import (RANK, Certificate, SitePlan, certify, collect_sites, context_label, differentiated_leaves,
-                       mark_elements, require_certificate)
+                       mark_elements, require_certificate, without_gradient)
 from ._compositional import tracked_items
 from ._constraints import is_constrained, split
 from ._estimate import as_program
@@ -44,7 +44,7 @@ class Plan:
     def __str__(self) -> str:
         header = ("site", "distribution", "strategy", "why", "where")
         rows = [
-            (s.name, s.distribution, s.strategy.describe(), s.reason, s.context) for s in self.sites
+            (s.name, s.distribution, s.describe_strategy(), s.reason, s.context) for s in self.sites
         ]
         if self.total_variance is not None:
             header = header + ("grad variance",)
@@ -119,6 +119,8 @@ def explain(objective, *args, variance: bool = False, key=None, argnums=0, sampl
     sites = collect_sites(jaxpr)
     sites = [dataclasses.replace(s, context=context_label(s.context)) for s in sites]
     sites = mark_elements(jaxpr, sites)
+    differentiated = differentiated_leaves(args, argnums) if args else None
+    sites = without_gradient(jaxpr, sites, differentiated)
     total = None
     if variance:
         if key is None:
@@ -130,7 +132,7 @@ def explain(objective, *args, variance: bool = False, key=None, argnums=0, sampl
             else s
             for s in sites
         ]
-    certificate = certify(jaxpr, sites, differentiated_leaves(args, argnums) if args else None)
+    certificate = certify(jaxpr, sites, differentiated)
     declared = program.declared_certificate
     if declared is not None:
         kind, reason = declared

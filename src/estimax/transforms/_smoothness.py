@@ -71,6 +71,7 @@ class Walker(Interpreter):
         self.nested = nested  # spec -> replacement ExpectSpec (defaults mode), or None
         self.names: dict[int, str] = {}  # id(AV) of a site's value -> the site's name
         self.sites: dict[Any, tuple] = {}  # SiteSpec -> (inside a loop body?, operand avals)
+        self.carried: dict[str, bool] = {}  # site name -> whether its operands carry a derivative
         self.rewritten: dict[Any, Any] = {}  # ExpectSpec -> its replacement (defaults mode)
         self._keep: list = []  # keeps AVs alive while their ids name sites
         self.trusted = False  # inside an ex.argmin's inner solve
@@ -273,6 +274,7 @@ class Walker(Interpreter):
         strategy = self.strategy_of(spec, [v.aval for v in eqn.invars])
         self.sites[spec] = (loop, [v.aval for v in eqn.invars])
         d_in = _union(ins, "d")
+        self.carried[prefix + spec.name] = self.carried.get(prefix + spec.name, False) or bool(d_in)
         out = eqn.outvars[0].aval
         pathwise = getattr(strategy, "pathwise_value", False)
         d = frozenset({Origin("site", prefix + spec.name, spec)}) if pathwise and d_in and _is_float(out) else _NONE
