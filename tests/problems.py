@@ -6,6 +6,7 @@ The conjugate Gaussian model: ``z ~ N(0, 1)``, ``x_i | z ~ N(z, 1)``; its eviden
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
@@ -35,3 +36,21 @@ def log_evidence(x):
     """``log p(x)`` of :func:`model`, ``z`` integrated out."""
     n = x.shape[0]
     return multivariate_normal.logpdf(x, jnp.zeros(n), jnp.eye(n) + jnp.ones((n, n)))
+
+
+class Compiles:
+    """Counts XLA compilations (JAX's backend-compile events) while it is entered."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __enter__(self):
+        self.n = 0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def _listen(self, name, duration, **kwargs):
+        del duration, kwargs
+        self.n += name == self.EVENT
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listen)

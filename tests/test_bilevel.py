@@ -17,6 +17,7 @@ import numpyro.distributions as dist
 import pytest
 
 import estimax as ex
+from problems import Compiles as _Compiles
 from estimax.solvers import RESULTS
 from estimax.testing import assert_unbiased
 
@@ -117,22 +118,6 @@ def test_inner_value_is_differentiable_by_the_envelope_theorem():
         return ridge(jnp.linalg.solve(a, X.T @ Y / X.shape[0]), log_lam, X, Y)
 
     assert _rel(jax.grad(value)(PER_FEATURE), jax.grad(value_exact)(PER_FEATURE)) < 1e-9
-
-
-class _Compiles:
-    """Counts XLA compilations (JAX's backend-compile events) while it is entered."""
-
-    def __enter__(self):
-        self.n = 0
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-        return self
-
-    def _listen(self, name, duration, **kwargs):
-        del duration, kwargs
-        self.n += name == "/jax/core/compile/backend_compile_duration"
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self._listen)
 
 
 def test_eager_grad_stages_the_inner_solve_once():

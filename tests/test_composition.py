@@ -7,6 +7,7 @@ import numpyro.distributions as dist
 import pytest
 
 import estimax as ex
+from problems import Compiles as _Compiles
 from estimax.testing import assert_unbiased
 
 @ex.expectation
@@ -64,24 +65,6 @@ def test_typed_keys_work():
     key = jax.random.key(0)
     assert np.isfinite(objective.estimate(key, THETA, X))
     assert np.isfinite(ex.grad(objective)(key, THETA, X)["mu"])
-
-
-class _Compiles:
-    """Counts XLA compilations (JAX's backend-compile events) while it is entered."""
-
-    EVENT = "/jax/core/compile/backend_compile_duration"
-
-    def __enter__(self):
-        self.n = 0
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-        return self
-
-    def _listen(self, name, duration, **kwargs):
-        del duration, kwargs
-        self.n += name == self.EVENT
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self._listen)
 
 
 def test_no_recompilation_on_second_call():

@@ -155,10 +155,12 @@ class ExactAL(Solver):
         return p.f(x) + jnp.vdot(lam, p.eq(x))
 
     def _first_order(self, p, x, lam):
+        """``(f, ∇ₓL, c, Jᵀc)`` at ``(x, λ)``: ``Jᵀc`` is the violation's gradient."""
         value, grad_f = jax.value_and_grad(p.f)(x)
         c, vjp = jax.vjp(p.eq, x)
-        grad_l = grad_f + vjp(lam)[0] if p.m_eq else grad_f
-        return value, grad_l, c
+        if not p.m_eq:
+            return value, grad_f, c, jnp.zeros_like(x)
+        return value, grad_f + vjp(lam)[0], c, vjp(c)[0]
 
     # -- the solver protocol -----------------------------------------------------------------
     def init(self, p, x0, lam0, mu0, key) -> ExactALState:
@@ -324,9 +326,10 @@ class ExactAL(Solver):
 
         def trial(alpha):
             """The merit at ``(x, λ) + α d``, with the first-order information found on the way."""
-            value, g_t, c_t = self._first_order(p, x + alpha * dx, lam + alpha * dl)
+            value, g_t, c_t, jt_c_t = self._first_order(p, x + alpha * dx, lam + alpha * dl)
             lag = value + jnp.vdot(lam + alpha * dl, c_t)
-            return lag + 0.5 * eta1 * jnp.vdot(c_t, c_t) + 0.5 * s.eta2 * jnp.vdot(g_t, g_t), (value, g_t, c_t)
+            return (lag + 0.5 * eta1 * jnp.vdot(c_t, c_t) + 0.5 * s.eta2 * jnp.vdot(g_t, g_t),
+                    (value, g_t, c_t, jt_c_t))
 
         def ls_cond(carry):
             alpha, phi, _, i = carry
@@ -344,8 +347,8 @@ class ExactAL(Solver):
         accepted = (phi <= phi0 + self.beta * alpha * d_phi) & jnp.isfinite(phi)
         alpha = jnp.where(accepted, alpha, jnp.zeros((), dtype))
         x_new, lam_new = x + alpha * dx, lam + alpha * dl
-        value, g_new, c_new = jax.tree.map(lambda a, b: jnp.where(accepted, a, b), info, (s.value, g, c))
-        jt_c_new = jax.vjp(p.eq, x_new)[1](c_new)[0] if m else jnp.zeros_like(x_new)
+        value, g_new, c_new, jt_c_new = jax.tree.map(lambda a, b: jnp.where(accepted, a, b), info,
+                                                     (s.value, g, c, s.violation_grad))
         stationary = self._stationary_violation(jt_c_new, c_new)
         return ExactALState(
             x=x_new, lam=lam_new, mu=s.mu, value=value, kkt=_kkt(g_new, c_new), infeasibility=_inf_norm(c_new),
